@@ -1,0 +1,38 @@
+"""SSD scan kernels (ARCHITECTURE §4): reference, chunked PyTorch, Triton.
+
+`ssd` is the single entry point; `ssd_naive` the ground truth it is tested against.
+"""
+from __future__ import annotations
+
+import math
+
+from .chunked import ssd_chunked
+from .common import StateNorm
+from .conv import causal_conv1d
+from .reference import ssd_naive, ssd_step
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+        dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None, return_final_states=False,
+        decay_scale=None, input_scale=None, state_norm=None, window=None, backend="auto"):
+    """Mamba-2 selective scan. Shapes as mamba_ssm's `mamba_chunk_scan_combined`.
+
+    Returns y (like x), or (y, final_states) with final_states (b,h,p,n) in the
+    compute dtype (fp32; fp64 when x is fp64).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if state_norm is not None or window is not None:
+        raise NotImplementedError("state_norm and window arrive with the mitigations issue [B]")
+    if backend == "triton":
+        raise NotImplementedError("the Triton backend arrives with issue [F]; use backend='torch'")
+    # "auto" means Triton on CUDA tensors once [F] lands; until then the torch path everywhere.
+    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                       dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+                       seq_idx=seq_idx, return_final_states=return_final_states,
+                       decay_scale=decay_scale, input_scale=input_scale)
+
+
+__all__ = ["ssd", "ssd_naive", "ssd_step", "ssd_chunked", "StateNorm", "causal_conv1d", "BACKENDS"]

@@ -1,0 +1,382 @@
+"""Mamba-2 language model, exactly as mamba_ssm defines it, so published checkpoints load.
+
+Reads top to bottom like the paper:
+  embedding -> n_layer x [RMSNorm -> Mamba-2 mixer (+ RMSNorm -> gated MLP)] residual
+  -> norm_f -> tied lm_head.
+
+The mixer: in_proj -> [z0, x0 (MLP branch), z, xBC, dt]; causal depthwise conv1d +
+SiLU on xBC; split into x, B, C; SSD (kernels.ssd); gated RMSNorm norm(y * silu(z))
+with group size d_ssm / ngroups; concat silu(z0) * x0 in front; out_proj.
+
+State-dict keys follow mamba_ssm.models.mixer_seq_simple; `checkpoint_io` converts
+the Hugging Face layout. Nothing here knows about process groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Mamba2Config:
+    """Architecture. Field names are mamba_ssm's (MambaConfig + Mamba2 ssm_cfg, flattened)."""
+
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    d_intermediate: int = 0          # > 0: a gated MLP after each mixer (own norm2)
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    d_ssm: Optional[int] = None      # None: d_inner; smaller leaves an MLP branch inside the mixer
+    ngroups: int = 1
+    chunk_size: int = 256
+    A_init_range: Tuple[float, float] = (1.0, 16.0)
+    D_has_hdim: bool = False
+    rmsnorm: bool = True             # gated RMSNorm on the mixer output; False gates inside the scan
+    norm_before_gate: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: Tuple[float, float] = (0.0, math.inf)
+    bias: bool = False
+    conv_bias: bool = True
+    rms_norm: bool = True            # block norms: RMSNorm (True) or LayerNorm
+    norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def ssm_dim(self) -> int:
+        return self.d_inner if self.d_ssm is None else self.d_ssm
+
+    @property
+    def nheads(self) -> int:
+        return self.ssm_dim // self.headdim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_size_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+    def validate(self) -> "Mamba2Config":
+        if self.ssm_dim % self.headdim:
+            raise ValueError(f"model: d_ssm ({self.ssm_dim}) must be a multiple of headdim ({self.headdim})")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"model: nheads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+        if self.ssm_dim > self.d_inner:
+            raise ValueError(f"model: d_ssm ({self.ssm_dim}) cannot exceed expand * d_model ({self.d_inner})")
+        if self.norm_before_gate:
+            raise ValueError("model: norm_before_gate=True is not Mamba-2's layout (mamba_ssm uses False)")
+        return self
+
+
+# ----------------------------------------------------------------------------- norms
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return out.to(self.weight.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """norm(y * silu(z)) with one RMS per group of `group_size` channels (norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y, z):
+        yf = y.float() * F.silu(z.float())
+        groups = yf.unflatten(-1, (-1, self.group_size))
+        groups = groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)
+        return (groups.flatten(-2) * self.weight.float()).to(y.dtype)
+
+
+def block_norm(config: Mamba2Config) -> nn.Module:
+    if config.rms_norm:
+        return RMSNorm(config.d_model, eps=config.norm_epsilon)
+    return nn.LayerNorm(config.d_model, eps=config.norm_epsilon)
+
+
+# ----------------------------------------------------------------------------- inference cache
+
+@dataclass
+class LayerCache:
+    conv: torch.Tensor   # (b, d_conv-1, conv_dim): last pre-conv xBC rows
+    ssm: torch.Tensor    # (b, h, p, n) fp32
+
+
+@dataclass
+class Mamba2Cache:
+    """Recurrent state of every layer: memory independent of how many tokens were read."""
+
+    layers: List[LayerCache]
+    seqlen: int = 0
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- mixer
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.d_ssm, self.nheads, self.headdim = c.ssm_dim, c.nheads, c.headdim
+        self.ngroups, self.d_state = c.ngroups, c.d_state
+        self.conv_dim = self.d_ssm + 2 * c.ngroups * c.d_state
+        d_in_proj = 2 * c.d_inner + 2 * c.ngroups * c.d_state + self.nheads
+        self.in_proj = nn.Linear(c.d_model, d_in_proj, bias=c.bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=c.d_conv, groups=self.conv_dim,
+                                padding=c.d_conv - 1, bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.ones(self.d_ssm if c.D_has_hdim else self.nheads))
+        self.dt_bias._no_weight_decay = True
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        if c.rmsnorm:
+            self.norm = GatedRMSNorm(self.d_ssm, group_size=self.d_ssm // c.ngroups, eps=1e-5)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """mamba_ssm's init: dt log-uniform in [dt_min, dt_max] stored as softplus^-1; A uniform in A_init_range."""
+        c = self.config
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(*c.A_init_range)))
+        self.D.fill_(1.0)
+
+    def ssd_arguments(self):
+        """Per-layer SSD keyword arguments (mitigations hook in here, issue [B])."""
+        c = self.config
+        D = self.D.view(self.nheads, self.headdim) if c.D_has_hdim else self.D
+        return dict(chunk_size=c.chunk_size, D=D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
+
+    def forward(self, u, seq_idx=None, cache: Optional[LayerCache] = None):
+        """u (b,l,d_model). With `cache`, continues from it and updates it in place."""
+        b, l, _ = u.shape
+        zxbcdt = self.in_proj(u)
+        d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+
+        xBC, conv_tail = kernels.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
+                                               tail=None if cache is None else cache.conv, seq_idx=seq_idx)
+        xBC = F.silu(xBC)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+
+        A = -torch.exp(self.A_log.float())
+        gate_in_scan = not self.config.rmsnorm
+        out = kernels.ssd(
+            x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+            B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+            z=z.unflatten(-1, (self.nheads, self.headdim)) if gate_in_scan else None,
+            seq_idx=seq_idx, initial_states=None if cache is None else cache.ssm,
+            return_final_states=cache is not None, **self.ssd_arguments())
+        if cache is not None:
+            y, cache.ssm = out
+            cache.conv = conv_tail.detach()
+        else:
+            y = out
+        y = y.flatten(-2)
+        if not gate_in_scan:
+            y = self.norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
+        w = self.in_proj.weight
+        return LayerCache(
+            conv=torch.zeros(batch, self.config.d_conv - 1, self.conv_dim, device=device or w.device,
+                             dtype=dtype or w.dtype),
+            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device or w.device,
+                            dtype=torch.float32))
+
+
+class GatedMLP(nn.Module):
+    """fc2(y * silu(gate)) with [y, gate] = fc1(x); hidden rounded up to a multiple of 128 as in mamba_ssm."""
+
+    def __init__(self, d_model: int, hidden: int, multiple_of: int = 128):
+        super().__init__()
+        hidden = (hidden + multiple_of - 1) // multiple_of * multiple_of
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        y, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(y * F.silu(gate))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the residual stream is carried separately (fp32 if configured)."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = block_norm(config)
+        self.mixer = Mamba2Mixer(config, layer_idx)
+        if config.d_intermediate > 0:
+            self.norm2 = block_norm(config)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate)
+        else:
+            self.mlp = None
+
+    def _residual(self, hidden, residual):
+        residual = hidden if residual is None else hidden + residual
+        return residual.float() if self.residual_in_fp32 else residual
+
+    def forward(self, hidden, residual=None, seq_idx=None, cache=None):
+        residual = self._residual(hidden, residual)
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), seq_idx=seq_idx, cache=cache)
+        if self.mlp is not None:
+            residual = self._residual(hidden, residual)
+            hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+        return hidden, residual
+
+
+# ----------------------------------------------------------------------------- language model
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = block_norm(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, seq_idx=None, cache: Optional[Mamba2Cache] = None):
+        hidden, residual = self.embedding(input_ids), None
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and self.training and layer_cache is None:
+                hidden, residual = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, residual, seq_idx, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cache=layer_cache)
+        residual = hidden if residual is None else hidden + residual
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+class Mamba2LM(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.config = config.validate()
+        self.backbone = Mamba2Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self._rescale_residual_outputs()
+        for layer in self.backbone.layers:
+            layer.mixer.reset_ssm_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @staticmethod
+    def _init_weights(module, initializer_range: float = 0.02):
+        """mamba_ssm's _init_weights: N(0, 0.02) embeddings, zero linear biases."""
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=initializer_range)
+
+    @torch.no_grad()
+    def _rescale_residual_outputs(self):
+        """out_proj and fc2 write into the residual stream: kaiming-uniform / sqrt(residuals * n_layer)."""
+        per_layer = 2 if self.config.d_intermediate > 0 else 1
+        for layer in self.backbone.layers:
+            for linear in (layer.mixer.out_proj, None if layer.mlp is None else layer.mlp.fc2):
+                if linear is not None:
+                    nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+                    linear.weight /= math.sqrt(per_layer * self.config.n_layer)
+
+    def enable_gradient_checkpointing(self, on: bool = True):
+        self.backbone.gradient_checkpointing = on
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, input_ids, seq_idx=None, cache: Optional[Mamba2Cache] = None, num_last_tokens: int = 0):
+        """Logits for every position (or the last `num_last_tokens`). With `cache`, the call
+        continues from it and advances it: chunked prefill and decoding share this path."""
+        hidden = self.backbone(input_ids, seq_idx=seq_idx, cache=cache)
+        if cache is not None:
+            cache.seqlen += input_ids.shape[1]
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        return LMOutput(logits=self.lm_head(hidden))
+
+    # -- recurrent inference --------------------------------------------------------------
+    def init_cache(self, batch: int, device=None, dtype=None) -> Mamba2Cache:
+        return Mamba2Cache(layers=[layer.mixer.init_cache(batch, device, dtype) for layer in self.backbone.layers])
+
+    @torch.no_grad()
+    def step(self, token_ids, cache: Mamba2Cache):
+        """One token per batch row (b,) or (b,1) -> logits (b, vocab); advances the cache."""
+        if token_ids.dim() == 1:
+            token_ids = token_ids[:, None]
+        return self.forward(token_ids, cache=cache).logits[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, input_ids, cache: Mamba2Cache, chunk_len: int = 4096):
+        """Read a prompt of any length in chunks; memory is bounded by chunk_len, not the prompt.
+        Returns the logits of the last position (b, vocab)."""
+        if input_ids.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
+        logits = None
+        for start in range(0, input_ids.shape[1], chunk_len):
+            logits = self.forward(input_ids[:, start:start + chunk_len], cache=cache, num_last_tokens=1).logits
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, chunk_len: int = 4096, eos_id: Optional[int] = None):
+        """Greedy decoding with the recurrent state. Returns the new tokens (b, <= max_new_tokens)."""
+        cache = self.init_cache(input_ids.shape[0])
+        logits = self.prefill(input_ids, cache, chunk_len=chunk_len)
+        out, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            token = logits[:, : self.config.vocab_size].argmax(-1)
+            out.append(token)
+            if eos_id is not None:
+                done |= token == eos_id
+                if bool(done.all()):
+                    break
+            logits = self.step(token, cache)
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    # -- checkpoints (formats live in pipeline/checkpoint_io.py) -------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Mamba2LM":
+        from .checkpoint_io import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, format: str = "mamba_ssm", safe_serialization: Optional[bool] = None):
+        from .checkpoint_io import save_pretrained
+        save_pretrained(self, path, format=format, safe_serialization=safe_serialization)
