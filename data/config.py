@@ -1,0 +1,33 @@
+"""The `tokenizer` and `data` sections of the run config (data owns its own schema)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "byte"              # "byte" (built in) or "hf" (a tokenizer.json at `path`)
+    path: str = ""
+    eos_id: Optional[int] = None    # None: the tokenizer's own end-of-text id
+
+
+@dataclass
+class PrepareConfig:
+    """`longctx prepare`: raw text (local or s3://) -> MDS shards."""
+
+    inputs: List[str] = field(default_factory=list)   # globs: local paths or s3://bucket/prefix/*.jsonl
+    text_field: str = "text"
+    output: str = ""                                   # local dir or s3://bucket/prefix
+    min_doc_tokens: int = 1
+    max_doc_tokens: int = 0                            # 0: never split long documents
+    ray_address: str = ""                              # empty: local ray.init()
+    num_workers: int = 0                               # 0: one per available CPU
+
+
+@dataclass
+class DataConfig:
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    shards: str = ""          # where training reads MDS shards; empty: prepare.output
+    cache_dir: str = ""       # local cache of StreamingDataset; empty: inside the run directory
+    validation_fraction: float = 0.0

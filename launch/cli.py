@@ -1,0 +1,131 @@
+"""The `longctx` command line: one subcommand per job, all configured by YAML + key=value."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+# Subcommands whose implementation lands with a later issue; they parse their arguments
+# now (so `--help` documents them) and refuse to run with a message naming the issue.
+PENDING = {
+    "prepare": "[C] data preparation",
+    "train": "[D] training",
+    "run": "[D] training",
+    "eval": "[G] evaluation",
+    "launch": "[H] cluster launch",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.micro_batch_size=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description=(
+        "Continual pretraining of Mamba-2 on 100K-1M token contexts: data preparation with Ray, "
+        "DeepSpeed training with a context-length curriculum, state-collapse mitigations, passkey eval."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize raw text (local or s3://) into MDS shards with Ray")
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="per-rank training entry point (what the DeepSpeed launcher starts)")
+    _add_config_args(p)
+
+    p = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="local processes (DeepSpeed launcher)")
+    p.add_argument("--plan", action="store_true", help="print the stage table and exit")
+
+    p = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
+    p.add_argument("kind", choices=["passkey", "length", "states"])
+    p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
+    p.add_argument("--lengths", default="", help="comma-separated context lengths, e.g. 4096,65536")
+    p.add_argument("--depths", default="", help="comma-separated depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
+    p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL")
+    p.add_argument("--compare", action="store_true", help="run with and without mitigations side by side")
+
+    p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
+    p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--partition", default="")
+    p.add_argument("--time", default="24:00:00")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dry-run", action="store_true", help="print the script")
+    g.add_argument("--submit", action="store_true", help="submit it")
+
+    p = sub.add_parser("export", help="write a model directory in the mamba_ssm or Hugging Face layout")
+    p.add_argument("source", help="a mamba_ssm or Hugging Face Mamba2 directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
+
+    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan)")
+    p.add_argument("what", choices=["kernels"])
+    p.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated sequence lengths")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--d-state", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--naive-max-len", type=int, default=8192, help="skip the slow reference above this length")
+    p.add_argument("--out", default="bench_results/kernels.json", help="JSON results file")
+    return parser
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"longctx: expected comma-separated integers, got {text!r}")
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from pipeline.model import Mamba2LM
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model = Mamba2LM.from_pretrained(args.source, dtype=dtypes.get(args.dtype))
+    model.save_pretrained(args.out, format=args.format)
+    print(f"wrote {args.out} ({args.format} layout)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from kernels.bench import print_and_save, run_kernel_bench
+    rows = run_kernel_bench(lengths=_ints(args.lengths), heads=args.heads, headdim=args.headdim,
+                            d_state=args.d_state, chunk_size=args.chunk_size, repeats=args.repeats,
+                            naive_max_len=args.naive_max_len)
+    print_and_save(rows, Path(args.out) if args.out else None)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        from pipeline.config import ConfigError, load_config
+        try:
+            load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"longctx {args.command}: config error: {e}", file=sys.stderr)
+            return 1
+    if args.command in PENDING:
+        print(f"longctx {args.command}: not available yet; it arrives with issue {PENDING[args.command]}.",
+              file=sys.stderr)
+        return 2
+    try:
+        return {"export": cmd_export, "bench": cmd_bench}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:  # config and checkpoint errors carry their own context
+        print(f"longctx {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

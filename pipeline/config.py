@@ -1,0 +1,185 @@
+"""The whole run configuration: dataclasses per section, loaded from YAML with omegaconf.
+
+Every command takes `CONFIG [key=value ...]`. Unknown keys and ill-typed values are
+errors naming the key and the file; nothing is silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig, TokenizerConfig
+from .mitigations import MitigationsConfig
+from .model import Mamba2Config
+
+DECAYS = ("cosine", "linear", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/${run.name}"
+    seed: int = 0
+    resume: str = "auto"            # auto | never | path to a checkpoint directory
+
+
+@dataclass
+class ModelConfig(Mamba2Config):
+    from_pretrained: str = ""       # a mamba_ssm or Hugging Face Mamba2 directory; overrides the fields above
+    dtype: str = "fp32"             # parameter dtype: fp32 | bf16 | fp16
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (DeepSpeed mixed precision)
+    zero_stage: int = 0
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    activation_checkpointing: bool = False
+    log_every: int = 1
+    deepspeed: Dict[str, Any] = field(default_factory=dict)   # raw DeepSpeed config, merged last
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    seq_len: int = MISSING
+    steps: Optional[int] = None     # give steps or tokens
+    tokens: Optional[int] = None
+    global_batch_tokens: int = MISSING
+    seq_parallel: int = 1
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    decay: str = "cosine"           # cosine | linear | wsd | constant
+    min_lr_ratio: float = 0.1
+    mitigations: Dict[str, Any] = field(default_factory=dict)   # overrides of the top-level section
+
+
+@dataclass
+class CurriculumConfig:
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    every_checkpoint: bool = True
+    passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])
+    passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    passkey_samples: int = 2
+    length_max: int = 16384
+    length_buckets: int = 16
+    prefill_chunk: int = 4096
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0            # 0: only at stage ends
+    keep_last: int = 2
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    partition: str = ""
+    time: str = "24:00:00"
+    account: str = ""
+    master_port: int = 29500
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mitigations: MitigationsConfig = field(default_factory=MitigationsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (optional) + `key=value` overrides -> validated Config."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {_describe(e)}") from None
+        except Exception as e:  # YAML syntax
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.micro_batch_size=2)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {_describe(e)}") from None
+    where = str(path) if path is not None else "<defaults>"
+    try:
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_describe(e)}") from None
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    """Checks that need no other component; later issues extend the plan validation."""
+    def fail(key, msg):
+        raise ConfigError(f"{where}: {key}: {msg}")
+
+    if cfg.model.dtype not in PRECISIONS:
+        fail("model.dtype", f"must be one of {PRECISIONS}, got {cfg.model.dtype!r}")
+    if cfg.train.precision not in PRECISIONS:
+        fail("train.precision", f"must be one of {PRECISIONS}, got {cfg.train.precision!r}")
+    if cfg.tokenizer.kind not in ("byte", "hf"):
+        fail("tokenizer.kind", f"must be 'byte' or 'hf', got {cfg.tokenizer.kind!r}")
+    if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
+        fail("tokenizer.path", "tokenizer.kind=hf needs the path of a tokenizer.json")
+    if not cfg.model.from_pretrained:
+        try:
+            Mamba2Config(**{f.name: getattr(cfg.model, f.name) for f in fields(Mamba2Config)}).validate()
+        except ValueError as e:
+            fail("model", str(e))
+    for i, st in enumerate(cfg.curriculum.stages):
+        key = f"curriculum.stages[{i}] ({st.name})"
+        if (st.steps is None) == (st.tokens is None):
+            fail(key, "give exactly one of steps or tokens")
+        if st.decay not in DECAYS:
+            fail(f"{key}.decay", f"must be one of {DECAYS}, got {st.decay!r}")
+        if st.seq_len <= 0 or st.global_batch_tokens % st.seq_len:
+            fail(f"{key}.global_batch_tokens",
+                 f"{st.global_batch_tokens} must be a positive multiple of seq_len {st.seq_len}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def model_config(cfg: Config) -> Mamba2Config:
+    """The architecture part of the `model` section."""
+    return Mamba2Config(**{f.name: getattr(cfg.model, f.name) for f in fields(Mamba2Config)})
