@@ -1,0 +1,81 @@
+"""The `longctx` console script, run as a user runs it."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.model import Mamba2Config, Mamba2LM
+
+SUBCOMMANDS = ["prepare", "train", "run", "eval", "launch", "export", "bench"]
+
+
+def longctx(*args, cwd=None):
+    exe = shutil.which("longctx")
+    cmd = [exe] if exe else [sys.executable, "-m", "launch.cli"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_console_script_is_installed():
+    assert shutil.which("longctx"), "pip install -e . installs the `longctx` console script"
+
+
+def test_top_level_help_lists_every_subcommand():
+    r = longctx("--help")
+    assert r.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name):
+    r = longctx(name, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: longctx " + name in r.stdout
+
+
+def test_export_converts_between_layouts(tmp_path):
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=1, vocab_size=40, d_state=8, headdim=8, chunk_size=8))
+    model.save_pretrained(tmp_path / "src", format="mamba_ssm")
+    r = longctx("export", str(tmp_path / "src"), str(tmp_path / "hf"), "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mamba2"
+    back = Mamba2LM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(back.backbone.embedding.weight, model.backbone.embedding.weight)
+
+
+def test_export_of_a_missing_directory_is_a_clean_error(tmp_path):
+    r = longctx("export", str(tmp_path / "nothing"), str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_kernels_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "k.json"
+    r = longctx("bench", "kernels", "--lengths", "64,128", "--heads", "2", "--headdim", "8", "--d-state", "8",
+                "--chunk-size", "32", "--repeats", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "naive" in r.stdout and "torch" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    torch_rows = [row for row in rows if row["backend"] == "torch" and row["device"] == "cpu"]
+    assert [row["length"] for row in torch_rows] == [64, 128]
+    for row in torch_rows:
+        assert row["fwd_bwd_ms"] > 0 and row["speedup_vs_naive"] > 0
+        assert row["max_rel_err_vs_naive"] < 1e-4
+
+
+def test_config_errors_exit_non_zero_with_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {d_modle: 3}\n")
+    r = longctx("train", str(cfg))
+    assert r.returncode == 1
+    assert "model.d_modle" in r.stderr
+
+
+def test_commands_of_later_issues_refuse_clearly(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run: {name: x}\n")
+    r = longctx("prepare", str(cfg))
+    assert r.returncode == 2 and "[C]" in r.stderr

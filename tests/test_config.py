@@ -1,0 +1,53 @@
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config, to_yaml
+
+GOOD = """
+run: {name: demo}
+model: {d_model: 64, n_layer: 2, vocab_size: 256, d_state: 16, headdim: 16}
+train: {micro_batch_size: 2, deepspeed: {zero_optimization: {stage: 2}}}
+curriculum:
+  stages:
+    - {name: short, seq_len: 256, steps: 10, global_batch_tokens: 1024}
+    - {name: long, seq_len: 1024, tokens: 20480, global_batch_tokens: 2048, decay: wsd}
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_loads_yaml_with_overrides_and_interpolation(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["train.micro_batch_size=4", "model.n_layer=3"])
+    assert isinstance(cfg, Config)
+    assert cfg.run.dir == "runs/demo"
+    assert cfg.train.micro_batch_size == 4 and cfg.model.n_layer == 3
+    assert cfg.train.deepspeed == {"zero_optimization": {"stage": 2}}
+    assert [s.name for s in cfg.curriculum.stages] == ["short", "long"]
+    assert cfg.curriculum.stages[1].tokens == 20480
+    assert "seq_len: 1024" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("model: {d_modle: 3}\n", [], r"c.yaml: key 'model.d_modle'"),
+    ("", ["train.bogus=1"], r"override 'train.bogus=1': key 'train.bogus'"),
+    ("", ["train.micro_batch_size=many"], "train.micro_batch_size"),
+    ("", ["justakey"], "expected key=value"),
+    ("model: [unclosed\n", [], "cannot parse YAML"),
+    ("model: {dtype: fp8}\n", [], "model.dtype"),
+    ("model: {d_model: 64, headdim: 48}\n", [], r"model: .*multiple of headdim"),
+    ("tokenizer: {kind: hf}\n", [], "tokenizer.path"),
+    ("curriculum: {stages: [{name: a, seq_len: 256, global_batch_tokens: 512}]}\n", [], "exactly one of steps or tokens"),
+    ("curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_tokens: 300}]}\n", [],
+     r"stages\[0\] \(a\).global_batch_tokens"),
+])
+def test_errors_name_the_file_and_key(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
