@@ -24,15 +24,13 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_soft
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if state_norm is not None or window is not None:
-        raise NotImplementedError("state_norm and window arrive with the mitigations issue [B]")
     if backend == "triton":
         raise NotImplementedError("the Triton backend arrives with issue [F]; use backend='torch'")
     # "auto" means Triton on CUDA tensors once [F] lands; until then the torch path everywhere.
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                        dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
                        seq_idx=seq_idx, return_final_states=return_final_states,
-                       decay_scale=decay_scale, input_scale=input_scale)
+                       decay_scale=decay_scale, input_scale=input_scale, state_norm=state_norm, window=window)
 
 
 __all__ = ["ssd", "ssd_naive", "ssd_step", "ssd_chunked", "StateNorm", "causal_conv1d", "BACKENDS"]

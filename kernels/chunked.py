@@ -10,15 +10,24 @@ state at each chunk end is passed on (linear in the number of chunks):
 
 with cum the running sum of log a inside the chunk and u = input_scale * dt.
 Document boundaries (seq_idx) mask every term that would cross one.
+
+Mitigations:
+- state norm rescales H at chunk ends (its positions are chunk ends: the chunk is cut to
+  divide them). A rescale by s at the end of chunk c-1 acts on everything older exactly
+  like an extra decay log s on entry to chunk c, so it is kept as `entry_log_scale`.
+- window r: the output never reads the carried state (that would mean subtracting two
+  large states, which cancels catastrophically when a ≈ 1). Instead it sums the band of
+  the last r inputs directly: key chunks wholly inside the window through their written
+  states (a sum of decayed positive terms), chunks cut by the window edge through masked
+  Q x Q blocks, and the initial state while t < r.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from .common import (check_shapes, compute_dtype, document_ids, finish_output, heads_of_groups,
+from .common import (check_shapes, check_window, compute_dtype, document_ids, finish_output, heads_of_groups,
                      log_decay_scale, per_head, process_dt)
 
 
@@ -30,14 +39,88 @@ def _pad_length(t: torch.Tensor, pad: int, dim: int = 1) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _chunk_len(chunk_size: int, length: int, state_norm) -> int:
+    """Q = chunk_size, shortened for short calls, and cut so that every state-norm position is a chunk end."""
+    Q = max(1, min(int(chunk_size), length))
+    if state_norm is not None:
+        Q = math.gcd(Q, int(state_norm.every), (-int(state_norm.offset)) % int(state_norm.every))
+    return Q
+
+
+def _pass_states(written, chunk_decay, initial, Q, length, state_norm, tau):
+    """Chunk to chunk: the state entering each chunk, the final state, the log-scale on entry.
+
+    Sequential over chunks only. State norm is applied at the chunk ends that are norm positions.
+    """
+    state, carried, entry = initial, [], [torch.zeros_like(chunk_decay[:, :, 0])]
+    nc = written.shape[1]
+    for c in range(nc):
+        carried.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + written[:, c]
+        end = (c + 1) * Q - 1
+        log_s = torch.zeros_like(entry[0])
+        if state_norm is not None and end < length and state_norm.is_norm_position(end):
+            s = state_norm.scale(state, tau)
+            state = state * s[:, :, None, None]
+            log_s = torch.log(s)
+        if c + 1 < nc:
+            entry.append(log_s)
+    return torch.stack(carried, dim=1), state, torch.stack(entry, dim=-1)
+
+
+def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, cdt):
+    """Add to y (b,c,Q,h,p) what the last r inputs before each chunk contribute (cross-chunk band)
+    and the decayed initial state for positions t < r."""
+    b, nc, _, h, p = xc.shape
+    total = cum[..., -1]                                                   # (b,h,c) log decay across a chunk
+    pos = torch.arange(Q, device=xc.device)
+    prev_end = None if doc is None else torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)   # (b,c)
+    full_states = torch.zeros_like(written)                               # (b,c,h,p,n)
+    between = entry                                                        # Λ_d[c]: log decay from key chunk end to chunk c start
+    d = 1
+    while d < nc and (d - 1) * Q + 1 < r:                                  # some pair (t, i) lies in the window
+        if (d + 1) * Q <= r:                                               # whole key chunk c-d inside the window
+            coef = torch.exp(between[..., d:])                             # (b,h,c-d)
+            if doc is not None:
+                coef = coef * (doc[:, :-d, -1] == prev_end[:, d:])[:, None].to(cdt)
+            full_states = torch.cat([full_states[:, :d], full_states[:, d:]
+                                     + coef.permute(0, 2, 1)[..., None, None] * written[:, :-d]], dim=1)
+        else:                                                              # chunk cut by the window edge: masked block
+            in_window = (pos[:, None] + d * Q - pos[None, :]) < r          # (Q_t, Q_i)
+            mask = in_window if doc is None else in_window & (doc[:, d:, :, None] == doc[:, :-d, None, :])[:, None]
+            decay = torch.exp(cum[..., d:, :, None] + between[..., d:, None, None]
+                              + (total[..., :-d, None] - cum[..., :-d, :])[..., None, :])
+            scores = torch.einsum("bcthn,bcshn->bhcts", Ch[:, d:], Bh[:, :-d]) * decay * u[..., :-d, None, :]
+            scores = scores * mask.to(cdt)
+            y = torch.cat([y[:, :d], y[:, d:] + torch.einsum("bhcts,bcshp->bcthp", scores, xc[:, :-d])], dim=1)
+        between = torch.cat([between[..., :d + 1], between[..., d + 1:] + (entry + total)[..., 1:nc - d]], dim=-1)
+        d += 1
+
+    from_start = torch.exp(cum)                                            # (b,h,c,Q)
+    if doc is not None:
+        from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
+    y = y + torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, full_states, from_start)
+
+    if initial is not None:                                                # t < r still sees the initial state
+        to_chunk = torch.cumsum(torch.cat([torch.zeros_like(total[..., :1]), (entry + total)[..., :-1]], -1), -1)
+        gain = torch.exp(cum + (to_chunk + entry)[..., None])              # (b,h,c,Q)
+        t_global = torch.arange(nc * Q, device=xc.device).view(nc, Q)
+        gain = gain * (t_global < r).to(cdt)
+        if doc is not None:
+            gain = gain * (doc == doc[:, :1, :1])[:, None].to(cdt)
+        y = y + torch.einsum("bctHn,bHpn,bHct->bctHp", Ch, initial, gain)
+    return y
+
+
 def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                 dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None, return_final_states=False,
-                decay_scale=None, input_scale=None):
+                decay_scale=None, input_scale=None, state_norm=None, window=None):
     check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    window = check_window(window)
     b, l, h, p = x.shape
     n = B.shape[-1]
     cdt = compute_dtype(x)
-    Q = max(1, min(int(chunk_size), l))  # a short call needs no padding to a full chunk
+    Q = _chunk_len(chunk_size, l, state_norm)
     pad = (-l) % Q
     L = l + pad
     nc = L // Q
@@ -49,6 +132,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
         log_a = log_a + log_decay
     scale_in = per_head(input_scale, h, cdt, x.device, "input_scale")
     u = dtp if scale_in is None else dtp * scale_in
+    tau = None if state_norm is None else state_norm.thresholds(h, cdt, x.device)
 
     # Padded positions get log a = 0 and u = 0: they leave the state untouched.
     log_a = _pad_length(log_a, pad).view(b, nc, Q, h).permute(0, 3, 1, 2)      # (b,h,c,Q)
@@ -64,8 +148,11 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
 
     cum = torch.cumsum(log_a, dim=-1)                                           # (b,h,c,Q)
 
-    # 1. intra-chunk: decayed, causally masked C.B scores
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    # 1. intra-chunk: decayed, causally masked C.B scores (band-limited under a window)
+    idx = torch.arange(Q, device=x.device)
+    causal = idx[:, None] >= idx[None, :]
+    if window is not None:
+        causal = causal & (idx[:, None] - idx[None, :] < window)
     mask = causal if doc is None else causal & (doc[:, :, :, None] == doc[:, :, None, :])[:, None]
     seg = cum[..., :, None] - cum[..., None, :]                                 # (b,h,c,Q_t,Q_s)
     decay = torch.exp(torch.where(mask, seg, torch.full_like(seg, -math.inf)))
@@ -81,22 +168,23 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
 
     # 3. pass the state from chunk to chunk (sequential over chunks only)
     chunk_decay = torch.exp(cum[..., -1])                                       # (b,h,c)
+    prev_end = None
     if doc is not None:
         prev_end = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)           # doc before each chunk
         chunk_decay = chunk_decay * (doc[:, :, -1] == prev_end)[:, None].to(cdt)
-    state = (initial_states.to(cdt) if initial_states is not None
-             else x.new_zeros(b, h, p, n, dtype=cdt))
-    carried = []
-    for c in range(nc):
-        carried.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + written[:, c]
-    carried = torch.stack(carried, dim=1)                                       # (b,c,h,p,n)
+    initial = initial_states.to(cdt) if initial_states is not None else None
+    carried, state, entry = _pass_states(written, chunk_decay,
+                                         initial if initial is not None else x.new_zeros(b, h, p, n, dtype=cdt),
+                                         Q, l, state_norm, tau)
 
-    # 4. the carried state read out at every position of the chunk
-    from_start = torch.exp(cum)                                                 # (b,h,c,Q)
-    if doc is not None:
-        from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
-    y = y + torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, carried, from_start)
+    # 4. read out what came before the chunk
+    if window is None:
+        from_start = torch.exp(cum)                                             # (b,h,c,Q)
+        if doc is not None:
+            from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
+        y = y + torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, carried, from_start)
+    else:
+        y = _window_band(y, window, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, cdt)
 
     y = y.reshape(b, L, h, p)[:, :l]
     y = finish_output(y, x, D, z).to(x.dtype)

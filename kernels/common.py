@@ -20,17 +20,46 @@ Scale = Union[None, float, int, torch.Tensor, Sequence[float]]
 class StateNorm:
     """State normalization (ARCHITECTURE §4, mitigation 2).
 
-    After the update at position t with (t+1) % every == 0, the state of each
-    (batch, head) is rescaled to at most `threshold` in Frobenius norm.
-    `threshold` is a float or a tensor with one value per head.
+    After the update at position t with (offset + t + 1) % every == 0, the state of
+    each (batch, head) is rescaled to at most `threshold` in Frobenius norm; y_t reads
+    the state before the rescaling. `threshold` is a float or one value per head.
+    `offset` is how many tokens of the sequence earlier calls consumed (0: positions
+    count from the start of this call), so chunked prefill and decoding normalize at
+    the same positions as one call over the whole sequence.
     """
 
     every: int
     threshold: Union[float, torch.Tensor]
+    offset: int = 0
 
     def __post_init__(self):
         if int(self.every) <= 0:
             raise ValueError(f"StateNorm.every must be a positive integer, got {self.every!r}")
+        if int(self.offset) < 0:
+            raise ValueError(f"StateNorm.offset must be >= 0, got {self.offset!r}")
+
+    def is_norm_position(self, t: int) -> bool:
+        """Whether the state is rescaled after position t of this call."""
+        return (self.offset + t + 1) % self.every == 0
+
+    def thresholds(self, nheads: int, dtype, device) -> torch.Tensor:
+        tau = per_head(self.threshold, nheads, dtype, device, "StateNorm.threshold")
+        if not tau.is_cuda and not bool((tau > 0).all()):
+            raise ValueError(f"StateNorm.threshold must be positive, got {tau.tolist()}")
+        return tau
+
+    def scale(self, state: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """min(1, tau / ||state||_F) per (batch, head), safe to differentiate at state = 0."""
+        norm = state.square().sum(dim=(-2, -1)).clamp_min(1e-30).sqrt()       # (b, h)
+        return tau / torch.where(norm > tau, norm, tau.expand_as(norm))
+
+
+def check_window(window) -> Optional[int]:
+    if window is None:
+        return None
+    if int(window) != window or window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
+    return int(window)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

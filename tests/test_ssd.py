@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels import StateNorm, ssd, ssd_naive
+from kernels import ssd, ssd_naive
 from tests.conftest import rel_err
 
 F64 = torch.float64
@@ -194,7 +194,3 @@ def test_bad_arguments_are_clear_errors():
         ssd(**args, decay_scale=1.5)
     with pytest.raises(ValueError, match="input_scale must be a scalar or one value per head"):
         ssd(**args, input_scale=torch.ones(5))
-    with pytest.raises(NotImplementedError, match=r"\[B\]"):
-        ssd(**args, state_norm=StateNorm(every=4, threshold=1.0))
-    with pytest.raises(NotImplementedError, match=r"\[B\]"):
-        ssd_naive(**args, window=8)
