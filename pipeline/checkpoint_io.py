@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .mitigations import MITIGATIONS_FILE, load_layers, save_layers
 from .model import Mamba2Config
 
 FORMATS = ("mamba_ssm", "hf")
@@ -174,6 +175,7 @@ def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+    model.set_mitigations(load_layers(path))   # calibrated thresholds etc. saved with the model
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -201,8 +203,9 @@ def save_pretrained(model, path, format: str = "mamba_ssm", safe_serialization: 
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     else:
         torch.save(state, tmp / "pytorch_model.bin")
+    save_layers(model.mitigations, tmp)
     if path.exists():
-        for f in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        for f in ("config.json", "model.safetensors", "pytorch_model.bin", MITIGATIONS_FILE):
             if (path / f).exists():
                 os.remove(path / f)
         for f in tmp.iterdir():

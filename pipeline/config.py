@@ -13,7 +13,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig, TokenizerConfig
-from .mitigations import MitigationsConfig
+from .mitigations import MitigationsConfig, merge_overrides, resolve
 from .model import Mamba2Config
 
 DECAYS = ("cosine", "linear", "wsd", "constant")
@@ -160,11 +160,22 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("tokenizer.kind", f"must be 'byte' or 'hf', got {cfg.tokenizer.kind!r}")
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
         fail("tokenizer.path", "tokenizer.kind=hf needs the path of a tokenizer.json")
+    try:
+        stage_mitigations = [merge_overrides(cfg.mitigations, st.mitigations, f"curriculum.stages[{i}] ({st.name})")
+                             for i, st in enumerate(cfg.curriculum.stages)]
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if not cfg.model.from_pretrained:
         try:
-            Mamba2Config(**{f.name: getattr(cfg.model, f.name) for f in fields(Mamba2Config)}).validate()
+            arch = model_config(cfg).validate()
         except ValueError as e:
             fail("model", str(e))
+        import torch
+        for m in [cfg.mitigations] + stage_mitigations:   # shapes against the model; thresholds may be calibrated later
+            try:
+                resolve(m, arch.n_layer, arch.nheads, calibrated=torch.ones(arch.n_layer, arch.nheads))
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
     for i, st in enumerate(cfg.curriculum.stages):
         key = f"curriculum.stages[{i}] ({st.name})"
         if (st.steps is None) == (st.tokens is None):

@@ -1,27 +1,168 @@
-"""The `mitigations` config section: the paper's training-free fixes for state collapse.
+"""The paper's training-free fixes for state collapse, as configured and as the model applies them.
 
-The scan kernels implement them (kernels.ssd: decay_scale, input_scale, state_norm,
-window); this module holds their configuration. Issue [B] wires them into the model.
+- decay_scale λ_α <= 1: every step forgets more (a_t *= λ_α);
+- input_scale λ_B <= 1: every step writes less;
+- state_norm: every K tokens the state is shrunk to at most τ (per layer x head; τ given or
+  calibrated as multiplier x ||h|| at the end of a prompt of the training length);
+- window r: the output reads only what the last r tokens wrote.
+
+`MitigationsConfig` is the YAML section; `resolve` turns it into one `LayerMitigations`
+per layer, which `Mamba2LM.set_mitigations` hands to the mixers. The scan kernels
+(kernels.ssd) do the math.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+MITIGATIONS_FILE = "longctx_mitigations.json"
 
 
 @dataclass
 class StateNormConfig:
-    every: int = 0                 # 0: off; else normalize after every `every` tokens (multiple of chunk_size)
+    every: int = 0                 # 0: off; else normalize after every `every` tokens
     multiplier: float = 1.0        # calibrated threshold = multiplier * ||h|| at the training length
-    thresholds: List[Any] = field(default_factory=list)   # explicit per layer x head thresholds
+    thresholds: List[Any] = field(default_factory=list)   # given thresholds: per layer, or per layer x head
 
 
 @dataclass
 class MitigationsConfig:
-    decay_scale: Any = 1.0         # λ_α <= 1: scalar, one per layer, or per layer x head
-    input_scale: Any = 1.0         # λ_B <= 1: same shapes
+    decay_scale: Any = 1.0         # λ_α in (0, 1]: scalar, one per layer, or per layer x head
+    input_scale: Any = 1.0         # λ_B: same shapes
     state_norm: StateNormConfig = field(default_factory=StateNormConfig)
     window: int = 0                # 0: off; else sliding window of this many tokens
 
-    def is_default(self) -> bool:
-        return self == MitigationsConfig()
+
+@dataclass
+class LayerMitigations:
+    """What one layer's scan receives; None / 0 means off."""
+
+    decay_scale: Optional[List[float]] = None      # one per head
+    input_scale: Optional[List[float]] = None
+    state_norm_every: int = 0
+    state_norm_threshold: Optional[List[float]] = None
+    window: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.decay_scale or self.input_scale or self.state_norm_every or self.window)
+
+
+def _per_layer_head(value, n_layer: int, nheads: int, key: str) -> Optional[List[List[float]]]:
+    """scalar | [n_layer scalars] | [n_layer x nheads] -> n_layer lists of nheads floats."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return [[float(value)] * nheads for _ in range(n_layer)]
+    if isinstance(value, Sequence) and len(value) == n_layer:
+        rows = []
+        for i, v in enumerate(value):
+            if isinstance(v, (int, float)):
+                rows.append([float(v)] * nheads)
+            elif isinstance(v, Sequence) and len(v) == nheads and all(isinstance(e, (int, float)) for e in v):
+                rows.append([float(e) for e in v])
+            else:
+                raise ValueError(f"mitigations.{key}[{i}]: expected a number or a list of {nheads} numbers "
+                                 f"(one per head), got {v!r}")
+        return rows
+    raise ValueError(f"mitigations.{key}: expected a number, a list of {n_layer} numbers (one per layer) or "
+                     f"{n_layer} lists of {nheads} (per layer x head), got {value!r}")
+
+
+def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
+            calibrated: Optional[torch.Tensor] = None) -> List[LayerMitigations]:
+    """One LayerMitigations per layer. `calibrated` (n_layer, nheads) thresholds are used when the
+    config gives none."""
+    decay = _per_layer_head(cfg.decay_scale, n_layer, nheads, "decay_scale")
+    inp = _per_layer_head(cfg.input_scale, n_layer, nheads, "input_scale")
+    for name, rows in (("decay_scale", decay), ("input_scale", inp)):
+        bad = [v for row in rows for v in row if not (0 < v <= 1)] if name == "decay_scale" else \
+            [v for row in rows for v in row if v < 0]
+        if bad:
+            raise ValueError(f"mitigations.{name}: values must lie in {'(0, 1]' if name == 'decay_scale' else '[0, inf)'}, "
+                             f"got {bad[:4]}")
+    sn = cfg.state_norm
+    if sn.every < 0:
+        raise ValueError(f"mitigations.state_norm.every must be >= 0, got {sn.every}")
+    if cfg.window < 0:
+        raise ValueError(f"mitigations.window must be >= 0, got {cfg.window}")
+    thresholds = None
+    if sn.every:
+        if sn.thresholds:
+            thresholds = _per_layer_head(list(sn.thresholds), n_layer, nheads, "state_norm.thresholds")
+        elif calibrated is not None:
+            thresholds = calibrated.tolist()
+        else:
+            raise ValueError("mitigations.state_norm.every is set but there are no thresholds: give "
+                             "mitigations.state_norm.thresholds or calibrate them (calibrate_state_norm)")
+        if any(v <= 0 for row in thresholds for v in row):
+            raise ValueError("mitigations.state_norm.thresholds must be positive")
+    layers = []
+    for i in range(n_layer):
+        layers.append(LayerMitigations(
+            decay_scale=None if all(v == 1.0 for v in decay[i]) else decay[i],
+            input_scale=None if all(v == 1.0 for v in inp[i]) else inp[i],
+            state_norm_every=int(sn.every),
+            state_norm_threshold=None if thresholds is None else thresholds[i],
+            window=int(cfg.window)))
+    return layers
+
+
+def merge_overrides(base: MitigationsConfig, overrides: dict, where: str = "stage") -> MitigationsConfig:
+    """A curriculum stage's `mitigations:` dict applied on top of the run's section (unknown keys are errors)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(dict(overrides or {})))
+    except Exception as e:
+        raise ValueError(f"{where}.mitigations: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+@torch.no_grad()
+def calibrate_state_norm(model, prompt_ids: torch.Tensor, multiplier: float = 1.0,
+                         every: Optional[int] = None, chunk_len: int = 4096) -> torch.Tensor:
+    """Thresholds (n_layer, nheads) = multiplier x ||h||_F at the end of `prompt_ids` (a prompt of
+    the training length), averaged over its batch rows. Measured with state norm off and the
+    other mitigations on; installed on the model (and saved with it) when `every` is given."""
+    layers = model.mitigations
+    if layers is not None:
+        model.set_mitigations([LayerMitigations(**{**asdict(m), "state_norm_every": 0,
+                                                    "state_norm_threshold": None}) for m in layers])
+    try:
+        cache = model.init_cache(prompt_ids.shape[0])
+        model.prefill(prompt_ids, cache, chunk_len=chunk_len)
+        norms = torch.stack([lc.ssm.float().square().sum((-2, -1)).sqrt().mean(0) for lc in cache.layers])
+    finally:
+        model.set_mitigations(layers)
+    thresholds = multiplier * norms.clamp_min(1e-6)
+    if every:
+        base = layers or [LayerMitigations() for _ in range(len(cache.layers))]
+        model.set_mitigations([LayerMitigations(**{**asdict(m), "state_norm_every": int(every),
+                                                    "state_norm_threshold": thresholds[i].tolist()})
+                               for i, m in enumerate(base)])
+    return thresholds
+
+
+def save_layers(layers: Optional[List[LayerMitigations]], directory) -> None:
+    path = Path(directory) / MITIGATIONS_FILE
+    if layers is None or not any(m.active for m in layers):
+        if path.exists():
+            path.unlink()
+        return
+    path.write_text(json.dumps({"layers": [asdict(m) for m in layers]}, indent=1))
+
+
+def load_layers(directory) -> Optional[List[LayerMitigations]]:
+    path = Path(directory) / MITIGATIONS_FILE
+    if not path.exists():
+        return None
+    try:
+        return [LayerMitigations(**m) for m in json.loads(path.read_text())["layers"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a longctx mitigations file ({e})") from None

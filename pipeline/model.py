@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+from .mitigations import LayerMitigations
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -126,7 +128,11 @@ def block_norm(config: Mamba2Config) -> nn.Module:
 @dataclass
 class LayerCache:
     conv: torch.Tensor   # (b, d_conv-1, conv_dim): last pre-conv xBC rows
-    ssm: torch.Tensor    # (b, h, p, n) fp32
+    ssm: torch.Tensor    # (b, h, p, n) fp32: the full state
+    seqlen: int = 0      # tokens read so far (state-norm positions count from the sequence start)
+    # sliding window only: the last <= r tokens' scan inputs and the state before them
+    ring: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None   # x (b,m,h,p), B (b,m,g,n), dt (b,m,h)
+    lagged: Optional[torch.Tensor] = None                                     # (b, h, p, n) fp32
 
 
 @dataclass
@@ -165,6 +171,7 @@ class Mamba2Mixer(nn.Module):
         if c.rmsnorm:
             self.norm = GatedRMSNorm(self.d_ssm, group_size=self.d_ssm // c.ngroups, eps=1e-5)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.mitigation: Optional[LayerMitigations] = None   # set by Mamba2LM.set_mitigations
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -177,11 +184,54 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(*c.A_init_range)))
         self.D.fill_(1.0)
 
-    def ssd_arguments(self):
-        """Per-layer SSD keyword arguments (mitigations hook in here, issue [B])."""
-        c = self.config
+    def ssd_arguments(self, offset: int = 0):
+        """Per-layer SSD keyword arguments, mitigations included. `offset`: tokens read before
+        this call, so state-norm positions count from the start of the sequence."""
+        c, m = self.config, self.mitigation
         D = self.D.view(self.nheads, self.headdim) if c.D_has_hdim else self.D
-        return dict(chunk_size=c.chunk_size, D=D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
+        kw = dict(chunk_size=c.chunk_size, D=D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
+        if m is not None:
+            kw.update(decay_scale=m.decay_scale, input_scale=m.input_scale, window=m.window or None)
+            if m.state_norm_every:
+                tau = torch.tensor(m.state_norm_threshold, dtype=torch.float32, device=D.device)
+                kw["state_norm"] = kernels.StateNorm(m.state_norm_every, tau, offset=offset)
+        return kw
+
+    def scan(self, x, dt, A, B, C, z, seq_idx, cache: Optional[LayerCache]):
+        """kernels.ssd over this call; with a cache, continue from it and advance it.
+
+        Under a sliding window the cache keeps the last r tokens' inputs (ring) and the
+        state before them (lagged): the call rescans ring + new tokens from the lagged
+        state, so each new output sees exactly its last r inputs (memory O(r), not O(l))."""
+        if cache is None:
+            return kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, **self.ssd_arguments())
+        window = self.mitigation.window if self.mitigation is not None else 0
+        if not window:
+            y, cache.ssm = kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, initial_states=cache.ssm,
+                                       return_final_states=True, **self.ssd_arguments(cache.seqlen))
+            cache.seqlen += x.shape[1]
+            return y
+        if seq_idx is not None:
+            raise ValueError("seq_idx with a cache under a sliding window is not supported: decode one document per row")
+        rx, rB, rdt = cache.ring if cache.ring is not None else (x[:, :0], B[:, :0], dt[:, :0])
+        m = rx.shape[1]
+        xs, Bs, dts = torch.cat([rx, x], 1), torch.cat([rB, B], 1), torch.cat([rdt, dt], 1)
+        Cs = torch.cat([torch.zeros_like(rB), C], 1)           # outputs of the ring positions are discarded
+        zs = None if z is None else torch.cat([torch.zeros_like(rx), z], 1)
+        lagged = cache.lagged if cache.lagged is not None else torch.zeros_like(cache.ssm)
+        start = cache.seqlen - m                                # sequence position of the ring's first token
+        y, cache.ssm = kernels.ssd(xs, dts, A, Bs, Cs, z=zs, initial_states=lagged, return_final_states=True,
+                                   **self.ssd_arguments(start))
+        leaving = xs.shape[1] - window
+        if leaving > 0:                                         # advance the lagged state past tokens leaving the ring
+            _, cache.lagged = kernels.ssd(xs[:, :leaving], dts[:, :leaving], A, Bs[:, :leaving],
+                                          torch.zeros_like(Bs[:, :leaving]), initial_states=lagged,
+                                          return_final_states=True, **{**self.ssd_arguments(start), "window": None})
+        else:
+            cache.lagged = lagged
+        cache.ring = (xs[:, -window:].detach(), Bs[:, -window:].detach(), dts[:, -window:].detach())
+        cache.seqlen += x.shape[1]
+        return y[:, m:]
 
     def forward(self, u, seq_idx=None, cache: Optional[LayerCache] = None):
         """u (b,l,d_model). With `cache`, continues from it and updates it in place."""
@@ -192,22 +242,16 @@ class Mamba2Mixer(nn.Module):
 
         xBC, conv_tail = kernels.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
                                                tail=None if cache is None else cache.conv, seq_idx=seq_idx)
+        if cache is not None:
+            cache.conv = conv_tail.detach()
         xBC = F.silu(xBC)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
         A = -torch.exp(self.A_log.float())
         gate_in_scan = not self.config.rmsnorm
-        out = kernels.ssd(
-            x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
-            B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
-            z=z.unflatten(-1, (self.nheads, self.headdim)) if gate_in_scan else None,
-            seq_idx=seq_idx, initial_states=None if cache is None else cache.ssm,
-            return_final_states=cache is not None, **self.ssd_arguments())
-        if cache is not None:
-            y, cache.ssm = out
-            cache.conv = conv_tail.detach()
-        else:
-            y = out
+        y = self.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+                      z.unflatten(-1, (self.nheads, self.headdim)) if gate_in_scan else None, seq_idx, cache)
         y = y.flatten(-2)
         if not gate_in_scan:
             y = self.norm(y, z)
@@ -318,6 +362,22 @@ class Mamba2LM(nn.Module):
                 if linear is not None:
                     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
                     linear.weight /= math.sqrt(per_layer * self.config.n_layer)
+
+    # -- state-collapse mitigations (pipeline/mitigations.py) ----------------------------
+    @property
+    def mitigations(self) -> Optional[List[LayerMitigations]]:
+        layers = [layer.mixer.mitigation for layer in self.backbone.layers]
+        return None if all(m is None for m in layers) else layers
+
+    def set_mitigations(self, layers: Optional[List[LayerMitigations]]):
+        """One LayerMitigations per layer (see mitigations.resolve), or None for the plain model."""
+        if layers is not None and len(layers) != len(self.backbone.layers):
+            raise ValueError(f"mitigations for {len(layers)} layers given, the model has {len(self.backbone.layers)}")
+        for i, layer in enumerate(self.backbone.layers):
+            m = None if layers is None else layers[i]
+            if m is not None and m.state_norm_every and len(m.state_norm_threshold or []) != self.config.nheads:
+                raise ValueError(f"layer {i}: state norm needs {self.config.nheads} thresholds (one per head)")
+            layer.mixer.mitigation = m if (m is not None and m.active) else None
 
     def enable_gradient_checkpointing(self, on: bool = True):
         self.backbone.gradient_checkpointing = on

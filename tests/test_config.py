@@ -51,3 +51,13 @@ def test_errors_name_the_file_and_key(tmp_path, text, overrides, match):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model: {n_layer: 2}\nmitigations: {decay_scale: [0.9, 0.9, 0.9]}\n", "mitigations.decay_scale"),
+    ("curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_tokens: 256, mitigations: {windw: 4}}]}\n",
+     r"stages\[0\] \(a\).mitigations"),
+])
+def test_mitigation_errors_name_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
