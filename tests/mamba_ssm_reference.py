@@ -33,13 +33,17 @@ def rms_norm_ref(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_b
     return out.to(dtype)
 
 
-def mamba2_mixer(sd, pre, cfg, u):
+def dims(cfg):
+    """Mamba2.__init__'s sizes from a MambaConfig dict."""
     ssm = {**MAMBA2_DEFAULTS, **{k: v for k, v in cfg["ssm_cfg"].items() if k != "layer"}}
     d_model = cfg["d_model"]
     d_inner = ssm["expand"] * d_model
     d_ssm = d_inner if ssm["d_ssm"] is None else ssm["d_ssm"]
-    ng, N, P = ssm["ngroups"], ssm["d_state"], ssm["headdim"]
-    H = d_ssm // P
+    return ssm, d_model, d_inner, d_ssm, ssm["ngroups"], ssm["d_state"], ssm["headdim"], d_ssm // ssm["headdim"]
+
+
+def mamba2_mixer(sd, pre, cfg, u):
+    ssm, d_model, d_inner, d_ssm, ng, N, P, H = dims(cfg)
     batch, seqlen, _ = u.shape
     zxbcdt = u @ sd[pre + "in_proj.weight"].T
     A = -torch.exp(sd[pre + "A_log"].float())
@@ -96,12 +100,7 @@ def forward(sd, cfg, input_ids):
 def random_state_dict(cfg, seed=0):
     """Random weights in the exact mamba_ssm layout, shapes from mamba_ssm's formulas."""
     g = torch.Generator().manual_seed(seed)
-    ssm = {**MAMBA2_DEFAULTS, **{k: v for k, v in cfg["ssm_cfg"].items() if k != "layer"}}
-    d_model = cfg["d_model"]
-    d_inner = ssm["expand"] * d_model
-    d_ssm = d_inner if ssm["d_ssm"] is None else ssm["d_ssm"]
-    ng, N, P = ssm["ngroups"], ssm["d_state"], ssm["headdim"]
-    H = d_ssm // P
+    ssm, d_model, d_inner, d_ssm, ng, N, P, H = dims(cfg)
     mult = cfg.get("pad_vocab_size_multiple", 8)
     vocab = (cfg["vocab_size"] + mult - 1) // mult * mult
     conv_dim = d_ssm + 2 * ng * N
