@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from .synthetic import SyntheticConfig
+
 
 @dataclass
 class TokenizerConfig:
@@ -23,6 +25,13 @@ class PrepareConfig:
     max_doc_tokens: int = 0                            # 0: never split long documents
     ray_address: str = ""                              # empty: local ray.init()
     num_workers: int = 0                               # 0: one per available CPU
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)   # generated inputs (demo, tests)
+    chunk_bytes: int = 64 << 20                        # jsonl files are split into work items of this size
+    shard_bytes: int = 64 << 20                        # MDS shard size limit
+    max_line_bytes: int = 64 << 20                     # longer lines are rejected (line_too_long) unread
+    batch_records: int = 512                           # records tokenized per encode_batch call
+    staging: str = ""                                  # local dir for parts before upload (s3 output);
+                                                       # empty: ~/.cache/longctx/prepare/<hash of output>
 
 
 @dataclass

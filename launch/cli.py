@@ -9,7 +9,6 @@ from typing import List, Optional
 # Subcommands whose implementation lands with a later issue; they parse their arguments
 # now (so `--help` documents them) and refuse to run with a message naming the issue.
 PENDING = {
-    "prepare": "[C] data preparation",
     "train": "[D] training",
     "run": "[D] training",
     "eval": "[G] evaluation",
@@ -98,6 +97,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from data.prepare import prepare
+    from pipeline.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg.data, cfg.tokenizer)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from kernels.bench import print_and_save, run_kernel_bench
     rows = run_kernel_bench(lengths=_ints(args.lengths), heads=args.heads, headdim=args.headdim,
@@ -121,8 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return {"export": cmd_export, "bench": cmd_bench}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:  # config and checkpoint errors carry their own context
+        return {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:  # config, data and checkpoint errors carry their own context
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -15,3 +15,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: relative to the size of the reference."""
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+from tests.s3 import s3_endpoint  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the session, started after the S3 env is set so workers inherit it."""
+    import ray
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()

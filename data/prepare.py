@@ -1,0 +1,380 @@
+"""`longctx prepare`: raw text (local or s3://) -> MDS shards, tokenized by Ray tasks.
+
+Flow: expand the input globs -> work items (jsonl byte ranges, other files whole) ->
+one Ray task per item writes its own MDS part `part-<id>/` (zstd; columns tokens,
+source, doc) plus `stats.json`, atomically (temp dir renamed; on S3 a DONE object
+uploaded last) -> `merge_index` over the parts -> `manifest.json` -> `DONE`.
+
+A part's id hashes everything that decides its content (input identity, byte range,
+tokenizer, settings), so a re-run skips finished parts, new inputs add only their parts,
+and a run killed midway finishes with exactly the shards a clean run writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+from . import storage
+from .config import DataConfig, TokenizerConfig
+from .records import SPLITTABLE, WorkItem, count_records, detect_format, iter_records
+from .synthetic import write_jsonl
+from .tokenizer import identity, load_tokenizer, token_dtype
+
+MANIFEST = "manifest.json"
+DONE = "DONE"
+STATS = "stats.json"
+FORMAT_VERSION = 1
+EXAMPLES_PER_REASON = 5
+
+
+class PrepareError(ValueError):
+    """Bad inputs or outputs found before (or while) doing the work; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a task needs; part ids hash the fields that decide a part's content."""
+
+    tokenizer: TokenizerConfig
+    tokenizer_sha256: str
+    text_field: str
+    min_doc_tokens: int
+    max_doc_tokens: int
+    max_line_bytes: int
+    shard_bytes: int
+    batch_records: int
+    staging: str            # local directory that holds the parts
+    remote: Optional[str]   # s3:// output, or None when the output is local (== staging)
+
+    def part_id(self, item: WorkItem) -> str:
+        key = [FORMAT_VERSION, item.url, item.size, item.version, item.fmt, item.start, item.end,
+               self.tokenizer_sha256, self.text_field, self.min_doc_tokens, self.max_doc_tokens,
+               self.max_line_bytes]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _empty_stats() -> dict:
+    return {"records": 0, "documents": 0, "tokens": 0, "rejected": {}, "examples": {}}
+
+
+def _reject(stats: dict, reason: str, location: str) -> None:
+    stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+    examples = stats["examples"].setdefault(reason, [])
+    if len(examples) < EXAMPLES_PER_REASON:
+        examples.append(location)
+
+
+def process_item(item: WorkItem, settings: Settings) -> dict:
+    """Tokenize one work item into its MDS part. Runs inside a Ray task."""
+    from streaming import MDSWriter
+
+    pid = settings.part_id(item)
+    final = os.path.join(settings.staging, f"part-{pid}")
+    if not os.path.exists(os.path.join(final, DONE)):
+        tok = load_tokenizer(settings.tokenizer)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        stats = {**_empty_stats(), "url": item.url, "start": item.start, "end": item.end}
+        columns = {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"}
+        scratch = tempfile.mkdtemp(prefix="longctx-prepare-")
+        try:
+            with MDSWriter(out=tmp, columns=columns, compression="zstd", size_limit=settings.shard_bytes) as writer:
+                batch = []
+
+                def flush():
+                    for rec, ids in zip(batch, tok.encode_batch([r.text for r in batch])):
+                        if len(ids) < max(1, settings.min_doc_tokens):
+                            _reject(stats, "too_short", rec.location)
+                            continue
+                        step = settings.max_doc_tokens or len(ids)
+                        for piece in range(0, len(ids), step):
+                            writer.write({"tokens": ids[piece:piece + step], "source": item.url, "doc": rec.index})
+                            stats["documents"] += 1
+                        stats["tokens"] += len(ids)
+                    batch.clear()
+
+                for rec in iter_records(item, settings.text_field, settings.max_line_bytes, scratch):
+                    stats["records"] += 1
+                    if rec.reason is not None:
+                        _reject(stats, rec.reason, rec.location)
+                        continue
+                    batch.append(rec)
+                    if len(batch) >= settings.batch_records:
+                        flush()
+                flush()
+            with open(os.path.join(tmp, STATS), "w") as f:
+                json.dump(stats, f)
+            open(os.path.join(tmp, DONE), "w").close()
+            try:
+                os.replace(tmp, final)           # atomic: a part is complete or absent
+            except OSError:                      # another run finished the same part first
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+    if settings.remote:
+        remote_part = storage.join(settings.remote, f"part-{pid}")
+        files = [f for f in sorted(os.listdir(final)) if f != DONE]
+        storage.upload_dir_files(final, remote_part, files)
+        storage.write_text(storage.join(remote_part, DONE), "")      # last: marks the remote part complete
+    with open(os.path.join(final, STATS)) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan_items(files: List[storage.FileInfo], chunk_bytes: int) -> List[WorkItem]:
+    items = []
+    for f in files:
+        fmt = detect_format(f.url)
+        if fmt in SPLITTABLE and f.size > chunk_bytes:
+            items += [WorkItem(f.url, f.size, f.version, fmt, s, min(s + chunk_bytes, f.size))
+                      for s in range(0, f.size, chunk_bytes)]
+        else:
+            items.append(WorkItem(f.url, f.size, f.version, fmt, 0, max(f.size, 1) if fmt in SPLITTABLE else 0))
+    return items
+
+
+def _sha256(url: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_read(url) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _default_staging(output: str) -> str:
+    return os.path.join(os.path.expanduser("~/.cache/longctx/prepare"), hashlib.sha1(output.encode()).hexdigest()[:12])
+
+
+def _remote_done_parts(remote: str) -> set:
+    return {key.split("/")[0][len("part-"):] for key in storage.list_prefix(remote)
+            if key.startswith("part-") and key.endswith("/" + DONE)}
+
+
+def _fetch_remote_part_meta(remote: str, staging: str, pid: str) -> None:
+    """Parts finished by an earlier run elsewhere: bring their index and stats for the merge."""
+    local = os.path.join(staging, f"part-{pid}")
+    if os.path.exists(os.path.join(local, DONE)):
+        return
+    os.makedirs(local, exist_ok=True)
+    for name in ("index.json", STATS):
+        text = storage.read_text(storage.join(remote, f"part-{pid}", name))
+        if text is None:
+            raise PrepareError(f"{remote}/part-{pid}: marked DONE but {name} is missing; delete the part and re-run")
+        with open(os.path.join(local, name), "w") as f:
+            f.write(text)
+    open(os.path.join(local, DONE), "w").close()
+
+
+# ----------------------------------------------------------------------------- Ray
+
+def _ray_init(address: str, num_workers: int):
+    import ray
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")          # one core per task: tokenizers must not oversubscribe
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1",
+                                                             "TOKENIZERS_PARALLELISM": "false"}}, **kw)
+    else:
+        ray.init(num_cpus=num_workers or None, **kw)
+    return True
+
+
+class Progress:
+    """records/s, tokens/s and ETA: a live line on a TTY, a log line every few seconds otherwise."""
+
+    def __init__(self, total_bytes: int, total_items: int, stream=None):
+        stream = stream or sys.stderr
+        self.total_bytes, self.total_items, self.stream = max(total_bytes, 1), total_items, stream
+        self.t0 = self.last = time.time()
+        self.bytes = self.items = self.records = self.tokens = 0
+        self.tty = stream.isatty()
+
+    def update(self, item: WorkItem, stats: dict) -> None:
+        self.items += 1
+        self.bytes += (item.end - item.start) if item.fmt in SPLITTABLE else item.size
+        self.records += stats["records"]
+        self.tokens += stats["tokens"]
+        now = time.time()
+        if self.tty or now - self.last >= 5 or self.items == self.total_items:
+            self.last = now
+            dt = max(now - self.t0, 1e-6)
+            eta = (self.total_bytes - self.bytes) / max(self.bytes / dt, 1e-9)
+            line = (f"prepare: {self.items}/{self.total_items} items, {self.records / dt:,.0f} records/s, "
+                    f"{self.tokens / dt:,.0f} tokens/s, ETA {eta:,.0f}s")
+            self.stream.write(("\r" + line) if self.tty else line + "\n")
+            if self.tty and self.items == self.total_items:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_tasks(fn, args_list, num_workers, progress=None, items=None):
+    """Run `fn` as Ray tasks with at most num_workers in flight; results in input order."""
+    import ray
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    limit = num_workers if num_workers > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
+    results, pending, next_i = [None] * len(args_list), {}, 0
+    while next_i < len(args_list) or pending:
+        while next_i < len(args_list) and len(pending) < limit:
+            pending[remote.remote(*args_list[next_i])] = next_i
+            next_i += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            i = pending.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except Exception as e:  # RayTaskError wraps the worker's exception
+                cause = getattr(e, "cause", None) or e
+                where = items[i].url if items else f"task {i}"
+                raise PrepareError(f"{where}: {type(cause).__name__}: {cause}") from None
+            if progress is not None:
+                progress.update(items[i], results[i])
+    return results
+
+
+# ----------------------------------------------------------------------------- driver
+
+def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
+    """Run (or finish) the preparation; returns the manifest."""
+    p = data.prepare
+    if not p.output:
+        raise PrepareError("data.prepare.output is empty: give a local directory or s3://bucket/prefix")
+    if not p.inputs and p.synthetic.documents <= 0:
+        raise PrepareError("data.prepare.inputs is empty (and no data.prepare.synthetic documents): nothing to do")
+    if p.min_doc_tokens < 0 or p.max_doc_tokens < 0:
+        raise PrepareError("data.prepare.min_doc_tokens and max_doc_tokens must be >= 0")
+    tok = load_tokenizer(tokenizer)                                   # a bad tokenizer fails before any work
+    remote = p.output.rstrip("/") if storage.is_s3(p.output) else None
+    staging = (p.staging or _default_staging(p.output)) if remote else p.output
+    storage.check_writable(p.output)
+    os.makedirs(staging, exist_ok=True)
+
+    files = []
+    for pattern in p.inputs:
+        files += storage.expand(pattern)
+    if p.synthetic.documents > 0:
+        files += storage.expand(write_jsonl(p.synthetic, os.path.join(staging, "_synthetic")))
+    files = sorted({f.url: f for f in files}.values(), key=lambda f: f.url)
+    for f in files:
+        detect_format(f.url)                                          # unsupported suffix: error before work
+    items = plan_items(files, p.chunk_bytes)
+    settings = Settings(tokenizer=tokenizer, tokenizer_sha256=tok.sha256, text_field=p.text_field,
+                        min_doc_tokens=p.min_doc_tokens, max_doc_tokens=p.max_doc_tokens,
+                        max_line_bytes=p.max_line_bytes, shard_bytes=p.shard_bytes,
+                        batch_records=p.batch_records, staging=staging, remote=remote)
+
+    previous = json.loads(storage.read_text(storage.join(p.output, MANIFEST)) or "{}")
+    known_sha = {(i["path"], i["size"], i.get("version")): i["sha256"] for i in previous.get("inputs", [])}
+    remote_done = _remote_done_parts(remote) if remote else set()
+    ids = [settings.part_id(it) for it in items]
+    for pid in ids:
+        if pid in remote_done:
+            _fetch_remote_part_meta(remote, staging, pid)
+    todo = [i for i, pid in enumerate(ids)
+            if not (os.path.exists(os.path.join(staging, f"part-{pid}", DONE)) and (not remote or pid in remote_done))]
+    need_sha = [f for f in files if (f.url, f.size, f.version) not in known_sha]
+
+    started = False
+    if todo and not remote and os.path.exists(os.path.join(p.output, DONE)):
+        os.remove(os.path.join(p.output, DONE))      # the output is incomplete until this run finishes
+    if todo or need_sha:
+        started = _ray_init(p.ray_address, p.num_workers)
+        try:
+            # record indices: jsonl ranges need the number of records in the ranges before them
+            by_file: Dict[str, List[int]] = {}
+            for i, it in enumerate(items):
+                by_file.setdefault(it.url, []).append(i)
+            count_idx = [i for url, idx in by_file.items() if any(j in todo for j in idx) and len(idx) > 1
+                         for i in idx]
+            counts = dict(zip(count_idx, _run_tasks(count_records, [(items[i],) for i in count_idx], p.num_workers)))
+            for url, idx in by_file.items():
+                first = 0
+                for i in idx:
+                    items[i] = WorkItem(**{**asdict(items[i]), "first_record": first})
+                    first += counts.get(i, 0)
+            log(f"prepare: {len(items)} work items over {len(files)} files; {len(todo)} to do, "
+                f"{len(items) - len(todo)} already done")
+            progress = Progress(sum(items[i].end - items[i].start if items[i].fmt in SPLITTABLE else items[i].size
+                                    for i in todo), len(todo))
+            _run_tasks(process_item, [(items[i], settings) for i in todo], p.num_workers, progress,
+                       [items[i] for i in todo])
+            shas = _run_tasks(_sha256, [(f.url,) for f in need_sha], p.num_workers)
+            known_sha.update({(f.url, f.size, f.version): s for f, s in zip(need_sha, shas)})
+        finally:
+            if started:
+                import ray
+                ray.shutdown()
+    else:
+        log(f"prepare: all {len(items)} work items already done; nothing to tokenize")
+
+    return _finish(p.output, staging, remote, items, ids, files, known_sha, tok, settings, log)
+
+
+def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings, log) -> dict:
+    from streaming.base.util import merge_index
+
+    part_stats = []
+    for pid in ids:
+        with open(os.path.join(staging, f"part-{pid}", STATS)) as f:
+            part_stats.append(json.load(f))
+    merged = tempfile.mkdtemp(prefix="longctx-index-")
+    try:   # merge_index refuses to overwrite: merge aside, then replace atomically
+        merge_index([os.path.join(staging, f"part-{pid}", "index.json") for pid in ids], merged)
+        shutil.copyfile(os.path.join(merged, "index.json"), os.path.join(staging, "index.json.tmp"))
+        os.replace(os.path.join(staging, "index.json.tmp"), os.path.join(staging, "index.json"))
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    total = _empty_stats()
+    per_input: Dict[str, dict] = {}
+    for st in part_stats:
+        for target in (total, per_input.setdefault(st["url"], _empty_stats())):
+            for k in ("records", "documents", "tokens"):
+                target[k] += st[k]
+            for reason, n in st["rejected"].items():
+                target["rejected"][reason] = target["rejected"].get(reason, 0) + n
+            for reason, locs in st["examples"].items():
+                ex = target["examples"].setdefault(reason, [])
+                ex += locs[:EXAMPLES_PER_REASON - len(ex)]
+    manifest = {
+        "format": f"longctx-mds-v{FORMAT_VERSION}",
+        "documents": total["documents"],
+        "tokens": total["tokens"],
+        "records": total["records"],
+        "rejected": dict(sorted(total["rejected"].items())),
+        "rejected_examples": dict(sorted(total["examples"].items())),
+        "tokenizer": identity(tok),
+        "columns": {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"},
+        "text_field": settings.text_field,
+        "min_doc_tokens": settings.min_doc_tokens,
+        "max_doc_tokens": settings.max_doc_tokens,
+        "inputs": [{"path": f.url, "size": f.size, "version": f.version, "sha256": known_sha[(f.url, f.size, f.version)],
+                    "records": per_input.get(f.url, _empty_stats())["records"],
+                    "documents": per_input.get(f.url, _empty_stats())["documents"],
+                    "tokens": per_input.get(f.url, _empty_stats())["tokens"],
+                    "rejected": per_input.get(f.url, _empty_stats())["rejected"]} for f in files],
+        "parts": [f"part-{pid}" for pid in ids],
+    }
+    text = json.dumps(manifest, indent=2)
+    storage.write_text(os.path.join(staging, MANIFEST), text)
+    if remote:
+        storage.upload_dir_files(staging, remote, ["index.json"])
+        storage.write_text(storage.join(remote, MANIFEST), text)
+        storage.write_text(storage.join(remote, DONE), "")
+    else:
+        storage.write_text(os.path.join(output, DONE), "")
+    rejected = sum(total["rejected"].values())
+    log(f"prepare: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens written to {output}; "
+        f"{rejected:,} records rejected" + (f" {manifest['rejected']}" if rejected else ""))
+    return manifest

@@ -1,0 +1,222 @@
+"""`longctx prepare`: Ray tokenization into MDS shards, local and over a real S3 endpoint."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data.config import DataConfig, PrepareConfig, TokenizerConfig
+from data.prepare import PrepareError, prepare
+from data.storage import StorageError
+from data.synthetic import SyntheticConfig
+from tests.s3 import make_bucket
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def good_text(i):
+    return f"document {i}: " + "lorem ipsum dolor sit amet, ünïcode ✓ " * (1 + i % 7)
+
+
+def write_corpus(root, n_good=60):
+    """Every input format and every bad-record kind; returns (good texts in order, expected rejections)."""
+    os.makedirs(root, exist_ok=True)
+    good, rejected = [], {}
+
+    def bad(reason):
+        rejected[reason] = rejected.get(reason, 0) + 1
+
+    lines = []
+    for i in range(n_good):
+        t = good_text(i)
+        lines.append(json.dumps({"text": t, "id": i}).encode())
+        good.append(t)
+        if i == 5:
+            lines.append(b"{not json"); bad("invalid_json")
+        if i == 9:
+            lines.append(json.dumps({"body": "no text field"}).encode()); bad("missing_field")
+        if i == 13:
+            lines.append(b'{"text": "caf\xe9 latin-1"}'); bad("not_utf8")
+        if i == 17:
+            lines.append(json.dumps({"text": "   "}).encode()); bad("empty_text")
+        if i == 21:
+            lines.append(b'{"text": "' + b"x" * 200_000 + b'"}'); bad("line_too_long")
+        if i == 25:
+            lines.append(json.dumps({"text": 42}).encode()); bad("not_text")
+        if i == 29:
+            lines.append(b"[1, 2, 3]"); bad("not_an_object")
+        if i == 33:
+            lines.append(b""); bad("blank_line")
+        if i == 37:
+            lines.append(json.dumps({"text": "ab"}).encode()); bad("too_short")
+    with open(os.path.join(root, "a.jsonl"), "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    gz = [good_text(100 + i) for i in range(5)]
+    with gzip.open(os.path.join(root, "b.jsonl.gz"), "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in gz)
+    zs = [good_text(200 + i) for i in range(5)]
+    with open(os.path.join(root, "c.jsonl.zst"), "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in zs).encode()))
+    pqt = [good_text(300 + i) for i in range(4)]
+    pq.write_table(pa.table({"text": pqt + [None]}), os.path.join(root, "d.parquet"))
+    bad("missing_field")
+    txt = good_text(400) * 30
+    with open(os.path.join(root, "e.txt"), "w") as f:
+        f.write(txt)
+    return good + gz + zs + pqt + [txt], rejected
+
+
+def config(inputs, output, **kw):
+    return DataConfig(prepare=PrepareConfig(inputs=inputs, output=output, num_workers=2, chunk_bytes=2048,
+                                            max_line_bytes=100_000, min_doc_tokens=5, **kw))
+
+
+def read_back(remote_or_local, cache=None):
+    from streaming import StreamingDataset
+    kw = dict(remote=remote_or_local, local=cache) if cache else dict(local=remote_or_local)
+    ds = StreamingDataset(shuffle=False, batch_size=1, **kw)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_local_every_format_bad_records_counted_tokens_exact(tmp_path, capsys):
+    good, rejected = write_corpus(tmp_path / "in")
+    manifest = prepare(config([str(tmp_path / "in" / "*")], str(tmp_path / "out")), TokenizerConfig())
+    assert manifest["rejected"] == dict(sorted(rejected.items()))
+    assert all(manifest["rejected_examples"][r] for r in rejected)
+    assert manifest["rejected_examples"]["invalid_json"][0].endswith("a.jsonl:7")   # line 7 of a.jsonl
+    # independent tokenization: the byte tokenizer is UTF-8
+    expect = sorted(len(t.encode()) for t in good)
+    samples = read_back(str(tmp_path / "out"))
+    assert sorted(len(s["tokens"]) for s in samples) == expect
+    assert manifest["tokens"] == sum(expect) and manifest["documents"] == len(good)
+    assert all(s["tokens"].dtype == np.uint16 for s in samples)
+    by_text = {bytes(s["tokens"].astype(np.uint8)).decode() for s in samples}
+    assert by_text == set(good)
+    first = [s for s in samples if s["source"].endswith("a.jsonl") and s["doc"] == 0]
+    assert bytes(first[0]["tokens"].astype(np.uint8)).decode() == good[0]
+    inputs = {os.path.basename(i["path"]): i for i in manifest["inputs"]}
+    assert inputs["a.jsonl"]["size"] == os.path.getsize(tmp_path / "in" / "a.jsonl")
+    assert len(inputs["a.jsonl"]["sha256"]) == 64
+    assert manifest["tokenizer"]["kind"] == "byte" and len(manifest["tokenizer"]["sha256"]) == 64
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    assert (tmp_path / "out" / "DONE").exists()
+    assert "records/s" in capsys.readouterr().err
+
+
+def test_rerun_is_idempotent_and_new_inputs_add_only_their_work(tmp_path):
+    write_corpus(tmp_path / "in")
+    cfg = config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out"))
+    logs = []
+    first = prepare(cfg, TokenizerConfig(), log=logs.append)
+    parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
+    mtimes = {p: os.path.getmtime(tmp_path / "out" / p / "index.json") for p in parts}
+    logs.clear()
+    again = prepare(cfg, TokenizerConfig(), log=logs.append)
+    assert again == first
+    assert any("nothing to tokenize" in line for line in logs)
+    assert {p: os.path.getmtime(tmp_path / "out" / p / "index.json") for p in parts} == mtimes
+
+    with open(tmp_path / "in" / "z.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": good_text(900 + i)}) + "\n" for i in range(20))
+    logs.clear()
+    grown = prepare(cfg, TokenizerConfig(), log=logs.append)
+    assert any(f"{len(grown['parts']) - len(parts)} to do, {len(parts)} already done" in line for line in logs)
+    assert {p: os.path.getmtime(tmp_path / "out" / p / "index.json") for p in parts} == mtimes
+    assert grown["documents"] == first["documents"] + 20
+
+
+def test_hf_tokenizer_matches_tokenizers_library(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    good, _ = write_corpus(tmp_path / "in", n_good=20)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(good, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    manifest = prepare(config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out")),
+                       TokenizerConfig(kind="hf", path=str(tmp_path / "tokenizer.json")))
+    ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    expect = sorted(tuple(ref.encode(t, add_special_tokens=False).ids) for t in good[:20])
+    got = sorted(tuple(int(x) for x in s["tokens"]) for s in read_back(str(tmp_path / "out")))
+    assert got == [e for e in expect if len(e) >= 5]
+    assert manifest["tokenizer"]["eos_id"] == ref.token_to_id("<|endoftext|>")
+
+
+def test_s3_to_s3_read_back_with_plain_streaming_dataset(tmp_path, s3_endpoint):
+    good, rejected = write_corpus(tmp_path / "in")
+    client = make_bucket("corpus")
+    for name in os.listdir(tmp_path / "in"):
+        client.upload_file(str(tmp_path / "in" / name), "corpus", f"raw/{name}")
+    cfg = config(["s3://corpus/raw/*"], "s3://corpus/mds", staging=str(tmp_path / "staging"))
+    manifest = prepare(cfg, TokenizerConfig())
+    assert manifest["rejected"] == dict(sorted(rejected.items()))
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="mds/")["Contents"]}
+    assert {"mds/index.json", "mds/manifest.json", "mds/DONE"} <= keys
+    samples = read_back("s3://corpus/mds", cache=str(tmp_path / "cache"))
+    assert sorted(len(s["tokens"]) for s in samples) == sorted(len(t.encode()) for t in good)
+    assert all(s["source"].startswith("s3://corpus/raw/") for s in samples)
+    # a second machine (empty staging) finds the remote parts done and does no work
+    logs = []
+    again = prepare(config(["s3://corpus/raw/*"], "s3://corpus/mds", staging=str(tmp_path / "staging2")),
+                    TokenizerConfig(), log=logs.append)
+    assert again == manifest and any("nothing to tokenize" in line for line in logs)
+
+
+def test_errors_before_work(tmp_path, s3_endpoint):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.csv").write_text("a,b\n")
+    with pytest.raises(StorageError, match="matches no files"):
+        prepare(config([str(tmp_path / "missing" / "*.jsonl")], str(tmp_path / "out")), TokenizerConfig())
+    with pytest.raises(ValueError, match="unsupported input format"):
+        prepare(config([str(tmp_path / "in" / "*.csv")], str(tmp_path / "out")), TokenizerConfig())
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        prepare(config(["s3://no-such-bucket/raw/*.jsonl"], str(tmp_path / "out")), TokenizerConfig())
+    (tmp_path / "in" / "ok.jsonl").write_text('{"text": "hello there"}\n')
+    with pytest.raises(StorageError, match="bucket 'nowhere' does not exist"):
+        prepare(config([str(tmp_path / "in" / "*.jsonl")], "s3://nowhere/out"), TokenizerConfig())
+    with pytest.raises(FileNotFoundError, match="tokenizer.path"):
+        prepare(config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out")),
+                TokenizerConfig(kind="hf", path=str(tmp_path / "none.json")))
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_killed_run_then_rerun_equals_clean_run(tmp_path):
+    """A real SIGKILL of `longctx prepare` midway; the re-run completes to exactly a clean run's output."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with open(inp / "big.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": good_text(i) * 3}) + "\n" for i in range(800))
+    yaml = tmp_path / "c.yaml"
+
+    def write_cfg(out):
+        yaml.write_text(f"data:\n  prepare:\n    inputs: ['{inp}/*.jsonl']\n    output: '{out}'\n"
+                        f"    num_workers: 1\n    chunk_bytes: 20000\n")
+    exe = [sys.executable, "-m", "launch.cli", "prepare", str(yaml)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    write_cfg(tmp_path / "killed")
+    proc = subprocess.Popen(exe, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        parts = [p for p in os.listdir(tmp_path / "killed")] if (tmp_path / "killed").exists() else []
+        if sum(p.startswith("part-") and ".tmp" not in p for p in parts) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists(), "the run finished before it could be killed"
+    assert subprocess.run(exe, env=env, capture_output=True).returncode == 0
+    prepare(DataConfig(prepare=PrepareConfig(inputs=[f"{inp}/*.jsonl"], output=str(tmp_path / "clean"),
+                                             num_workers=1, chunk_bytes=20000)), TokenizerConfig())
+    killed, clean = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("killed", "clean"))
+    assert killed == clean
+    assert (tmp_path / "killed" / "index.json").read_text() == (tmp_path / "clean" / "index.json").read_text()
+    a, b = read_back(str(tmp_path / "killed")), read_back(str(tmp_path / "clean"))
+    assert len(a) == len(b) == 800
+    assert all(np.array_equal(x["tokens"], y["tokens"]) and x["doc"] == y["doc"] for x, y in zip(a, b))
