@@ -1,0 +1,133 @@
+"""Training data: MDS shards -> documents packed into sequences -> this rank's share.
+
+The token stream is the documents in a seeded order, each followed by EOS. Sequence k
+of a stage covers stream positions [k*L, k*L + L] (L+1 tokens: inputs are the first L,
+labels the last L), so consecutive sequences share one token and no token is skipped.
+`seq_idx` numbers the documents inside a sequence (the scan resets its state where it
+changes); a label that belongs to the next document is masked (-100).
+
+Every rank packs the same global stream, so the state (epoch, document, offset) is one
+small dict identical on all ranks: resuming reproduces exactly the samples an
+uninterrupted run would have seen, and a new stage with another seq_len continues from
+the same document position. Each data-parallel rank takes its rows of the global batch,
+each sequence-parallel rank its contiguous segment of those rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray   # (rows, L) int64
+    labels: np.ndarray      # (rows, L) int64, IGNORE across document boundaries
+    seq_idx: np.ndarray     # (rows, L) int32, document number within the row
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        return Batch(self.input_ids[start:stop], self.labels[start:stop], self.seq_idx[start:stop])
+
+    def segment(self, start: int, stop: int) -> "Batch":
+        return Batch(self.input_ids[:, start:stop], self.labels[:, start:stop], self.seq_idx[:, start:stop])
+
+
+def rank_share(batch: Batch, dp_rank: int, dp_size: int, sp_rank: int = 0, sp_size: int = 1) -> Batch:
+    """Rows of this data-parallel rank, then the contiguous segment of this sequence-parallel rank."""
+    n, L = batch.input_ids.shape
+    if n % dp_size:
+        raise ValueError(f"{n} sequences per step do not split over {dp_size} data-parallel ranks")
+    if L % sp_size:
+        raise ValueError(f"seq_len {L} does not split over {sp_size} sequence-parallel ranks")
+    per, seg = n // dp_size, L // sp_size
+    return batch.rows(dp_rank * per, (dp_rank + 1) * per).segment(sp_rank * seg, (sp_rank + 1) * seg)
+
+
+class DocumentSource:
+    """Documents of an MDS dataset by index (a StreamingDataset: remote + local cache, or local)."""
+
+    def __init__(self, shards: str, cache_dir: Optional[str] = None):
+        from streaming import StreamingDataset
+        remote = shards if shards.startswith("s3://") else None
+        local = cache_dir if remote else shards
+        if remote and not cache_dir:
+            raise ValueError("reading s3:// shards needs a local cache directory (data.cache_dir)")
+        self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def tokens(self, index: int) -> np.ndarray:
+        return self.ds[index]["tokens"]
+
+
+class PackedStream:
+    """Deterministic packing of a DocumentSource; `state_dict` / `load_state_dict` resume exactly."""
+
+    def __init__(self, source, eos_id: int, seed: int = 0, shuffle: bool = True):
+        if len(source) == 0:
+            raise ValueError("the dataset has no documents")
+        self.source, self.eos_id, self.seed, self.shuffle = source, int(eos_id), int(seed), shuffle
+        self.epoch, self.doc, self.offset = 0, 0, 0
+        self._order_epoch, self._order = None, None
+        self._cached = (None, None)
+
+    # -- position ----------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
+        self.epoch, self.doc, self.offset = int(state["epoch"]), int(state["doc"]), int(state["offset"])
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.source)
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                           else np.arange(n))
+            self._order_epoch = epoch
+        return self._order
+
+    def _document(self, epoch: int, doc: int) -> np.ndarray:
+        """Tokens of the doc-th document of the epoch's order, with EOS appended."""
+        key = (epoch, doc)
+        if self._cached[0] != key:
+            toks = self.source.tokens(int(self._order_of(epoch)[doc]))
+            self._cached = (key, np.concatenate([toks.astype(np.int64), [self.eos_id]]))
+        return self._cached[1]
+
+    # -- packing -----------------------------------------------------------------------------
+    def _take(self, n: int, advance: int):
+        """The next n stream tokens with their document numbers (counted from 0 within the call);
+        the position moves forward by `advance` <= n tokens."""
+        out, docs, got, counter = [], [], 0, 0
+        epoch, doc, offset = self.epoch, self.doc, self.offset
+        while got < n:
+            toks = self._document(epoch, doc)
+            if got <= advance < got + len(toks) - offset:
+                self.epoch, self.doc, self.offset = epoch, doc, offset + (advance - got)
+            piece = toks[offset: offset + (n - got)]
+            out.append(piece)
+            docs.append(np.full(len(piece), counter, dtype=np.int32))
+            got += len(piece)
+            offset += len(piece)
+            if offset == len(toks):
+                doc, offset, counter = doc + 1, 0, counter + 1
+                if doc == len(self.source):
+                    epoch, doc = epoch + 1, 0
+        return np.concatenate(out), np.concatenate(docs)
+
+    def next_batch(self, rows: int, seq_len: int) -> Batch:
+        """`rows` sequences of seq_len inputs (+1 token for the labels) from the current position."""
+        ids = np.empty((rows, seq_len), dtype=np.int64)
+        labels = np.empty((rows, seq_len), dtype=np.int64)
+        seq_idx = np.empty((rows, seq_len), dtype=np.int32)
+        for r in range(rows):
+            toks, docs = self._take(seq_len + 1, advance=seq_len)
+            ids[r], seq_idx[r] = toks[:-1], docs[:-1]
+            labels[r] = np.where(docs[1:] == docs[:-1], toks[1:], IGNORE)
+        return Batch(ids, labels, seq_idx)

@@ -1,0 +1,94 @@
+"""Packing loader over real MDS shards: exact stream, boundaries, resume, rank slicing."""
+import json
+
+import numpy as np
+import pytest
+
+from data.config import DataConfig, PrepareConfig, TokenizerConfig
+from data.prepare import prepare
+from data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+EOS = 256
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(1)
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"doc{i} " + "x" * int(rng.integers(1, 120))}) + "\n")
+    prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                             chunk_bytes=1500, num_workers=2)), TokenizerConfig())
+    return str(root / "mds")
+
+
+def independent_stream(shards):
+    """Documents in shard order, each + EOS, read with a plain StreamingDataset."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    return np.concatenate([np.append(ds[i]["tokens"].astype(np.int64), EOS) for i in range(len(ds))]), len(ds)
+
+
+def test_sequences_tile_the_document_stream_exactly(shards):
+    stream, n_docs = independent_stream(shards)
+    ps = PackedStream(DocumentSource(shards), EOS, shuffle=False)
+    L, seen = 64, []
+    batches = [ps.next_batch(3, L) for _ in range(len(stream) // (3 * L) + 2)]   # past one epoch
+    ids = np.concatenate([b.input_ids.reshape(-1) for b in batches])
+    assert np.array_equal(ids[:len(stream)], stream)
+    assert np.array_equal(ids[len(stream):], np.tile(stream, 2)[:len(ids) - len(stream)])   # epoch 2 continues
+    for b in batches:
+        for r in range(3):
+            # label = next input token, except across a document boundary
+            nxt = np.append(b.input_ids[r, 1:], -1)
+            keep = b.labels[r] != IGNORE
+            assert np.array_equal(b.labels[r, :-1][keep[:-1]], nxt[:-1][keep[:-1]])
+            boundary = np.flatnonzero(np.diff(b.seq_idx[r]))
+            assert np.all(b.input_ids[r, boundary] == EOS)                # a document ends with EOS
+            assert np.all(b.labels[r, boundary] == IGNORE)                 # no prediction across it
+            assert b.seq_idx[r, 0] == 0 and np.all(np.diff(b.seq_idx[r]) >= 0)
+
+
+def test_resume_and_stage_change_are_exact(shards):
+    a = PackedStream(DocumentSource(shards), EOS, seed=7)
+    states, batches = [], []
+    for step in range(6):
+        states.append(a.state_dict())
+        batches.append(a.next_batch(2, 32 if step < 3 else 96))          # stage change at step 3
+    b = PackedStream(DocumentSource(shards), EOS, seed=7)
+    b.load_state_dict(json.loads(json.dumps(states[2])))                  # as stored in a checkpoint
+    for step in range(2, 6):
+        got = b.next_batch(2, 32 if step < 3 else 96)
+        assert np.array_equal(got.input_ids, batches[step].input_ids)
+        assert np.array_equal(got.labels, batches[step].labels)
+    # the new stage starts where the old one stopped: its first input is the last label of the old one
+    assert batches[3].input_ids[0, 0] == batches[2].input_ids[1, -1] or batches[2].labels[1, -1] == IGNORE
+    with pytest.raises(ValueError, match="seed 7"):
+        PackedStream(DocumentSource(shards), EOS, seed=8).load_state_dict(states[0])
+
+
+def test_shuffled_epochs_differ_but_are_seeded(shards):
+    x = PackedStream(DocumentSource(shards), EOS, seed=1).next_batch(2, 64).input_ids
+    y = PackedStream(DocumentSource(shards), EOS, seed=1).next_batch(2, 64).input_ids
+    z = PackedStream(DocumentSource(shards), EOS, seed=2).next_batch(2, 64).input_ids
+    assert np.array_equal(x, y) and not np.array_equal(x, z)
+
+
+@pytest.mark.parametrize("dp,sp", [(1, 1), (2, 1), (1, 4), (2, 2), (4, 2)])
+def test_rank_slices_cover_every_token_exactly_once(shards, dp, sp):
+    batch = PackedStream(DocumentSource(shards), EOS).next_batch(4, 64)
+    owner = np.full(batch.input_ids.shape, -1)
+    rows, cols = np.indices(batch.input_ids.shape)
+    for d in range(dp):
+        for s in range(sp):
+            share = rank_share(batch, d, dp, s, sp)
+            assert share.input_ids.shape == (4 // dp, 64 // sp)
+            r = rank_share(Batch(rows, cols, batch.seq_idx), d, dp, s, sp)
+            assert np.all(owner[r.input_ids, r.labels] == -1)
+            owner[r.input_ids, r.labels] = d * sp + s
+            assert np.array_equal(share.input_ids, batch.input_ids[r.input_ids, r.labels])
+    assert np.all(owner >= 0)
+    with pytest.raises(ValueError, match="do not split over 3"):
+        rank_share(batch, 0, 3)
