@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
 
-    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan)")
-    p.add_argument("what", choices=["kernels"])
+    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader)")
+    p.add_argument("what", choices=["kernels", "data"])
     p.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated sequence lengths")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--headdim", type=int, default=64)
@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--naive-max-len", type=int, default=8192, help="skip the slow reference above this length")
-    p.add_argument("--out", default="bench_results/kernels.json", help="JSON results file")
+    p.add_argument("--out", default=None, help="JSON results file (default bench_results/WHAT.json)")
+    p.add_argument("--megabytes", type=float, default=100, help="data: size of the generated jsonl corpus")
+    p.add_argument("--workers", type=int, default=2, help="data: Ray workers for prepare (and cores for the baseline)")
+    p.add_argument("--tokenizer", default=None, help="data: a tokenizer.json (default: train a BPE on the corpus)")
     return parser
 
 
@@ -106,11 +109,22 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    out = Path(args.out or f"bench_results/{args.what}.json")
+    if args.what == "data":
+        import json
+        from data.bench import run_data_bench
+        result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer)
+        for k, v in result.items():
+            print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return 0
     from kernels.bench import print_and_save, run_kernel_bench
     rows = run_kernel_bench(lengths=_ints(args.lengths), heads=args.heads, headdim=args.headdim,
                             d_state=args.d_state, chunk_size=args.chunk_size, repeats=args.repeats,
                             naive_max_len=args.naive_max_len)
-    print_and_save(rows, Path(args.out) if args.out else None)
+    print_and_save(rows, out)
     return 0
 
 

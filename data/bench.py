@@ -1,0 +1,83 @@
+"""`longctx bench data`: tokenization throughput of `prepare` against raw `tokenizers` encode_batch on the
+same cores, and packing-loader tokens/s from the local cache. Ratios are measured in one process run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import DataConfig, PrepareConfig, TokenizerConfig
+from .synthetic import make_document
+
+
+def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
+    rng, written = random.Random(seed), 0
+    with open(path, "w") as f:
+        while written < megabytes * 1e6:
+            line = json.dumps({"text": make_document(rng, rng.randint(2000, 20000))}) + "\n"
+            f.write(line)
+            written += len(line)
+    return written
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    with open(corpus) as f:
+        sample = [json.loads(next(f))["text"] for _ in range(50)]
+    tok.train_from_iterator(sample, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "<|endoftext|>"]))
+    tok.save(str(out))
+    return out
+
+
+def raw_encode_batch(corpus: Path, tokenizer: Path, batch: int = 512) -> tuple:
+    """tokens/s of tokenizers' own encode_batch (all cores through its thread pool)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer))
+    t0, tokens, texts = time.perf_counter(), 0, []
+    with open(corpus) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == batch:
+                tokens += sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+                texts = []
+    if texts:
+        tokens += sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return tokens, time.perf_counter() - t0
+
+
+def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional[str] = None,
+                   loader_tokens: int = 20_000_000, seq_len: int = 8192) -> dict:
+    from .prepare import prepare
+    from .stream import DocumentSource, PackedStream
+    work = Path(tempfile.mkdtemp(prefix="longctx-bench-data-"))
+    corpus = work / "corpus.jsonl"
+    size = write_corpus(corpus, megabytes)
+    tok_path = Path(tokenizer) if tokenizer else train_tokenizer(corpus, work / "tokenizer.json")
+    os.environ["RAYON_NUM_THREADS"] = str(workers)            # raw baseline gets the same cores
+    raw_tokens, raw_s = raw_encode_batch(corpus, tok_path)
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    t0 = time.perf_counter()
+    progress_rates = []
+    manifest = prepare(DataConfig(prepare=PrepareConfig(inputs=[str(corpus)], output=str(work / "mds"),
+                                                        num_workers=workers, chunk_bytes=8 << 20)),
+                       TokenizerConfig(kind="hf", path=str(tok_path)), log=progress_rates.append)
+    prep_s = time.perf_counter() - t0
+    assert manifest["tokens"] == raw_tokens, "prepare and encode_batch disagree on the token count"
+
+    ps = PackedStream(DocumentSource(str(work / "mds")), eos_id=manifest["tokenizer"]["eos_id"])
+    ps.next_batch(1, seq_len)                                   # open the shards
+    t0, read = time.perf_counter(), 0
+    while read < loader_tokens:
+        read += ps.next_batch(8, seq_len).input_ids.size
+    loader_s = time.perf_counter() - t0
+    return {"bench": "data", "corpus_bytes": size, "workers": workers, "tokens": raw_tokens,
+            "raw_encode_batch_tokens_per_s": raw_tokens / raw_s,
+            "prepare_tokens_per_s_end_to_end": raw_tokens / prep_s,
+            "prepare_vs_raw_ratio": (raw_tokens / prep_s) / (raw_tokens / raw_s),
+            "loader_tokens_per_s": read / loader_s, "work_dir": str(work)}
