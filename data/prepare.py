@@ -79,6 +79,7 @@ def process_item(item: WorkItem, settings: Settings) -> dict:
     pid = settings.part_id(item)
     final = os.path.join(settings.staging, f"part-{pid}")
     if not os.path.exists(os.path.join(final, DONE)):
+        t0 = time.perf_counter()
         tok = load_tokenizer(settings.tokenizer)
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         stats = {**_empty_stats(), "url": item.url, "start": item.start, "end": item.end}
@@ -109,6 +110,7 @@ def process_item(item: WorkItem, settings: Settings) -> dict:
                     if len(batch) >= settings.batch_records:
                         flush()
                 flush()
+            stats["seconds"] = time.perf_counter() - t0      # worker time, for throughput reports
             with open(os.path.join(tmp, STATS), "w") as f:
                 json.dump(stats, f)
             open(os.path.join(tmp, DONE), "w").close()

@@ -1,0 +1,137 @@
+"""The context-length curriculum: stages planned against the world size, and the LR schedule.
+
+A stage keeps tokens per optimizer step at `global_batch_tokens`: sequences per step =
+global_batch_tokens / seq_len, split over the data-parallel ranks in micro-batches of
+`train.micro_batch_size` sequences, the rest by gradient accumulation. The learning rate
+continues across stages: each stage warms up from where the previous one ended.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List
+
+from .config import Config, ConfigError
+
+WSD_DECAY_FRACTION = 0.2   # warmup-stable-decay: the last 20% of a stage's steps decay
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    seq_len: int
+    steps: int
+    first_step: int              # global step at which the stage starts
+    global_batch_tokens: int
+    sequences_per_step: int
+    seq_parallel: int
+    data_parallel: int
+    micro_batch: int             # sequences per rank per micro-step
+    grad_accum: int
+    lr: float
+    warmup_steps: int
+    decay: str
+    min_lr_ratio: float
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.global_batch_tokens
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps
+
+
+def plan(cfg: Config, world_size: int, chunk_size: int, where: str = "<config>") -> List[StagePlan]:
+    """Validate the curriculum against the world size and the model; errors name the field."""
+    stages = cfg.curriculum.stages
+    if not stages:
+        raise ConfigError(f"{where}: curriculum.stages is empty: give at least one stage")
+    if world_size < 1:
+        raise ConfigError(f"{where}: world size must be >= 1, got {world_size}")
+    micro = cfg.train.micro_batch_size
+    if micro < 1:
+        raise ConfigError(f"{where}: train.micro_batch_size must be >= 1, got {micro}")
+    plans, step = [], 0
+    for i, st in enumerate(stages):
+        key = f"curriculum.stages[{i}] ({st.name})"
+
+        def fail(field, msg):
+            raise ConfigError(f"{where}: {key}.{field}: {msg}")
+
+        if st.seq_parallel < 1:
+            fail("seq_parallel", f"must be >= 1, got {st.seq_parallel}")
+        if st.seq_parallel > 1:
+            fail("seq_parallel", "sequence parallelism (> 1) arrives with issue [E]; use 1")
+        if world_size % st.seq_parallel:
+            fail("seq_parallel", f"world size {world_size} is not divisible by seq_parallel {st.seq_parallel}")
+        if st.seq_len % (st.seq_parallel * chunk_size):
+            fail("seq_len", f"{st.seq_len} must be a multiple of seq_parallel x chunk_size "
+                            f"({st.seq_parallel} x {chunk_size})")
+        if st.global_batch_tokens % st.seq_len:
+            fail("global_batch_tokens", f"{st.global_batch_tokens} is not a multiple of seq_len {st.seq_len}")
+        seqs = st.global_batch_tokens // st.seq_len
+        dp = world_size // st.seq_parallel
+        if seqs % (dp * micro):
+            fail("global_batch_tokens", f"{seqs} sequences per step do not split into {dp} data-parallel ranks x "
+                                        f"micro-batches of {micro} (train.micro_batch_size)")
+        steps = st.steps if st.steps is not None else math.ceil(st.tokens / st.global_batch_tokens)
+        if steps < 1:
+            fail("steps" if st.steps is not None else "tokens", "the stage must have at least one step")
+        if st.lr <= 0:
+            fail("lr", f"must be positive, got {st.lr}")
+        if not 0 <= st.warmup_steps <= steps:
+            fail("warmup_steps", f"must lie in [0, {steps}] (the stage's steps), got {st.warmup_steps}")
+        if not 0 <= st.min_lr_ratio <= 1:
+            fail("min_lr_ratio", f"must lie in [0, 1], got {st.min_lr_ratio}")
+        plans.append(StagePlan(i, st.name, st.seq_len, steps, step, st.global_batch_tokens, seqs, st.seq_parallel,
+                               dp, micro, seqs // (dp * micro), st.lr, st.warmup_steps, st.decay, st.min_lr_ratio))
+        step += steps
+    return plans
+
+
+def stage_at(plans: List[StagePlan], step: int) -> StagePlan:
+    """The stage that optimizer step `step` (0-based) belongs to."""
+    for p in plans:
+        if step < p.last_step:
+            return p
+    return plans[-1]
+
+
+def learning_rate(plans: List[StagePlan], step: int) -> float:
+    """LR of optimizer step `step`: warmup from the previous stage's final LR (0 for the first),
+    then the stage's decay from lr to lr * min_lr_ratio over the rest of the stage."""
+    p = stage_at(plans, step)
+    t = step - p.first_step
+    start = 0.0 if p.index == 0 else _end_lr(plans[p.index - 1])
+    if t < p.warmup_steps:
+        return start + (p.lr - start) * (t + 1) / p.warmup_steps
+    floor = p.lr * p.min_lr_ratio
+    span = max(1, p.steps - p.warmup_steps)
+    frac = (t - p.warmup_steps) / span
+    if p.decay == "constant":
+        return p.lr
+    if p.decay == "linear":
+        return p.lr - (p.lr - floor) * frac
+    if p.decay == "cosine":
+        return floor + (p.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    if p.decay == "wsd":
+        decay_start = 1 - WSD_DECAY_FRACTION
+        return p.lr if frac < decay_start else p.lr - (p.lr - floor) * (frac - decay_start) / WSD_DECAY_FRACTION
+    raise ValueError(f"unknown decay {p.decay!r}")
+
+
+def _end_lr(p: StagePlan) -> float:
+    return p.lr if p.decay == "constant" else p.lr * p.min_lr_ratio
+
+
+def format_plan(plans: List[StagePlan], world_size: int) -> str:
+    head = ("stage", "seq_len", "steps", "tokens", "seqs/step", "micro", "accum", "SP", "DP", "lr", "warmup", "decay")
+    rows = [head] + [(p.name, p.seq_len, p.steps, f"{p.tokens:,}", p.sequences_per_step, p.micro_batch,
+                      p.grad_accum, p.seq_parallel, p.data_parallel, f"{p.lr:g}", p.warmup_steps, p.decay)
+                     for p in plans]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
+    total = sum(p.tokens for p in plans)
+    return "\n".join(lines + [f"world size {world_size}; {sum(p.steps for p in plans)} steps, {total:,} tokens"])
