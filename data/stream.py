@@ -58,7 +58,7 @@ class DocumentSource:
         self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return self.ds.num_samples       # all documents (len() of a distributed StreamingDataset is per rank)
 
     def tokens(self, index: int) -> np.ndarray:
         return self.ds[index]["tokens"]

@@ -9,8 +9,6 @@ from typing import List, Optional
 # Subcommands whose implementation lands with a later issue; they parse their arguments
 # now (so `--help` documents them) and refuse to run with a message naming the issue.
 PENDING = {
-    "train": "[D] training",
-    "run": "[D] training",
     "eval": "[G] evaluation",
     "launch": "[H] cluster launch",
 }
@@ -32,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="per-rank training entry point (what the DeepSpeed launcher starts)")
     _add_config_args(p)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # set by the DeepSpeed launcher
 
     p = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
     _add_config_args(p)
@@ -61,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--submit", action="store_true", help="submit it")
 
     p = sub.add_parser("export", help="write a model directory in the mamba_ssm or Hugging Face layout")
-    p.add_argument("source", help="a mamba_ssm or Hugging Face Mamba2 directory")
-    p.add_argument("out", help="output directory")
+    p.add_argument("source", help="a training checkpoint (checkpoints/step_XXXXXXX, or a run's checkpoints/ for the "
+                                  "latest) or a mamba_ssm / Hugging Face Mamba2 directory")
+    p.add_argument("out_pos", nargs="?", metavar="out", help="output directory (or --out)")
+    p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
 
@@ -92,12 +93,39 @@ def _ints(text: str) -> List[int]:
 def cmd_export(args) -> int:
     import torch
 
-    from pipeline.model import Mamba2LM
+    from pipeline.export import load_any
+    out = args.out or args.out_pos
+    if not out:
+        raise SystemExit("longctx export: give the output directory (positional or --out)")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    model = Mamba2LM.from_pretrained(args.source, dtype=dtypes.get(args.dtype))
-    model.save_pretrained(args.out, format=args.format)
-    print(f"wrote {args.out} ({args.format} layout)")
+    model = load_any(args.source)
+    if args.dtype:
+        model = model.to(dtypes[args.dtype])
+    model.save_pretrained(out, format=args.format)
+    print(f"wrote {out} ({args.format} layout)")
     return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.train import train
+    return train(load_config(args.config, args.overrides), where=args.config)
+
+
+def cmd_run(args) -> int:
+    from launch.local import run_local
+    from pipeline.config import load_config, model_config
+    from pipeline.curriculum import format_plan, plan
+    cfg = load_config(args.config, args.overrides)
+    chunk = model_config(cfg).chunk_size
+    if cfg.model.from_pretrained:
+        from pipeline.checkpoint_io import read_config
+        chunk = read_config(cfg.model.from_pretrained).chunk_size
+    text = format_plan(plan(cfg, args.nproc, chunk, args.config), args.nproc)
+    if args.plan:
+        print(text)
+        return 0
+    return run_local(cfg, args.config, args.overrides, args.nproc, text)
 
 
 def cmd_prepare(args) -> int:
@@ -142,7 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare}[args.command](args)
+        return {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
+                "run": cmd_run}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # config, data and checkpoint errors carry their own context
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 1

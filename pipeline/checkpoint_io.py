@@ -154,14 +154,24 @@ def detect_format(config: dict) -> str:
                           "Mamba2Config (model_type: mamba2)")
 
 
-def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None):
-    path = Path(path)
+def read_config(path) -> Mamba2Config:
+    """The architecture of a mamba_ssm or Hugging Face directory, without loading weights."""
+    return _read_config(Path(path))[0]
+
+
+def _read_config(path: Path):
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json; expected a mamba_ssm or Hugging Face Mamba2 directory")
     raw = json.loads(cfg_file.read_text())
     fmt = detect_format(raw)
     config = config_from_hf(raw, str(cfg_file)) if fmt == "hf" else config_from_mamba_ssm(raw, str(cfg_file))
+    return config, fmt
+
+
+def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None):
+    path = Path(path)
+    config, fmt = _read_config(path)
     state = _read_weights(path)
     if fmt == "hf":
         state = _hf_to_ours(state)

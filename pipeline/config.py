@@ -47,7 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     activation_checkpointing: bool = False
-    log_every: int = 1
+    max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss
     deepspeed: Dict[str, Any] = field(default_factory=dict)   # raw DeepSpeed config, merged last
 
 
@@ -74,6 +74,7 @@ class CurriculumConfig:
 @dataclass
 class EvalConfig:
     every_checkpoint: bool = True
+    heldout_sequences: int = 4      # sequences of the stage's length for the held-out loss
     passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])
     passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     passkey_samples: int = 2

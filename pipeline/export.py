@@ -1,0 +1,58 @@
+"""A model from any directory users hand us: a training checkpoint (DeepSpeed, ZeRO 0-3) or a
+mamba_ssm / Hugging Face model directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .mitigations import LayerMitigations
+from .model import Mamba2Config, Mamba2LM
+
+
+def _checkpoint_dir(path: Path):
+    """(checkpoints root, tag) when `path` is a checkpoint or a checkpoints/ root or a run dir, else None."""
+    for root in (path, path / "checkpoints"):
+        tag = checkpoint.latest_tag(root)
+        if tag is not None:
+            return root, tag
+    if (path / "model_config.json").exists() and (path / "trainer_state.json").exists():
+        return path.parent, path.name
+    return None
+
+
+def load_training_checkpoint(root: Path, tag: str) -> Mamba2LM:
+    d = root / tag
+    config = Mamba2Config(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in json.loads((d / "model_config.json").read_text()).items()})
+    model = Mamba2LM(config)
+    if list(d.glob("*zero_pp_rank_*optim_states.pt")):       # ZeRO 1-3: gather the fp32 partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        files = sorted(d.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ValueError(f"{d}: no DeepSpeed model states found")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    state = {k: v.float() for k, v in state.items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{d}: checkpoint does not match its model_config.json: missing {missing}, "
+                         f"unexpected {unexpected}")
+    trainer = json.loads((d / "trainer_state.json").read_text())
+    layers = trainer.get("mitigations", {}).get(str(trainer.get("stage")))
+    model.set_mitigations(None if layers is None else [LayerMitigations(**m) for m in layers])
+    return model
+
+
+def load_any(path) -> Mamba2LM:
+    path = Path(path)
+    found = _checkpoint_dir(path)
+    if found is not None:
+        return load_training_checkpoint(*found)
+    return Mamba2LM.from_pretrained(path)

@@ -1,0 +1,62 @@
+"""Run logging: metrics.jsonl (one object per optimizer step), TensorBoard scalars, a live line on a TTY."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage", "eval_loss")
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold an inert logger. `resume_step` drops records after it, so a
+    resumed run's file equals an uninterrupted run's."""
+
+    def __init__(self, run_dir: Path, active: bool, resume_step: int = 0):
+        self.active = active
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tty = sys.stdout.isatty()
+        self.tb = None
+        if not active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue            # a line cut by a kill
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self.file = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k in TB_KEYS:
+            if isinstance(record.get(k), (int, float)):
+                self.tb.add_scalar(f"train/{k}" if k != "eval_loss" else "eval/heldout_loss", record[k], record["step"])
+        line = (f"step {record['step']:>6}  stage {record['stage_name']}  seq_len {record['seq_len']}  "
+                f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.active:
+            self.tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.active:
+            if self.tty:
+                print()
+            self.file.close()
+            self.tb.close()

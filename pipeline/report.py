@@ -1,0 +1,56 @@
+"""report.md of a run directory: the stage plan, the loss curve, evaluation at each checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+
+def _records(run_dir: Path) -> List[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curve(records: List[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    ev = [r for r in records if "eval_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out loss")
+    for r0, r1 in zip(records, records[1:]):
+        if r1["stage"] != r0["stage"]:
+            ax.axvline(r1["step"] - 0.5, color="grey", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, plan_text: str) -> Path:
+    run_dir = Path(run_dir)
+    records = _records(run_dir)
+    lines = [f"# Run report: {run_dir.name}", "", "## Stages", "", "```", plan_text, "```", ""]
+    if records:
+        loss_curve(records, run_dir / "loss.png")
+        last = records[-1]
+        lines += ["## Training", "", f"{last['step']} steps, {last['tokens']:,} tokens; final loss "
+                  f"{last['loss']:.4f} (first {records[0]['loss']:.4f}).", "", "![loss](loss.png)", ""]
+        ev = [r for r in records if "eval_loss" in r]
+        if ev:
+            lines += ["## Evaluation at each checkpoint", "", "| step | stage | seq_len | held-out loss |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['step']} | {r['stage_name']} | {r['seq_len']} | {r['eval_loss']:.4f} |" for r in ev]
+            lines.append("")
+    else:
+        lines += ["No training steps recorded yet.", ""]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out
