@@ -141,3 +141,41 @@ def test_plan_flag_prints_the_stage_table(uninterrupted):
     assert r.returncode == 0
     assert "short" in r.stdout and "long" in r.stdout and "10 steps" in r.stdout
     assert not (tmp / "plan").exists()
+
+
+def _rank_pids(session):
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != session:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if b"launch.cli" in cmd and b"train" in cmd and not any(b"deepspeed" in a for a in cmd):
+            pids.append(int(pid))
+    return pids
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted):
+    """Pre-emption (SLURM sends SIGTERM to every task): checkpoint at the current step, exit 0, resume later."""
+    tmp, full = uninterrupted
+    cfg = write_config(tmp, "term", every=100)
+    proc = subprocess.Popen(run_cmd(cfg), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = tmp / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.02)
+    for pid in _rank_pids(proc.pid):
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: checkpoint written" in out
+    stopped = len(metrics.read_text().splitlines())
+    assert stopped < sum(STEPS)
+    assert (tmp / "term" / "checkpoints" / "latest").read_text() == f"step_{stopped:07d}"
+    r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resumed from" in r.stdout
+    assert [x["loss"] for x in comparable(records(tmp / "term"))] == pytest.approx([x["loss"] for x in comparable(full)],
+                                                                                    rel=1e-6)
