@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="local processes (DeepSpeed launcher)")
+    p.add_argument("--nproc", type=int, default=None, help="local processes (DeepSpeed launcher); "
+                                                             "default launch.local_procs")
     p.add_argument("--plan", action="store_true", help="print the stage table and exit")
 
     p = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
 
-    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader)")
-    p.add_argument("what", choices=["kernels", "data"])
+    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s)")
+    p.add_argument("what", choices=["kernels", "data", "train"])
     p.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated sequence lengths")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--headdim", type=int, default=64)
@@ -117,15 +118,16 @@ def cmd_run(args) -> int:
     from pipeline.config import load_config, model_config
     from pipeline.curriculum import format_plan, plan
     cfg = load_config(args.config, args.overrides)
+    nproc = args.nproc or cfg.launch.local_procs
     chunk = model_config(cfg).chunk_size
     if cfg.model.from_pretrained:
         from pipeline.checkpoint_io import read_config
         chunk = read_config(cfg.model.from_pretrained).chunk_size
-    text = format_plan(plan(cfg, args.nproc, chunk, args.config), args.nproc)
+    text = format_plan(plan(cfg, nproc, chunk, args.config), nproc)
     if args.plan:
         print(text)
         return 0
-    return run_local(cfg, args.config, args.overrides, args.nproc, text)
+    return run_local(cfg, args.config, args.overrides, nproc, text)
 
 
 def cmd_prepare(args) -> int:
@@ -138,12 +140,18 @@ def cmd_prepare(args) -> int:
 
 def cmd_bench(args) -> int:
     out = Path(args.out or f"bench_results/{args.what}.json")
-    if args.what == "data":
+    if args.what in ("data", "train"):
         import json
-        from data.bench import run_data_bench
-        result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer)
-        for k, v in result.items():
-            print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
+        if args.what == "data":
+            from data.bench import run_data_bench
+            result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer)
+            for k, v in result.items():
+                print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
+        else:
+            from pipeline.bench_train import run_train_bench
+            result = run_train_bench(repeats=args.repeats)
+            for row in result:
+                print("  ".join(f"{k}={v:,.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(f"wrote {out}")
@@ -157,7 +165,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`run CONFIG --nproc 2 train.lr=1e-4`)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if getattr(args, "config", None):
         from pipeline.config import ConfigError, load_config
         try:

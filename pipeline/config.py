@@ -91,6 +91,7 @@ class CheckpointConfig:
 
 @dataclass
 class LaunchConfig:
+    local_procs: int = 1            # `longctx run` without --nproc: processes on this machine
     nodes: int = 1
     gpus_per_node: int = 1
     partition: str = ""

@@ -18,7 +18,8 @@ def loss_curve(records: List[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    ok = [r for r in records if r["loss"] is not None]
+    ax.plot([r["step"] for r in ok], [r["loss"] for r in ok], label="train loss")
     ev = [r for r in records if "eval_loss" in r]
     if ev:
         ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out loss")
@@ -39,9 +40,10 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
     lines = [f"# Run report: {run_dir.name}", "", "## Stages", "", "```", plan_text, "```", ""]
     if records:
         loss_curve(records, run_dir / "loss.png")
+        ok = [r for r in records if r["loss"] is not None] or [{"loss": float("nan")}]
         last = records[-1]
         lines += ["## Training", "", f"{last['step']} steps, {last['tokens']:,} tokens; final loss "
-                  f"{last['loss']:.4f} (first {records[0]['loss']:.4f}).", "", "![loss](loss.png)", ""]
+                  f"{ok[-1]['loss']:.4f} (first {ok[0]['loss']:.4f}).", "", "![loss](loss.png)", ""]
         ev = [r for r in records if "eval_loss" in r]
         if ev:
             lines += ["## Evaluation at each checkpoint", "", "| step | stage | seq_len | held-out loss |",

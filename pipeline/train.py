@@ -9,6 +9,7 @@ run killed at any point resumes to the losses of an uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -229,9 +230,9 @@ class Trainer:
         self.state["skipped_micro_batches"] += bad
         self.state["bad_steps"] = self.state["bad_steps"] + 1 if bad else 0
         grad_norm = self.engine.get_global_grad_norm()
-        mean_loss = self.all_mean(sum(losses) / len(losses)) if losses else float("nan")
+        mean_loss = self.all_mean(sum(losses) / len(losses)) if losses else None   # null: every micro-batch skipped
         return {"step": self.state["step"], "stage": p.index, "stage_name": p.name, "seq_len": p.seq_len,
-                "loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "loss": mean_loss, "skipped_micro_batches": bad, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(self.all_mean(elapsed), 1e-9)}
 
     @torch.no_grad()
@@ -253,6 +254,7 @@ class Trainer:
         if not self.cfg.eval.every_checkpoint:
             return
         loss = self.heldout_loss(p)
+        loss = loss if math.isfinite(loss) else None
         record["eval_loss"] = loss
         if self.rank == 0:
             out = self.run_dir / "eval" / checkpoint.tag_of(self.state["step"])
@@ -278,10 +280,6 @@ class Trainer:
                     self.enter_stage(p)
                     current = p.index
                 record = self.train_step(p)
-                if self.state["bad_steps"] > self.cfg.train.max_bad_steps:
-                    raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
-                                       f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); lower the LR or "
-                                       "check the data; the last checkpoint is intact")
                 stop = self._any_rank(self.stop_requested)
                 step = self.state["step"]
                 due = stop or step == p.last_step or (every and step % every == 0)
@@ -290,6 +288,10 @@ class Trainer:
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
                     self.save(p)
+                if self.state["bad_steps"] > self.cfg.train.max_bad_steps:
+                    raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
+                                       f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); lower the LR or "
+                                       "check the data; the last checkpoint is intact")
                 if stop:
                     if self.rank == 0:
                         print(f"SIGTERM: checkpoint written at step {step}; exiting", flush=True)

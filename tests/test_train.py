@@ -179,3 +179,18 @@ def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted):
     assert r.returncode == 0 and "resumed from" in r.stdout
     assert [x["loss"] for x in comparable(records(tmp / "term"))] == pytest.approx([x["loss"] for x in comparable(full)],
                                                                                     rel=1e-6)
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_message(uninterrupted, tmp_path):
+    tmp, _ = uninterrupted
+    from pipeline.model import Mamba2Config
+    broken = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=16))
+    with torch.no_grad():
+        broken.backbone.norm_f.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan-model")
+    cfg = write_config(tmp, "nan")
+    r = subprocess.run(run_cmd(cfg, f"model.from_pretrained={tmp_path / 'nan-model'}", "train.max_bad_steps=2"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "3 steps in a row had a non-finite loss" in r.stdout + r.stderr
+    assert len(records(tmp / "nan")) == 3
