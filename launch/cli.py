@@ -108,9 +108,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import os
+
+    from launch.local import free_port
     from pipeline.config import load_config
     from pipeline.train import train
-    return train(load_config(args.config, args.overrides), where=args.config)
+    if "RANK" not in os.environ:          # started by hand, not by a launcher: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    rc = train(load_config(args.config, args.overrides), where=args.config)
+    # Leave without interpreter teardown: a communication library's background thread otherwise
+    # aborts the finished process now and then ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def cmd_run(args) -> int:

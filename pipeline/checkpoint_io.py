@@ -169,6 +169,21 @@ def _read_config(path: Path):
     return config, fmt
 
 
+def load_weights(model, state: Dict[str, torch.Tensor], where: str) -> None:
+    """Our-layout state dict into `model`: every key must fit; a tied head may be absent or equal."""
+    state = dict(state)
+    tied = model.config.tie_embeddings
+    if tied and "lm_head.weight" in state:
+        head = state.pop("lm_head.weight")
+        if not torch.equal(head, state.get("backbone.embedding.weight", head)):
+            raise CheckpointError(f"{where}: lm_head.weight differs from the embedding but the config ties them "
+                                  "(tie_embeddings / tie_word_embeddings = true)")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+
+
 def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None):
     path = Path(path)
     config, fmt = _read_config(path)
@@ -176,15 +191,7 @@ def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None)
     if fmt == "hf":
         state = _hf_to_ours(state)
     model = cls(config)
-    if config.tie_embeddings and "lm_head.weight" in state:
-        head = state.pop("lm_head.weight")
-        if not torch.equal(head, state.get("backbone.embedding.weight", head)):
-            raise CheckpointError(f"{path}: lm_head.weight differs from the embedding but the config ties them "
-                                  "(tie_embeddings / tie_word_embeddings = true)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+    load_weights(model, state, str(path))
     model.set_mitigations(load_layers(path))   # calibrated thresholds etc. saved with the model
     if dtype is not None:
         model = model.to(dtype)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -136,10 +137,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.micro_batch_size=2)")
+        key, _, text = item.partition("=")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r}: {_describe(e)}") from None
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({e})") from None
+        try:   # update() walks list indices too: curriculum.stages.1.seq_len=2048
+            OmegaConf.update(merged, key.strip(), value, merge=True)
+        except (OmegaConfBaseException, IndexError, KeyError, ValueError) as e:
+            msg = _describe(e) if isinstance(e, OmegaConfBaseException) else str(e)
+            raise ConfigError(f"override {item!r}: {msg}") from None
     where = str(path) if path is not None else "<defaults>"
     try:
         cfg: Config = OmegaConf.to_object(merged)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .checkpoint_io import load_weights
 from .mitigations import LayerMitigations
 from .model import Mamba2Config, Mamba2LM
 
@@ -36,14 +37,7 @@ def load_training_checkpoint(root: Path, tag: str) -> Mamba2LM:
         if not files:
             raise ValueError(f"{d}: no DeepSpeed model states found")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    state = {k: v.float() for k, v in state.items()}
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{d}: checkpoint does not match its model_config.json: missing {missing}, "
-                         f"unexpected {unexpected}")
+    load_weights(model, {k: v.float() for k, v in state.items()}, f"{d} (model_config.json)")
     trainer = json.loads((d / "trainer_state.json").read_text())
     layers = trainer.get("mitigations", {}).get(str(trainer.get("stage")))
     model.set_mitigations(None if layers is None else [LayerMitigations(**m) for m in layers])

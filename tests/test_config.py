@@ -61,3 +61,14 @@ def test_missing_file(tmp_path):
 def test_mitigation_errors_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text))
+
+
+def test_list_index_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["curriculum.stages.1.seq_len=2048", "curriculum.stages.0.lr=1e-4",
+                                              "mitigations.decay_scale=[0.9, 1.0]", "model.n_layer=2"])
+    assert cfg.curriculum.stages[1].seq_len == 2048 and cfg.curriculum.stages[0].lr == 1e-4
+    assert cfg.mitigations.decay_scale == [0.9, 1.0]
+    with pytest.raises(ConfigError, match="curriculum.stages.5.seq_len"):
+        load_config(write(tmp_path, GOOD), ["curriculum.stages.5.seq_len=4"])
+    with pytest.raises(ConfigError, match="stages.0.bogus"):
+        load_config(write(tmp_path, GOOD), ["curriculum.stages.0.bogus=4"])

@@ -194,3 +194,13 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(uninterrupted, tmp_
     assert r.returncode != 0
     assert "3 steps in a row had a non-finite loss" in r.stdout + r.stderr
     assert len(records(tmp / "nan")) == 3
+
+
+def test_train_runs_as_a_single_process_without_a_launcher(uninterrupted):
+    tmp, _ = uninterrupted
+    cfg = write_config(tmp, "single")
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), "curriculum.stages.1.steps=1",
+                        "curriculum.stages.0.steps=2"], capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [x["seq_len"] for x in records(tmp / "single")] == [64, 64, 128]
