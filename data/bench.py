@@ -26,9 +26,10 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
 
 
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
     with open(corpus) as f:
         sample = [json.loads(next(f))["text"] for _ in range(50)]
     tok.train_from_iterator(sample, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "<|endoftext|>"]))

@@ -9,7 +9,6 @@ from typing import List, Optional
 # Subcommands whose implementation lands with a later issue; they parse their arguments
 # now (so `--help` documents them) and refuse to run with a message naming the issue.
 PENDING = {
-    "eval": "[G] evaluation",
     "launch": "[H] cluster launch",
 }
 
@@ -48,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
     p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL")
     p.add_argument("--compare", action="store_true", help="run with and without mitigations side by side")
+    p.add_argument("--data", default=None, help="length/states: MDS shards of held-out documents (default: synthetic)")
+    p.add_argument("--buckets", type=int, default=16, help="length: position buckets")
+    p.add_argument("--margin", type=float, default=0.5, help="length: nats above the running minimum = collapse")
+    p.add_argument("--prefill-chunk", type=int, default=4096, help="tokens read per forward call")
+    p.add_argument("--calibration-length", type=int, default=None,
+                   help="state_norm without thresholds: calibrate at this length (default: the training length)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
     p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
@@ -105,6 +111,11 @@ def cmd_export(args) -> int:
     model.save_pretrained(out, format=args.format)
     print(f"wrote {out} ({args.format} layout)")
     return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.evaluate.cli import eval_command
+    return eval_command(args)
 
 
 def cmd_train(args) -> int:
@@ -197,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
-                "run": cmd_run}[args.command](args)
+                "run": cmd_run, "eval": cmd_eval}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # config, data and checkpoint errors carry their own context
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Training checkpoints: DeepSpeed state + trainer state, atomic `latest`, keep_last pruning.
 
 Layout (ARCHITECTURE §6): checkpoints/step_XXXXXXX/ (DeepSpeed files, trainer_state.json,
-model_config.json, tokenizer.json), checkpoints/latest (the tag of the newest complete
+model_config.json, tokenizer_info.json and, for a Hugging Face tokenizer, tokenizer.json),
+checkpoints/latest (the tag of the newest complete
 checkpoint, replaced atomically after every rank has written its part).
 """
 from __future__ import annotations
@@ -28,8 +29,12 @@ def latest_tag(ckpt_root: Path) -> Optional[str]:
     return tag if (Path(ckpt_root) / tag).is_dir() else None
 
 
+TOKENIZER_INFO = "tokenizer_info.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
 def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, tokenizer_identity: dict,
-         keep_last: int, is_rank0: bool, barrier) -> str:
+         keep_last: int, is_rank0: bool, barrier, tokenizer_file: Optional[str] = None) -> str:
     tag = tag_of(step)
     ckpt_root = Path(ckpt_root)
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
@@ -37,7 +42,9 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, 
         d = ckpt_root / tag
         (d / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (d / "model_config.json").write_text(json.dumps(asdict(model_config), indent=1))
-        (d / "tokenizer.json").write_text(json.dumps(tokenizer_identity, indent=1))
+        (d / TOKENIZER_INFO).write_text(json.dumps(tokenizer_identity, indent=1))
+        if tokenizer_file:                       # the run's tokenizer travels with its checkpoints
+            shutil.copyfile(tokenizer_file, d / TOKENIZER_FILE)
     barrier()                                    # every rank's shard is on disk before `latest` moves
     if is_rank0:
         tmp = ckpt_root / f"{LATEST}.tmp"

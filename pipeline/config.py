@@ -75,6 +75,8 @@ class CurriculumConfig:
 @dataclass
 class EvalConfig:
     every_checkpoint: bool = True
+    kinds: List[str] = field(default_factory=lambda: ["heldout", "passkey", "length", "states"])
+    collapse_margin: float = 0.5    # nats above the running minimum that mark the collapse point
     heldout_sequences: int = 4      # sequences of the stage's length for the held-out loss
     passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])
     passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])

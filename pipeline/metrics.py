@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage", "eval_loss")
+TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage", "eval_loss", "passkey_accuracy",
+           "collapse_point", "max_state_norm")
 
 
 class MetricsLogger:
@@ -45,7 +46,7 @@ class MetricsLogger:
         self.file.flush()
         for k in TB_KEYS:
             if isinstance(record.get(k), (int, float)):
-                self.tb.add_scalar(f"train/{k}" if k != "eval_loss" else "eval/heldout_loss", record[k], record["step"])
+                self.tb.add_scalar(f"train/{k}" if k in TB_KEYS[:6] else f"eval/{k}", record[k], record["step"])
         line = (f"step {record['step']:>6}  stage {record['stage_name']}  seq_len {record['seq_len']}  "
                 f"loss {'skipped' if record['loss'] is None else format(record['loss'], '.4f')}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
@@ -53,6 +54,11 @@ class MetricsLogger:
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.active:
             self.tb.add_scalar(tag, value, step)
+
+    def image(self, tag: str, png, step: int) -> None:
+        if self.active and Path(png).exists():
+            import matplotlib.image
+            self.tb.add_image(tag, matplotlib.image.imread(str(png))[..., :3], step, dataformats="HWC")
 
     def close(self) -> None:
         if self.active:

@@ -27,6 +27,7 @@ from data.tokenizer import identity, load_tokenizer
 from . import checkpoint
 from .config import Config, ConfigError, model_config
 from .curriculum import learning_rate, plan, stage_at
+from .evaluate.run import run_eval
 from .metrics import MetricsLogger
 from .mitigations import LayerMitigations, calibrate_state_norm, merge_overrides, resolve
 from .model import Mamba2LM
@@ -163,7 +164,8 @@ class Trainer:
         return self.state["step"]
 
     def trainer_state(self, stage) -> dict:
-        return {**self.state, "stage": stage.index, "stage_name": stage.name, "loader": self.stream.state_dict(),
+        return {**self.state, "stage": stage.index, "stage_name": stage.name, "seq_len": stage.seq_len,
+                "loader": self.stream.state_dict(),
                 "eval_loader": self.eval_stream.state_dict(), "rng": _rng_state(),
                 "mitigations": {str(k): None if v is None else [asdict(m) for m in v]
                                 for k, v in self.stage_mitigations.items()}}
@@ -249,22 +251,47 @@ class Trainer:
         module.train(was_training)
         return float(out)
 
-    def evaluate(self, p, record: dict) -> None:
-        """The checkpoint's evaluation, into eval/step_XXXXXXX/ and the step's metrics record."""
-        if not self.cfg.eval.every_checkpoint:
+    def evaluate(self, p, record: dict, metrics: MetricsLogger) -> None:
+        """The checkpoint's evaluation into eval/step_XXXXXXX/, the step's metrics record and TensorBoard.
+        Every rank runs it on the same prompts (ZeRO-3 needs all ranks in each forward); rank 0 writes."""
+        ev = self.cfg.eval
+        if not ev.every_checkpoint:
             return
-        loss = self.heldout_loss(p)
-        loss = loss if math.isfinite(loss) else None
-        record["eval_loss"] = loss
-        if self.rank == 0:
-            out = self.run_dir / "eval" / checkpoint.tag_of(self.state["step"])
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "heldout.json").write_text(json.dumps({"step": self.state["step"], "seq_len": p.seq_len,
-                                                          "heldout_loss": loss}))
+        t0 = time.perf_counter()
+        step, out = self.state["step"], self.run_dir / "eval" / checkpoint.tag_of(self.state["step"])
+        write = self.rank == 0
+        module = self.engine.module
+        if "heldout" in ev.kinds:
+            loss = self.heldout_loss(p)
+            record["eval_loss"] = loss if math.isfinite(loss) else None
+            if write:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "heldout.json").write_text(json.dumps({"step": step, "seq_len": p.seq_len,
+                                                              "heldout_loss": record["eval_loss"]}))
+        common = dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=write, seed=self.cfg.run.seed)
+        if "passkey" in ev.kinds:
+            res = run_eval("passkey", module, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
+                           samples=ev.passkey_samples, **common)["model"]
+            record["passkey_accuracy"] = res["mean_accuracy"]
+            for L, acc in res["per_length"].items():
+                metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
+            metrics.image("eval/passkey", out / "passkey.png", step)
+        if "length" in ev.kinds:
+            res = run_eval("length", module, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
+                           margin=ev.collapse_margin, stream=self.eval_stream, **common)["model"]
+            record["collapse_point"] = res["collapse_point"]
+            metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
+        if "states" in ev.kinds:
+            res = run_eval("states", module, self.tok, out, lengths=[ev.length_max], stream=self.eval_stream,
+                           **common)["model"]
+            record["max_state_norm"] = float(np.max(res["norms"][-1]))
+        module.train()
+        record["eval_seconds"] = time.perf_counter() - t0
 
     def save(self, p) -> None:
         checkpoint.save(self.engine, self.ckpt_root, self.state["step"], self.trainer_state(p), self.model.config,
-                        identity(self.tok), self.cfg.checkpoint.keep_last, self.rank == 0, self.dist.barrier)
+                        identity(self.tok), self.cfg.checkpoint.keep_last, self.rank == 0, self.dist.barrier,
+                        tokenizer_file=self.cfg.tokenizer.path if self.cfg.tokenizer.kind == "hf" else None)
 
     def run(self) -> int:
         start = self.resume()
@@ -284,7 +311,7 @@ class Trainer:
                 step = self.state["step"]
                 due = stop or step == p.last_step or (every and step % every == 0)
                 if due:
-                    self.evaluate(p, record)
+                    self.evaluate(p, record, metrics)
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
                     self.save(p)

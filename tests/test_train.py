@@ -34,7 +34,7 @@ curriculum:
     - {{name: long, seq_len: 128, steps: {STEPS[1]}, global_batch_tokens: 512, lr: 0.003, decay: linear,
         mitigations: {{decay_scale: 0.99}}}}
 checkpoint: {{every_steps: {every}, keep_last: 2}}
-eval: {{heldout_sequences: 2}}
+eval: {{heldout_sequences: 2, passkey_lengths: [128, 256], passkey_samples: 1, length_max: 512, length_buckets: 6}}
 """)
     return path
 
@@ -75,7 +75,14 @@ def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupte
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_0000008", "step_0000010"]
     assert (tmp / "full" / "report.md").exists() and (tmp / "full" / "loss.png").exists()
     assert list((tmp / "full" / "tensorboard").glob("events.out.tfevents.*"))
-    assert json.loads((tmp / "full" / "eval" / "step_0000010" / "heldout.json").read_text())["seq_len"] == 128
+    last_eval = tmp / "full" / "eval" / "step_0000010"
+    assert json.loads((last_eval / "heldout.json").read_text())["seq_len"] == 128
+    for name in ("passkey.json", "passkey.png", "loss_vs_position.json", "loss_vs_position.png", "state_stats.json"):
+        assert (last_eval / name).exists(), name
+    passkey = json.loads((last_eval / "passkey.json").read_text())
+    assert set(passkey["accuracy"]) == {"128", "256"} and len(passkey["outputs"]) == 6
+    assert recs[-1]["passkey_accuracy"] == passkey["mean_accuracy"]
+    assert 0 < sum(r.get("eval_seconds", 0) for r in recs)
 
 
 def test_sigkill_mid_stage_then_resume_reproduces_the_uninterrupted_run(uninterrupted):

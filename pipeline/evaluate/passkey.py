@@ -1,0 +1,77 @@
+"""Passkey retrieval (ARCHITECTURE §6): a 5-digit key hidden at a depth of filler text; greedy decoding
+with the recurrent state must produce it."""
+from __future__ import annotations
+
+import random
+import re
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key? The passkey is"
+
+
+def needle(key: str) -> str:
+    return f"The passkey is {key}. Remember it. {key} is the passkey."
+
+
+def build_prompt(tok, length: int, depth: float, key: str) -> np.ndarray:
+    """Token ids of exactly `length` tokens: prefix, filler with the needle after `depth` of it, question."""
+    head = tok.encode(PREFIX + "\n")
+    middle = tok.encode("\n" + needle(key) + "\n")
+    tail = tok.encode("\n" + QUESTION)
+    budget = length - len(head) - len(middle) - len(tail)
+    if budget < 0:
+        raise ValueError(f"passkey length {length} is too short: the prompt needs at least "
+                         f"{length - budget} tokens without filler")
+    lines = budget // max(1, len(tok.encode(FILLER + " "))) + 2
+    filler = tok.encode(" ".join([FILLER] * lines))
+    while len(filler) < budget:              # subword merges across lines can make repeats shorter
+        lines *= 2
+        filler = tok.encode(" ".join([FILLER] * lines))
+    filler = filler[:budget]
+    cut = int(round(depth * budget))
+    ids = np.concatenate([head, filler[:cut], middle, filler[cut:], tail]).astype(np.int64)
+    assert len(ids) == length
+    return ids
+
+
+def extract_key(text: str) -> str:
+    return "".join(re.findall(r"\d", text))[:5]
+
+
+@torch.no_grad()
+def evaluate_passkey(model, tok, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int = 0,
+                     prefill_chunk: int = 4096, batch_size: int = 8, max_new_tokens: int = 8) -> dict:
+    """Accuracy per (length, depth) and every sample's output."""
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    cases = [(L, d, str(rng.randint(10000, 99999))) for L in lengths for d in depths for _ in range(samples)]
+    outputs: List[dict] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(cases), batch_size):
+            group = cases[i:i + batch_size]
+            by_len = {}
+            for c in group:
+                by_len.setdefault(c[0], []).append(c)
+            for L, cs in by_len.items():
+                ids = torch.as_tensor(np.stack([build_prompt(tok, L, d, k) for _, d, k in cs]), device=device)
+                new = model.generate(ids, max_new_tokens=max_new_tokens, chunk_len=prefill_chunk)
+                for (L_, d, key), row in zip(cs, new.tolist()):
+                    text = tok.decode(row)
+                    outputs.append({"length": L_, "depth": d, "key": key, "output": text,
+                                    "correct": extract_key(text) == key})
+    finally:
+        model.train(was_training)
+    acc = {str(L): {str(d): float(np.mean([o["correct"] for o in outputs if o["length"] == L and o["depth"] == d]))
+                    for d in depths} for L in lengths}
+    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed,
+            "accuracy": acc, "mean_accuracy": float(np.mean([o["correct"] for o in outputs])),
+            "per_length": {str(L): float(np.mean([o["correct"] for o in outputs if o["length"] == L]))
+                           for L in lengths},
+            "outputs": outputs}

@@ -1,0 +1,137 @@
+"""Evaluation runs: on any checkpoint (`longctx eval`) and at every training checkpoint (the trainer's hook).
+
+Each writes into an output directory: passkey.json + passkey.png, loss_vs_position.json + .png,
+state_stats.json + state_stats.png; with `compare`, the same prompts with and without mitigations.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from data.synthetic import make_document
+from data.tokenizer import ByteTokenizer, HFTokenizer
+
+from .. import checkpoint
+from .length import evaluate_length
+from .passkey import evaluate_passkey
+from .plots import curves, passkey_heatmaps
+from .states import evaluate_states
+
+
+def tokenizer_for(source: Path, choice: Optional[str], vocab_size: int):
+    """--tokenizer byte|PATH, else the one saved with our checkpoint, else bytes when the vocabulary fits."""
+    if choice == "byte":
+        return ByteTokenizer()
+    if choice:
+        return HFTokenizer(choice)
+    for d in [source, *(source / c for c in ("checkpoints",))]:
+        info = d / checkpoint.TOKENIZER_INFO
+        if not info.exists() and (d / checkpoint.LATEST).exists():
+            info = d / (d / checkpoint.LATEST).read_text().strip() / checkpoint.TOKENIZER_INFO
+        if info.exists():
+            meta = json.loads(info.read_text())
+            if meta["kind"] == "hf":
+                return HFTokenizer(str(info.parent / checkpoint.TOKENIZER_FILE), meta["eos_id"])
+            return ByteTokenizer(meta["eos_id"])
+    if vocab_size >= ByteTokenizer.vocab_size:
+        return ByteTokenizer()
+    raise ValueError(f"{source}: no tokenizer saved with it and the vocabulary ({vocab_size}) is too small for "
+                     "bytes; pass --tokenizer PATH/tokenizer.json")
+
+
+def long_text_row(tok, length: int, seed: int = 0, stream=None):
+    """One row of `length` tokens and its labels: held-out documents from `stream`, else synthetic ones."""
+    if stream is not None:
+        b = stream.next_batch(1, length)
+        return torch.as_tensor(b.input_ids), torch.as_tensor(b.labels)
+    rng, ids = random.Random(seed), []
+    while sum(map(len, ids)) < length + 1:
+        ids.append(np.append(tok.encode(make_document(rng, rng.randint(4000, 40000))), tok.eos_id))
+    row = np.concatenate(ids)[: length + 1].astype(np.int64)
+    x, y = torch.as_tensor(row[None, :-1]), torch.as_tensor(row[None, 1:])
+    return x, y
+
+
+def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0),
+             samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
+             train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
+             write: bool = True) -> dict:
+    """Run one evaluation for each variant (name -> LayerMitigations list or None) and write its files.
+    Without variants the model runs as it is."""
+    out = Path(out)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    variants = variants or {"model": "as is"}
+    device = next(model.parameters()).device
+    results = {}
+    row = None
+    for name, layers in variants.items():
+        saved = model.mitigations
+        if layers != "as is":
+            model.set_mitigations(layers)
+        try:
+            if kind == "passkey":
+                results[name] = evaluate_passkey(model, tok, lengths, depths, samples, seed, prefill_chunk)
+            else:
+                if row is None:   # the same text for every variant
+                    row = long_text_row(tok, max(lengths), seed, stream)
+                x, y = (t.to(device) for t in row)
+                if kind == "length":
+                    results[name] = evaluate_length(model, x, y, buckets, margin, prefill_chunk, train_length)
+                elif kind == "states":
+                    results[name] = evaluate_states(model, x, train_length=train_length)
+                else:
+                    raise ValueError(f"unknown evaluation {kind!r}: passkey, length or states")
+        finally:
+            model.set_mitigations(saved)
+    if write:
+        _write(kind, results, out, train_length)
+    return results
+
+
+def _write(kind: str, results: Dict[str, dict], out: Path, train_length) -> None:
+    single = len(results) == 1
+    payload = next(iter(results.values())) if single else {"variants": results}
+    marks = [(train_length, "training length")] if train_length else []
+    if kind == "passkey":
+        (out / "passkey.json").write_text(json.dumps(payload, indent=1))
+        passkey_heatmaps(results, out / "passkey.png")
+    elif kind == "length":
+        (out / "loss_vs_position.json").write_text(json.dumps(payload, indent=1))
+        series = {n: ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["mean_loss"] for b in r["buckets"]])
+                  for n, r in results.items()}
+        marks += [(r["collapse_point"], f"collapse ({n})") for n, r in results.items() if r["collapse_point"]]
+        curves(series, out / "loss_vs_position.png", "position (tokens)", "loss (nats)", marks=marks)
+    else:
+        (out / "state_stats.json").write_text(json.dumps(payload, indent=1))
+        series = {}
+        for n, r in results.items():
+            per_layer = np.asarray(r["max_norm_per_layer"])
+            for layer in range(per_layer.shape[1]):
+                series[f"{n} layer {layer}" if not single else f"layer {layer}"] = (r["positions"], per_layer[:, layer])
+        curves(series, out / "state_stats.png", "position (tokens)", "max ||h|| over heads", logy=True, marks=marks)
+
+
+def comparison_table(kind: str, results: Dict[str, dict]) -> str:
+    names = list(results)
+    if kind == "passkey":
+        lengths = results[names[0]]["lengths"]
+        head = "| length | " + " | ".join(names) + " |"
+        rows = [f"| {L:,} | " + " | ".join(f"{results[n]['per_length'][str(L)]:.2f}" for n in names) + " |"
+                for L in lengths]
+    elif kind == "length":
+        head = "| bucket | " + " | ".join(names) + " |"
+        buckets = results[names[0]]["buckets"]
+        rows = [f"| {b['start']:,}-{b['end']:,} | " + " | ".join(
+            f"{results[n]['buckets'][i]['mean_loss']:.3f}" if i < len(results[n]['buckets']) else "-" for n in names)
+            + " |" for i, b in enumerate(buckets)]
+        rows.append("| collapse point | " + " | ".join(str(results[n]["collapse_point"]) for n in names) + " |")
+    else:
+        head = "| | " + " | ".join(names) + " |"
+        rows = ["| max final ||h|| | " + " | ".join(f"{np.max(results[n]['norms'][-1]):.3g}" for n in names) + " |"]
+    return "\n".join([head, "|" + "---|" * (len(names) + 1)] + rows)

@@ -1,0 +1,142 @@
+"""Passkey, loss-vs-position and state statistics: the harness on real tiny models and on known answers."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.tokenizer import ByteTokenizer, HFTokenizer
+from pipeline.evaluate.length import bucketize, collapse_point, per_token_loss
+from pipeline.evaluate.passkey import FILLER, PREFIX, QUESTION, build_prompt, evaluate_passkey, extract_key, needle
+from pipeline.evaluate.states import evaluate_states
+from pipeline.model import Mamba2Config, Mamba2LM
+from tests.conftest import rel_err
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Mamba2LM(Mamba2Config(**{**dict(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16,
+                                           chunk_size=16), **kw})).eval()
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([PREFIX, FILLER * 20, needle("12345"), QUESTION] * 5,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return HFTokenizer(str(path))
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+@pytest.mark.parametrize("length,depth", [(300, 0.0), (1000, 0.5), (4096, 1.0), (777, 0.25)])
+def test_prompt_has_the_exact_length_and_the_needle_at_its_depth(which, length, depth, bpe):
+    tok = ByteTokenizer() if which == "byte" else bpe
+    ids = build_prompt(tok, length, depth, "48213")
+    assert len(ids) == length
+    text = tok.decode(ids)
+    assert text.startswith(PREFIX) and text.endswith(QUESTION)
+    assert needle("48213") in text
+    filler_before = text.index(needle("48213")) - len(PREFIX)
+    filler_total = len(text) - len(PREFIX) - len(needle("48213")) - len(QUESTION)
+    assert abs(filler_before / filler_total - depth) < 0.05
+    with pytest.raises(ValueError, match="too short"):
+        build_prompt(tok, 40, 0.5, "48213")
+
+
+class EchoKey(torch.nn.Module):
+    """A test double with Mamba2LM's generate(): it reads the needle's digits from the prompt
+    (right=True) or answers a fixed wrong key, so the scoring is checked against known answers."""
+
+    def __init__(self, tok, right=True):
+        super().__init__()
+        self.tok, self.right, self.w = tok, right, torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, ids, max_new_tokens, chunk_len=4096, eos_id=None):
+        rows = []
+        for row in ids.tolist():
+            key = extract_key(self.tok.decode(row).split("The passkey is ", 1)[1]) if self.right else "00000"
+            rows.append(list(self.tok.encode(" " + key + "."))[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+def test_scoring_against_known_answers():
+    tok = ByteTokenizer()
+    good = evaluate_passkey(EchoKey(tok), tok, [200, 400], [0.0, 1.0], samples=3)
+    bad = evaluate_passkey(EchoKey(tok, right=False), tok, [200, 400], [0.0, 1.0], samples=3)
+    assert good["mean_accuracy"] == 1.0 and bad["mean_accuracy"] == 0.0
+    assert good["accuracy"] == {"200": {"0.0": 1.0, "1.0": 1.0}, "400": {"0.0": 1.0, "1.0": 1.0}}
+    assert len(good["outputs"]) == 12 and len({o["key"] for o in good["outputs"]}) > 6    # seeded random keys
+    assert extract_key("  4 8 2 1 3 and more 99") == "48213"
+
+
+def test_real_model_decoding_does_not_depend_on_prefill_chunk():
+    tok, m = ByteTokenizer(), tiny()
+    a = evaluate_passkey(m, tok, [2000], [0.5], samples=2, prefill_chunk=128)
+    b = evaluate_passkey(m, tok, [2000], [0.5], samples=2, prefill_chunk=4096)
+    assert [o["output"] for o in a["outputs"]] == [o["output"] for o in b["outputs"]]
+
+
+def test_per_token_loss_equals_full_forward_cross_entropy():
+    m = tiny(1)
+    x = torch.randint(0, 257, (1, 300))
+    y = torch.randint(0, 257, (1, 300))
+    y[0, 7] = -100
+    got = per_token_loss(m, x, y, chunk=64)
+    with torch.no_grad():
+        ref = F.cross_entropy(m(x).logits[0].float(), y[0].clamp_min(0), reduction="none").numpy()
+    assert np.isnan(got[7])
+    keep = np.arange(300) != 7
+    assert np.allclose(got[keep], ref[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_buckets_and_collapse_point_on_known_curves():
+    flat = np.full(10000, 2.0)
+    assert collapse_point(bucketize(flat, 12)["buckets"], 0.5) is None
+    rising = flat.copy()
+    rising[3000:] = 3.0
+    rows = bucketize(rising, 12)["buckets"]
+    point = collapse_point(rows, 0.5)
+    assert point is not None and point <= 3000 and [r for r in rows if r["start"] == point][0]["end"] > 3000
+    early = flat.copy()
+    early[:10] = 9.0                      # a bad start (short context) is not a collapse
+    assert collapse_point(bucketize(early, 12)["buckets"], 0.5) is None
+
+
+def test_state_norms_match_a_direct_reading():
+    m = tiny(2)
+    x = torch.randint(0, 257, (1, 500))
+    res = evaluate_states(m, x, points=8, train_length=128)
+    pos = res["positions"][3]
+    cache = m.init_cache(1)
+    with torch.no_grad():
+        m(x[:, :pos], cache=cache)
+    direct = [lc.ssm[0].square().sum((-2, -1)).sqrt().numpy() for lc in cache.layers]
+    assert np.allclose(np.asarray(res["norms"][3]), np.asarray(direct), rtol=1e-5)
+    assert len(res["top_heads"]) == 5 and all(len(h["top_channels"]) == 5 for h in res["top_heads"])
+
+
+def test_eval_cli_on_a_mamba_ssm_directory_with_compare(tmp_path):
+    tiny(3).save_pretrained(tmp_path / "model")
+    base = [sys.executable, "-m", "launch.cli", "eval"]
+    r = subprocess.run(base + ["passkey", str(tmp_path / "model"), "--lengths", "256,512", "--depths", "0,1",
+                               "--samples", "2", "--out", str(tmp_path / "pk"), "--compare", "--mitigations",
+                               "decay_scale=0.9", "state_norm.every=64", "state_norm.multiplier=0.5",
+                               "--calibration-length", "256"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "pk" / "passkey.json").read_text())
+    assert set(res["variants"]) == {"without", "with mitigations"}
+    assert (tmp_path / "pk" / "passkey.png").exists() and "| 512 |" in r.stdout
+    for kind, name in (("length", "loss_vs_position"), ("states", "state_stats")):
+        r = subprocess.run(base + [kind, str(tmp_path / "model"), "--lengths", "2048", "--out", str(tmp_path / kind)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / kind / f"{name}.json").exists() and (tmp_path / kind / f"{name}.png").exists()
