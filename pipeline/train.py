@@ -27,6 +27,7 @@ from data.tokenizer import identity, load_tokenizer
 from . import checkpoint
 from .config import Config, ConfigError, model_config
 from .curriculum import learning_rate, plan, stage_at
+from .evaluate.passkey import build_prompt
 from .evaluate.run import run_eval
 from .metrics import MetricsLogger
 from .mitigations import LayerMitigations, calibrate_state_norm, merge_overrides, resolve
@@ -109,6 +110,12 @@ class Trainer:
             raise ConfigError(f"{where}: model.vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tok.vocab_size})")
         self.plans = plan(cfg, self.world, model.config.chunk_size, where)
+        if cfg.eval.every_checkpoint and "passkey" in cfg.eval.kinds:
+            for L in cfg.eval.passkey_lengths:     # fail now, not at the first checkpoint
+                try:
+                    build_prompt(self.tok, L, 0.5, "12345")
+                except ValueError as e:
+                    raise ConfigError(f"{where}: eval.passkey_lengths: {e}") from None
         if cfg.train.activation_checkpointing:
             model.enable_gradient_checkpointing()
         self.model = model

@@ -34,7 +34,7 @@ curriculum:
     - {{name: long, seq_len: 128, steps: {STEPS[1]}, global_batch_tokens: 512, lr: 0.003, decay: linear,
         mitigations: {{decay_scale: 0.99}}}}
 checkpoint: {{every_steps: {every}, keep_last: 2}}
-eval: {{heldout_sequences: 2, passkey_lengths: [128, 256], passkey_samples: 1, length_max: 512, length_buckets: 6}}
+eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, length_max: 512, length_buckets: 6}}
 """)
     return path
 
@@ -80,7 +80,7 @@ def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupte
     for name in ("passkey.json", "passkey.png", "loss_vs_position.json", "loss_vs_position.png", "state_stats.json"):
         assert (last_eval / name).exists(), name
     passkey = json.loads((last_eval / "passkey.json").read_text())
-    assert set(passkey["accuracy"]) == {"128", "256"} and len(passkey["outputs"]) == 6
+    assert set(passkey["accuracy"]) == {"256", "512"} and len(passkey["outputs"]) == 6
     assert recs[-1]["passkey_accuracy"] == passkey["mean_accuracy"]
     assert 0 < sum(r.get("eval_seconds", 0) for r in recs)
 
