@@ -190,7 +190,8 @@ def _ray_init(address: str, num_workers: int):
         ray.init(address=address, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1",
                                                              "TOKENIZERS_PARALLELISM": "false"}}, **kw)
     else:
-        ray.init(num_cpus=num_workers or None, **kw)
+        # "local": always a fresh local instance, never a stale `ray start` cluster recorded in /tmp/ray
+        ray.init(address="local", num_cpus=num_workers or None, **kw)
     return True
 
 

@@ -6,11 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-# Subcommands whose implementation lands with a later issue; they parse their arguments
-# now (so `--help` documents them) and refuse to run with a message naming the issue.
-PENDING = {
-    "launch": "[H] cluster launch",
-}
+
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -58,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
     p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
     _add_config_args(p)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--partition", default="")
-    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--nodes", type=int, default=None, help="default launch.nodes")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default launch.gpus_per_node")
+    p.add_argument("--partition", default="", help="slurm: partition (default launch.partition)")
+    p.add_argument("--time", default="", help="slurm: time limit (default launch.time)")
+    p.add_argument("--hostfile", default=None, help="deepspeed: the hostfile ('host slots=N' lines)")
+    p.add_argument("--address", default="", help="ray: the job server, e.g. http://head:8265")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dry-run", action="store_true", help="print the script")
-    g.add_argument("--submit", action="store_true", help="submit it")
+    g.add_argument("--submit", action="store_true", help="write it and submit it (sbatch / bash)")
 
     p = sub.add_parser("export", help="write a model directory in the mamba_ssm or Hugging Face layout")
     p.add_argument("source", help="a training checkpoint (checkpoints/step_XXXXXXX, or a run's checkpoints/ for the "
@@ -110,6 +108,29 @@ def cmd_export(args) -> int:
         model = model.to(dtypes[args.dtype])
     model.save_pretrained(out, format=args.format)
     print(f"wrote {out} ({args.format} layout)")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    import subprocess
+
+    from launch.render import render
+    from pipeline.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    nodes = args.nodes or cfg.launch.nodes
+    gpus = args.gpus_per_node or cfg.launch.gpus_per_node
+    script = render(args.target, cfg, args.config, args.overrides, nodes, gpus, args.partition, args.time,
+                    args.hostfile, args.address)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    path = Path(cfg.run.dir) / "launch" / f"{args.target}.{'sbatch' if args.target == 'slurm' else 'sh'}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    print(f"wrote {path}")
+    if args.submit:
+        return subprocess.call(["sbatch", str(path)] if args.target == "slurm" else ["bash", str(path)])
     return 0
 
 
@@ -202,13 +223,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ConfigError as e:
             print(f"longctx {args.command}: config error: {e}", file=sys.stderr)
             return 1
-    if args.command in PENDING:
-        print(f"longctx {args.command}: not available yet; it arrives with issue {PENDING[args.command]}.",
-              file=sys.stderr)
-        return 2
     try:
         return {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
-                "run": cmd_run, "eval": cmd_eval}[args.command](args)
+                "run": cmd_run, "eval": cmd_eval, "launch": cmd_launch}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # config, data and checkpoint errors carry their own context
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,6 @@ def ray_session(s3_endpoint):
     """One local Ray for the session, started after the S3 env is set so workers inherit it."""
     import ray
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -72,10 +72,3 @@ def test_config_errors_exit_non_zero_with_the_key(tmp_path):
     r = longctx("train", str(cfg))
     assert r.returncode == 1
     assert "model.d_modle" in r.stderr
-
-
-def test_commands_of_later_issues_refuse_clearly(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("run: {name: x}\n")
-    r = longctx("eval", "passkey", str(tmp_path))
-    assert r.returncode == 2 and "[G]" in r.stderr

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# longctx data preparation submitted as a Ray job to an existing Ray cluster.
+#
+#   RAY_ADDRESS=http://head-node:8265 LONGCTX_CONFIG=/shared/prepare.yaml launch/ray/prepare.sh [key=value ...]
+#   longctx launch ray CONFIG --dry-run   (renders this with the config checked)
+#
+# The driver of the job runs on the head node and connects to the cluster (ray_address=auto); every
+# node needs this package installed. The config path must be readable on the head node.
+set -euo pipefail
+
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the job server of the cluster, e.g. http://head-node:8265}"
+: "${LONGCTX_CONFIG:?set LONGCTX_CONFIG to the YAML config with data.prepare}"
+: "${LONGCTX_OVERRIDES:=}"
+: "${PYTHON:=python}"
+
+# Clusters started by `ray start` use token authentication by default; the token lives in ~/.ray/auth_token.
+if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${HOME}/.ray/auth_token" ]; }; then
+  export RAY_AUTH_MODE=token
+fi
+
+read -r -a overrides <<< "${LONGCTX_OVERRIDES}"
+exec ray job submit --address "${RAY_ADDRESS}" -- \
+  "${PYTHON}" -m launch.cli prepare "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" data.prepare.ray_address=auto

@@ -1,0 +1,149 @@
+"""`longctx launch` and the scripts in launch/: rendering, shell checks, and local end-to-end runs."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["launch/slurm/train.sbatch", "launch/slurm/prepare.sbatch", "launch/deepspeed/train.sh",
+           "launch/ray/prepare.sh"]
+
+
+def config(tmp_path, name="c", global_tokens=2048, micro=1):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(f"""
+run: {{name: {name}, dir: {tmp_path / name}}}
+model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
+data:
+  prepare:
+    output: {tmp_path / 'mds'}
+    synthetic: {{documents: 30, min_tokens: 300, max_tokens: 900, seed: 2}}
+train: {{micro_batch_size: {micro}}}
+curriculum:
+  stages:
+    - {{name: short, seq_len: 64, steps: 3, global_batch_tokens: {global_tokens}}}
+    - {{name: long, seq_len: 128, steps: 2, global_batch_tokens: {global_tokens}}}
+checkpoint: {{every_steps: 0}}
+eval: {{every_checkpoint: false}}
+launch: {{partition: gpu, account: proj42}}
+""")
+    return p
+
+
+def longctx(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def shell_ok(path):
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    r = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    shell_ok(ROOT / script)
+    assert os.access(ROOT / script, os.X_OK)
+    assert "#" in (ROOT / script).read_text().splitlines()[1]   # a header comment says how to use it
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 8), (2, 4), (16, 8)])
+def test_render_slurm(tmp_path, nodes, gpus):
+    cfg = config(tmp_path, global_tokens=64 * 128 * 2)
+    r = longctx("launch", "slurm", cfg, "train.zero_stage=3", "--nodes", nodes, "--gpus-per-node", gpus,
+                "--time", "02:00:00", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    for line in (f"#SBATCH --nodes={nodes}", f"#SBATCH --gpus-per-node={gpus}", "#SBATCH --time=02:00:00",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --requeue",
+                 f"LONGCTX_CONFIG={cfg.resolve()}", "LONGCTX_OVERRIDES=train.zero_stage=3", f"GPUS_PER_NODE={gpus}"):
+        assert line in text, line
+    assert "srun" in text and "--no_ssh" in text and "--node_rank" in text
+    out = tmp_path / "rendered.sbatch"
+    out.write_text(text)
+    shell_ok(out)
+
+
+def test_impossible_plans_are_refused_naming_stage_and_field(tmp_path):
+    cfg = config(tmp_path, global_tokens=2048)       # 32 / 16 sequences per step
+    r = longctx("launch", "slurm", cfg, "--nodes", 8, "--gpus-per-node", 8, "--dry-run")
+    assert r.returncode == 1
+    assert "curriculum.stages[0] (short).global_batch_tokens" in r.stderr and "64 data-parallel ranks" in r.stderr
+    r = longctx("launch", "deepspeed", cfg, "curriculum.stages.1.seq_len=8", "--nodes", 1, "--gpus-per-node", 2,
+                "--dry-run")
+    assert r.returncode == 1 and "curriculum.stages[1] (long).seq_len" in r.stderr
+
+
+def test_render_deepspeed_and_ray_and_write(tmp_path):
+    cfg = config(tmp_path)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=4\nnode-b slots=4\n")
+    r = longctx("launch", "deepspeed", cfg, "--nodes", 2, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"HOSTFILE={hostfile}" in r.stdout and ".deepspeed_env" in r.stdout
+    r = longctx("launch", "deepspeed", cfg, "--nodes", 3, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
+    assert r.returncode == 1 and "2 hosts" in r.stderr
+    r = longctx("launch", "ray", cfg, "--address", "http://head:8265")
+    assert r.returncode == 0, r.stderr
+    written = tmp_path / "c" / "launch" / "ray.sh"
+    assert "RAY_ADDRESS=http://head:8265" in written.read_text()
+    shell_ok(written)
+
+
+def test_deepspeed_hostfile_script_trains_on_localhost(tmp_path):
+    """launch/deepspeed/train.sh with 'localhost slots=2': the launcher's local mode, on CPU."""
+    cfg = config(tmp_path)
+    assert longctx("prepare", cfg).returncode == 0
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HOSTFILE": str(tmp_path / "hostfile"),
+           "LONGCTX_CONFIG": str(cfg), "MASTER_PORT": str(_free_port()), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "launch/deepspeed/train.sh"), "train.zero_stage=1"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["seq_len"] for x in recs] == [64, 64, 64, 128, 128]
+    assert "DS_ACCELERATOR=cpu" in (tmp_path / ".deepspeed_env").read_text()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_script_prepares_on_a_ray_head(tmp_path):
+    """launch/ray/prepare.sh against a head started with `ray start --head` on 127.0.0.1."""
+    cfg = config(tmp_path)
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else dict(os.environ)
+    head = subprocess.Popen([shutil.which("ray") or "ray", "start", "--head", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                             "--num-cpus=2", "--include-dashboard=true", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(3)
+        r = subprocess.run(["bash", str(ROOT / "launch/ray/prepare.sh")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
+                                             "LONGCTX_CONFIG": str(cfg), "PYTHON": sys.executable})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout + r.stderr
+        manifest = json.loads((tmp_path / "mds" / "manifest.json").read_text())
+        assert manifest["documents"] == 30
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
