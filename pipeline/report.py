@@ -44,12 +44,29 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
         last = records[-1]
         lines += ["## Training", "", f"{last['step']} steps, {last['tokens']:,} tokens; final loss "
                   f"{ok[-1]['loss']:.4f} (first {ok[0]['loss']:.4f}).", "", "![loss](loss.png)", ""]
-        ev = [r for r in records if "eval_loss" in r]
+        ev = [r for r in records if "eval_seconds" in r or "eval_loss" in r]
         if ev:
-            lines += ["## Evaluation at each checkpoint", "", "| step | stage | seq_len | held-out loss |",
-                      "|---|---|---|---|"]
-            lines += [f"| {r['step']} | {r['stage_name']} | {r['seq_len']} | {r['eval_loss']:.4f} |" for r in ev]
+            def cell(r, k, fmt):
+                return "-" if r.get(k) is None else format(r[k], fmt)
+            lines += ["## Evaluation at each checkpoint", "",
+                      "| step | stage | seq_len | held-out loss | passkey accuracy | collapse point | max state norm |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['step']} | {r['stage_name']} | {r['seq_len']} | {cell(r, 'eval_loss', '.4f')} | "
+                      f"{cell(r, 'passkey_accuracy', '.2f')} | {cell(r, 'collapse_point', 'd')} | "
+                      f"{cell(r, 'max_state_norm', '.3g')} |" for r in ev]
+            eval_s = sum(r.get("eval_seconds", 0.0) for r in records)
+            train_s = sum(r["tokens_per_s"] and (r["tokens"] - (records[i - 1]["tokens"] if i else 0)) / r["tokens_per_s"]
+                          for i, r in enumerate(records))
+            if eval_s:
+                lines += ["", f"Evaluation took {eval_s:.1f} s against {train_s:.1f} s of training steps "
+                              f"({eval_s / max(eval_s + train_s, 1e-9):.0%} of the two)."]
             lines.append("")
+            for r in ev:
+                d = run_dir / "eval" / f"step_{r['step']:07d}"
+                pics = [f"![{name}](eval/{d.name}/{name}.png)" for name in ("passkey", "loss_vs_position", "state_stats")
+                        if (d / f"{name}.png").exists()]
+                if pics:
+                    lines += [f"### step {r['step']} ({r['stage_name']}, seq_len {r['seq_len']})", "", *pics, ""]
     else:
         lines += ["No training steps recorded yet.", ""]
     run_dir.mkdir(parents=True, exist_ok=True)

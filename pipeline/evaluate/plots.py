@@ -32,6 +32,7 @@ def passkey_heatmaps(panels: Dict[str, dict], out) -> None:
         d_edges = np.linspace(0, 1, len(depths) + 1) if len(depths) > 1 else np.array([0, 1])
         mesh = ax.pcolormesh(log_edges(lengths), d_edges, acc, vmin=0, vmax=1, cmap="RdYlGn")
         ax.set_xscale("log")
+        ax.minorticks_off()                      # only the evaluated lengths are labelled
         ax.set_xticks(lengths, [f"{L:,}" for L in lengths], rotation=45, fontsize=7)
         ax.set_yticks((d_edges[:-1] + d_edges[1:]) / 2, [f"{d:g}" for d in depths])
         ax.set_xlabel("context length (tokens)")
