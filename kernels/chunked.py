@@ -68,13 +68,18 @@ def _pass_states(written, chunk_decay, initial, Q, length, state_norm, tau):
     return torch.stack(carried, dim=1), state, torch.stack(entry, dim=-1)
 
 
-def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, cdt):
+def _read_out(Ch, states, from_start):
+    """What per-chunk states (b,c,h,p,n) give each position of their chunk: C_t . S_c scaled by the
+    decay from the chunk start (zero after a document boundary)."""
+    return torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, states, from_start)
+
+
+def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, prev_end, from_start, cdt):
     """Add to y (b,c,Q,h,p) what the last r inputs before each chunk contribute (cross-chunk band)
     and the decayed initial state for positions t < r."""
     b, nc, _, h, p = xc.shape
     total = cum[..., -1]                                                   # (b,h,c) log decay across a chunk
     pos = torch.arange(Q, device=xc.device)
-    prev_end = None if doc is None else torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)   # (b,c)
     full_states = torch.zeros_like(written)                               # (b,c,h,p,n)
     between = entry                                                        # Λ_d[c]: log decay from key chunk end to chunk c start
     d = 1
@@ -96,10 +101,7 @@ def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, cdt)
         between = torch.cat([between[..., :d + 1], between[..., d + 1:] + (entry + total)[..., 1:nc - d]], dim=-1)
         d += 1
 
-    from_start = torch.exp(cum)                                            # (b,h,c,Q)
-    if doc is not None:
-        from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
-    y = y + torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, full_states, from_start)
+    y = y + _read_out(Ch, full_states, from_start)
 
     if initial is not None:                                                # t < r still sees the initial state
         to_chunk = torch.cumsum(torch.cat([torch.zeros_like(total[..., :1]), (entry + total)[..., :-1]], -1), -1)
@@ -178,13 +180,13 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
                                          Q, l, state_norm, tau)
 
     # 4. read out what came before the chunk
+    from_start = torch.exp(cum)                                                 # (b,h,c,Q)
+    if doc is not None:
+        from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
     if window is None:
-        from_start = torch.exp(cum)                                             # (b,h,c,Q)
-        if doc is not None:
-            from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
-        y = y + torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, carried, from_start)
+        y = y + _read_out(Ch, carried, from_start)
     else:
-        y = _window_band(y, window, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, cdt)
+        y = _window_band(y, window, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, prev_end, from_start, cdt)
 
     y = y.reshape(b, L, h, p)[:, :l]
     y = finish_output(y, x, D, z).to(x.dtype)
