@@ -158,15 +158,11 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from launch.local import run_local
-    from pipeline.config import load_config, model_config
+    from pipeline.config import load_config, model_chunk_size
     from pipeline.curriculum import format_plan, plan
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.local_procs
-    chunk = model_config(cfg).chunk_size
-    if cfg.model.from_pretrained:
-        from pipeline.checkpoint_io import read_config
-        chunk = read_config(cfg.model.from_pretrained).chunk_size
-    text = format_plan(plan(cfg, nproc, chunk, args.config), nproc)
+    text = format_plan(plan(cfg, nproc, model_chunk_size(cfg), args.config), nproc)
     if args.plan:
         print(text)
         return 0

@@ -7,20 +7,13 @@ import shlex
 from pathlib import Path
 from typing import List, Optional
 
-from pipeline.config import Config, ConfigError, model_config
+from pipeline.config import Config, ConfigError, model_chunk_size
 from pipeline.curriculum import plan
 
 HERE = Path(__file__).parent
 TEMPLATES = {"slurm": HERE / "slurm" / "train.sbatch", "deepspeed": HERE / "deepspeed" / "train.sh",
              "ray": HERE / "ray" / "prepare.sh"}
 SETTINGS_MARK = "# --- settings"
-
-
-def _chunk_size(cfg: Config) -> int:
-    if cfg.model.from_pretrained:
-        from pipeline.checkpoint_io import read_config
-        return read_config(cfg.model.from_pretrained).chunk_size
-    return model_config(cfg).chunk_size
 
 
 def hostfile_slots(path: str) -> List[tuple]:
@@ -49,7 +42,7 @@ def render(target: str, cfg: Config, config_path: str, overrides: List[str], nod
             if len(hosts) != nodes or any(s != gpus_per_node for _, s in hosts):
                 raise ConfigError(f"{hostfile}: {len(hosts)} hosts with slots {[s for _, s in hosts]}, but "
                                   f"--nodes {nodes} --gpus-per-node {gpus_per_node} were asked for")
-        plan(cfg, nodes * gpus_per_node, _chunk_size(cfg), where)     # raises naming the stage and field
+        plan(cfg, nodes * gpus_per_node, model_chunk_size(cfg), where)     # raises naming the stage and field
     else:
         p = cfg.data.prepare
         if not p.output or not (p.inputs or p.synthetic.documents):

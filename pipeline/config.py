@@ -205,3 +205,12 @@ def to_yaml(cfg: Config) -> str:
 def model_config(cfg: Config) -> Mamba2Config:
     """The architecture part of the `model` section."""
     return Mamba2Config(**{f.name: getattr(cfg.model, f.name) for f in fields(Mamba2Config)})
+
+
+def model_chunk_size(cfg: Config) -> int:
+    """The scan chunk of the model to be trained (read from `model.from_pretrained` when set),
+    which every stage's seq_len must respect; no weights are loaded."""
+    if cfg.model.from_pretrained:
+        from .checkpoint_io import read_config
+        return read_config(cfg.model.from_pretrained).chunk_size
+    return model_config(cfg).chunk_size

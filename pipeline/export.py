@@ -13,7 +13,7 @@ from .mitigations import LayerMitigations
 from .model import Mamba2Config, Mamba2LM
 
 
-def _checkpoint_dir(path: Path):
+def find_checkpoint(path: Path):
     """(checkpoints root, tag) when `path` is a checkpoint or a checkpoints/ root or a run dir, else None."""
     for root in (path, path / "checkpoints"):
         tag = checkpoint.latest_tag(root)
@@ -46,7 +46,7 @@ def load_training_checkpoint(root: Path, tag: str) -> Mamba2LM:
 
 def load_any(path) -> Mamba2LM:
     path = Path(path)
-    found = _checkpoint_dir(path)
+    found = find_checkpoint(path)
     if found is not None:
         return load_training_checkpoint(*found)
     return Mamba2LM.from_pretrained(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..export import load_any
+from ..export import find_checkpoint, load_any
 from ..mitigations import MitigationsConfig, calibrate_state_norm, merge_overrides, resolve
 from .passkey import build_prompt
 from .run import comparison_table, run_eval, tokenizer_for
@@ -21,8 +21,7 @@ def _floats(text, cast=float):
 
 def training_length(source: Path):
     """The sequence length the checkpoint was trained at (our checkpoints), else None."""
-    from ..export import _checkpoint_dir
-    found = _checkpoint_dir(source)
+    found = find_checkpoint(source)
     if found is None:
         return None
     root, tag = found

@@ -17,6 +17,7 @@ from data.synthetic import make_document
 from data.tokenizer import ByteTokenizer, HFTokenizer
 
 from .. import checkpoint
+from ..export import find_checkpoint
 from .length import evaluate_length
 from .passkey import evaluate_passkey
 from .plots import curves, passkey_heatmaps
@@ -29,15 +30,13 @@ def tokenizer_for(source: Path, choice: Optional[str], vocab_size: int):
         return ByteTokenizer()
     if choice:
         return HFTokenizer(choice)
-    for d in [source, *(source / c for c in ("checkpoints",))]:
-        info = d / checkpoint.TOKENIZER_INFO
-        if not info.exists() and (d / checkpoint.LATEST).exists():
-            info = d / (d / checkpoint.LATEST).read_text().strip() / checkpoint.TOKENIZER_INFO
-        if info.exists():
-            meta = json.loads(info.read_text())
-            if meta["kind"] == "hf":
-                return HFTokenizer(str(info.parent / checkpoint.TOKENIZER_FILE), meta["eos_id"])
-            return ByteTokenizer(meta["eos_id"])
+    found = find_checkpoint(source)
+    info = None if found is None else found[0] / found[1] / checkpoint.TOKENIZER_INFO
+    if info is not None and info.exists():
+        meta = json.loads(info.read_text())
+        if meta["kind"] == "hf":
+            return HFTokenizer(str(info.parent / checkpoint.TOKENIZER_FILE), meta["eos_id"])
+        return ByteTokenizer(meta["eos_id"])
     if vocab_size >= ByteTokenizer.vocab_size:
         return ByteTokenizer()
     raise ValueError(f"{source}: no tokenizer saved with it and the vocabulary ({vocab_size}) is too small for "
