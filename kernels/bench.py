@@ -7,7 +7,6 @@ shared machines drift, ratios measured side by side do not.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass

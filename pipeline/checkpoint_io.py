@@ -93,9 +93,8 @@ def config_from_hf(d: dict, source: str) -> Mamba2Config:
     if "num_heads" in d and d["num_heads"] * kw.get("headdim", 64) != expand * hidden:
         raise CheckpointError(f"{source}: num_heads * head_dim ({d['num_heads']} * {kw.get('headdim', 64)}) "
                               f"must equal expand * hidden_size ({expand * hidden})")
-    for k in ("dt_limit",):
-        if k in kw:
-            kw[k] = _tuple(kw[k])
+    if "dt_limit" in kw:
+        kw["dt_limit"] = _tuple(kw["dt_limit"])
     kw["pad_vocab_size_multiple"] = 1  # HF stores the padded vocabulary size itself
     return Mamba2Config(**kw).validate()
 

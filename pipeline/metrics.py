@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
-TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage", "eval_loss", "passkey_accuracy",
-           "collapse_point", "max_state_norm")
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage")
+EVAL_KEYS = ("eval_loss", "passkey_accuracy", "collapse_point", "max_state_norm")
 
 
 class MetricsLogger:
@@ -44,9 +42,10 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for k in TB_KEYS:
-            if isinstance(record.get(k), (int, float)):
-                self.tb.add_scalar(f"train/{k}" if k in TB_KEYS[:6] else f"eval/{k}", record[k], record["step"])
+        for group, keys in (("train", TRAIN_KEYS), ("eval", EVAL_KEYS)):
+            for k in keys:
+                if isinstance(record.get(k), (int, float)):
+                    self.tb.add_scalar(f"{group}/{k}", record[k], record["step"])
         line = (f"step {record['step']:>6}  stage {record['stage_name']}  seq_len {record['seq_len']}  "
                 f"loss {'skipped' if record['loss'] is None else format(record['loss'], '.4f')}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)

@@ -55,8 +55,8 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
                       f"{cell(r, 'passkey_accuracy', '.2f')} | {cell(r, 'collapse_point', 'd')} | "
                       f"{cell(r, 'max_state_norm', '.3g')} |" for r in ev]
             eval_s = sum(r.get("eval_seconds", 0.0) for r in records)
-            train_s = sum(r["tokens_per_s"] and (r["tokens"] - (records[i - 1]["tokens"] if i else 0)) / r["tokens_per_s"]
-                          for i, r in enumerate(records))
+            step_tokens = [r["tokens"] - prev for prev, r in zip([0] + [r["tokens"] for r in records], records)]
+            train_s = sum(n / r["tokens_per_s"] for n, r in zip(step_tokens, records))
             if eval_s:
                 lines += ["", f"Evaluation took {eval_s:.1f} s against {train_s:.1f} s of training steps "
                               f"({eval_s / max(eval_s + train_s, 1e-9):.0%} of the two)."]

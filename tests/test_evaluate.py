@@ -13,7 +13,6 @@ from pipeline.evaluate.length import bucketize, collapse_point, per_token_loss
 from pipeline.evaluate.passkey import FILLER, PREFIX, QUESTION, build_prompt, evaluate_passkey, extract_key, needle
 from pipeline.evaluate.states import evaluate_states
 from pipeline.model import Mamba2Config, Mamba2LM
-from tests.conftest import rel_err
 
 
 def tiny(seed=0, **kw):

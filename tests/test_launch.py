@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.local import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/slurm/train.sbatch", "launch/slurm/prepare.sbatch", "launch/deepspeed/train.sh",
            "launch/ray/prepare.sh"]
@@ -104,7 +106,7 @@ def test_deepspeed_hostfile_script_trains_on_localhost(tmp_path):
     assert longctx("prepare", cfg).returncode == 0
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HOSTFILE": str(tmp_path / "hostfile"),
-           "LONGCTX_CONFIG": str(cfg), "MASTER_PORT": str(_free_port()), "PYTHON": sys.executable}
+           "LONGCTX_CONFIG": str(cfg), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "launch/deepspeed/train.sh"), "train.zero_stage=1"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -113,16 +115,10 @@ def test_deepspeed_hostfile_script_trains_on_localhost(tmp_path):
     assert "DS_ACCELERATOR=cpu" in (tmp_path / ".deepspeed_env").read_text()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_script_prepares_on_a_ray_head(tmp_path):
     """launch/ray/prepare.sh against a head started with `ray start --head` on 127.0.0.1."""
     cfg = config(tmp_path)
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else dict(os.environ)
     head = subprocess.Popen([shutil.which("ray") or "ray", "start", "--head", "--node-ip-address=127.0.0.1",
                              f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",

@@ -14,9 +14,8 @@ import pytest
 import zstandard
 
 from data.config import DataConfig, PrepareConfig, TokenizerConfig
-from data.prepare import PrepareError, prepare
+from data.prepare import prepare
 from data.storage import StorageError
-from data.synthetic import SyntheticConfig
 from tests.s3 import make_bucket
 
 pytestmark = pytest.mark.usefixtures("ray_session")

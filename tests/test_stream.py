@@ -34,7 +34,7 @@ def independent_stream(shards):
 def test_sequences_tile_the_document_stream_exactly(shards):
     stream, n_docs = independent_stream(shards)
     ps = PackedStream(DocumentSource(shards), EOS, shuffle=False)
-    L, seen = 64, []
+    L = 64
     batches = [ps.next_batch(3, L) for _ in range(len(stream) // (3 * L) + 2)]   # past one epoch
     ids = np.concatenate([b.input_ids.reshape(-1) for b in batches])
     assert np.array_equal(ids[:len(stream)], stream)

@@ -1,7 +1,7 @@
 """Loss against position far past the training length, with the state carried: where collapse shows."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
