@@ -28,7 +28,7 @@ import math
 import torch
 
 from .common import (check_shapes, check_window, compute_dtype, document_ids, finish_output, heads_of_groups,
-                     log_decay_scale, per_head, process_dt)
+                     log_decays, per_head)
 
 
 def _pad_length(t: torch.Tensor, pad: int, dim: int = 1) -> torch.Tensor:
@@ -127,11 +127,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
     L = l + pad
     nc = L // Q
 
-    dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
-    log_a = dtp * A.to(cdt)
-    log_decay = log_decay_scale(decay_scale, h, cdt, x.device)
-    if log_decay is not None:
-        log_a = log_a + log_decay
+    dtp, log_a = log_decays(dt, A, dt_bias, dt_softplus, dt_limit, decay_scale, cdt)
     scale_in = per_head(input_scale, h, cdt, x.device, "input_scale")
     u = dtp if scale_in is None else dtp * scale_in
     tau = None if state_norm is None else state_norm.thresholds(h, cdt, x.device)

@@ -135,6 +135,17 @@ def log_decay_scale(decay_scale: Scale, nheads, dtype, device) -> Optional[torch
     return torch.log(t)
 
 
+def log_decays(dt, A, dt_bias, dt_softplus, dt_limit, decay_scale, dtype):
+    """(processed dt, log a_t = dt_t * A + log λ_α) per position and head, in `dtype`.
+
+    The one definition of the per-step decay: every backend and the sequence-parallel
+    state pass (pipeline/parallel.py) must agree on it exactly."""
+    dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    log_a = dtp * A.to(dtype)
+    log_decay = log_decay_scale(decay_scale, A.shape[0], dtype, dt.device)
+    return dtp, (log_a if log_decay is None else log_a + log_decay)
+
+
 def document_ids(seq_idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Turn seq_idx into ids that change exactly where seq_idx changes.
 

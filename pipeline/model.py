@@ -9,7 +9,9 @@ SiLU on xBC; split into x, B, C; SSD (kernels.ssd); gated RMSNorm norm(y * silu(
 with group size d_ssm / ngroups; concat silu(z0) * x0 in front; out_proj.
 
 State-dict keys follow mamba_ssm.models.mixer_seq_simple; `checkpoint_io` converts
-the Hugging Face layout. Nothing here knows about process groups.
+the Hugging Face layout. Nothing here knows about process groups: under sequence
+parallelism (`set_sequence_parallel`) the mixer hands its two sequence-wide operations,
+the causal conv and the scan, to a `pipeline.parallel.SequenceParallel`.
 """
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ class Mamba2Mixer(nn.Module):
             self.norm = GatedRMSNorm(self.d_ssm, group_size=self.d_ssm // c.ngroups, eps=1e-5)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
         self.mitigation: Optional[LayerMitigations] = None   # set by Mamba2LM.set_mitigations
+        self.sequence_parallel = None                         # set by Mamba2LM.set_sequence_parallel
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -203,6 +206,8 @@ class Mamba2Mixer(nn.Module):
         Under a sliding window the cache keeps the last r tokens' inputs (ring) and the
         state before them (lagged): the call rescans ring + new tokens from the lagged
         state, so each new output sees exactly its last r inputs (memory O(r), not O(l))."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.scan(x, dt, A, B, C, z, seq_idx, self.ssd_arguments())
         if cache is None:
             return kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, **self.ssd_arguments())
         window = self.mitigation.window if self.mitigation is not None else 0
@@ -236,14 +241,21 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u, seq_idx=None, cache: Optional[LayerCache] = None):
         """u (b,l,d_model). With `cache`, continues from it and updates it in place."""
         b, l, _ = u.shape
+        sp = self.sequence_parallel
+        if sp is not None and cache is not None:
+            raise ValueError("a decoding cache cannot be used under sequence parallelism: "
+                             "call set_sequence_parallel(None) first")
         zxbcdt = self.in_proj(u)
         d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
 
-        xBC, conv_tail = kernels.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
-                                               tail=None if cache is None else cache.conv, seq_idx=seq_idx)
-        if cache is not None:
-            cache.conv = conv_tail.detach()
+        if sp is not None:
+            xBC = sp.conv(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        else:
+            xBC, conv_tail = kernels.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
+                                                   tail=None if cache is None else cache.conv, seq_idx=seq_idx)
+            if cache is not None:
+                cache.conv = conv_tail.detach()
         xBC = F.silu(xBC)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
@@ -336,6 +348,7 @@ class Mamba2LM(nn.Module):
     def __init__(self, config: Mamba2Config):
         super().__init__()
         self.config = config.validate()
+        self.sequence_parallel = None
         self.backbone = Mamba2Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -379,6 +392,19 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"layer {i}: state norm needs {self.config.nheads} thresholds (one per head)")
             layer.mixer.mitigation = m if (m is not None and m.active) else None
 
+    # -- sequence parallelism (pipeline/parallel.py) ----------------------------------------
+    def set_sequence_parallel(self, sp):
+        """A pipeline.parallel.SequenceParallel: forward then takes this rank's contiguous segment
+        of each sequence and returns its logits; None: whole sequences (decoding, evaluation)."""
+        self.sequence_parallel = sp
+        for layer in self.backbone.layers:
+            layer.mixer.sequence_parallel = sp
+
+    def halo_width(self) -> int:
+        """Rows before a segment that some layer reads: the conv's d_conv-1, a window's r-1."""
+        windows = [m.window for m in (self.mitigations or []) if m is not None and m.window]
+        return max([self.config.d_conv - 1] + [w - 1 for w in windows])
+
     def enable_gradient_checkpointing(self, on: bool = True):
         self.backbone.gradient_checkpointing = on
 
@@ -386,6 +412,8 @@ class Mamba2LM(nn.Module):
     def forward(self, input_ids, seq_idx=None, cache: Optional[Mamba2Cache] = None, num_last_tokens: int = 0):
         """Logits for every position (or the last `num_last_tokens`). With `cache`, the call
         continues from it and advances it: chunked prefill and decoding share this path."""
+        if self.sequence_parallel is not None:
+            self.sequence_parallel.begin(seq_idx, self.halo_width())
         hidden = self.backbone(input_ids, seq_idx=seq_idx, cache=cache)
         if cache is not None:
             cache.seqlen += input_ids.shape[1]

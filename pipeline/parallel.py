@@ -1,0 +1,227 @@
+"""Sequence parallelism by state passing (ARCHITECTURE §5).
+
+Each sequence is split into R contiguous segments, one per rank of a sequence-parallel
+(SP) group. Per layer, a rank needs from the ranks before it only
+
+- the conv halo: the last d_conv-1 `xBC` rows before its segment (and, under a sliding
+  window, the last r-1 scan inputs), exchanged by `halo`;
+- the state entering its segment. The scan is affine in that state, S_out = a_seg S_in +
+  S_local, so each rank scans from a zero state, the group all-gathers (a_seg, S_local)
+  and an exclusive scan over earlier ranks gives S_in; its effect on the outputs is the
+  correction C_t (a_0 ... a_t) S_in. Backward all-gathers dS_in and runs the reverse scan.
+
+Traffic per layer and rank is O(h·p·n + halo) bytes, independent of the sequence length.
+
+Data parallelism: DeepSpeed's data-parallel group stays the whole world (every rank holds
+a replica of the parameters, ZeRO partitions over all ranks), so a stage may change its
+SP degree without a new engine. A rank's gradient is only its segment's share of the
+sequence's gradient, so the loss each rank backpropagates is multiplied by the SP degree:
+DeepSpeed's world average then equals the sum over the SP group averaged over the
+data-parallel replicas (`sequence_loss`).
+
+State normalization rescales by the norm of the whole state, which makes the incoming
+state a non-affine function of every earlier rank: it would have to run rank after rank.
+We refuse it under SP with an error naming the option (train those stages with
+seq_parallel: 1 or use decay_scale / input_scale / window, which all work here).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import kernels
+from kernels.common import compute_dtype, document_ids, heads_of_groups, log_decays
+
+STATE_NORM_UNSUPPORTED = ("mitigations.state_norm is not supported with seq_parallel > 1: the rescaling depends on "
+                          "the norm of the whole state, so the segments cannot be scanned in parallel. Train stages "
+                          "with state norm at seq_parallel: 1, or use decay_scale / input_scale / window")
+
+
+class SequenceParallel:
+    """This rank's place in its sequence-parallel group, and the batch's document halo.
+
+    `bytes_sent` counts the payload this rank contributes to collectives (all-gather: its
+    own buffer; all-reduce: the buffer), for `longctx bench sp`.
+    """
+
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+        self.bytes_sent = 0
+        self.seq_halo: Optional[torch.Tensor] = None    # seq_idx of the rows before this segment
+
+    # -- collectives ------------------------------------------------------------------------------
+    def all_gather(self, t: torch.Tensor) -> List[torch.Tensor]:
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(out, t, group=self.group)
+        self.bytes_sent += t.numel() * t.element_size()
+        return out
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        self.bytes_sent += t.numel() * t.element_size()
+        return t
+
+    # -- per batch ------------------------------------------------------------------------------
+    def begin(self, seq_idx: Optional[torch.Tensor], width: int) -> None:
+        """Called once per forward: gathers the document ids of the `width` positions before this
+        segment (every layer's conv and window halos read them)."""
+        self.seq_halo = None if seq_idx is None else halo(seq_idx[..., None], width, self)[..., 0]
+
+    def _halo_docs(self, seq_idx, k):
+        return None if seq_idx is None else torch.cat([self.seq_halo[:, self.seq_halo.shape[1] - k:], seq_idx], 1)
+
+    # -- the mixer's two sequence-wide operations --------------------------------------------------
+    def conv(self, xBC, weight, bias, seq_idx):
+        """kernels.causal_conv1d over the whole sequence, for this segment's rows."""
+        K = weight.shape[-1]
+        before = halo(xBC, K - 1, self)
+        k = before.shape[1]
+        out, _ = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=self._halo_docs(seq_idx, k))
+        return out[:, k:]
+
+    def scan(self, x, dt, A, B, C, z, seq_idx, kw: Dict):
+        """kernels.ssd over the whole sequence (zero initial state), for this segment's positions."""
+        if kw.get("state_norm") is not None:
+            raise ValueError(STATE_NORM_UNSUPPORTED)
+        if kw.get("window"):
+            return self._windowed_scan(x, dt, A, B, C, z, seq_idx, kw)
+        y, local = kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, return_final_states=True, **kw)
+        cdt = compute_dtype(x)
+        _, log_a = log_decays(dt, A, kw.get("dt_bias"), kw.get("dt_softplus", False), kw.get("dt_limit"),
+                              kw.get("decay_scale"), cdt)
+        carry = torch.exp(torch.cumsum(log_a, dim=1))                       # (b,l,h): a_0 ... a_t
+        if seq_idx is not None:                                             # nothing crosses a document start
+            prev = self.seq_halo[:, -1:] if self.rank > 0 else seq_idx[:, :1]
+            same = document_ids(torch.cat([prev, seq_idx], 1))[:, 1:] == 0
+            carry = carry * same[..., None].to(cdt)
+        incoming = StatePass.apply(carry[:, -1], local.to(cdt), self)
+        correction = torch.einsum("blhn,bhpn,blh->blhp", heads_of_groups(C.to(cdt), x.shape[2]), incoming, carry)
+        if z is not None:
+            correction = correction * F.silu(z.to(cdt))
+        return (y.to(cdt) + correction).to(y.dtype)
+
+    def _windowed_scan(self, x, dt, A, B, C, z, seq_idx, kw):
+        """Under a window of r tokens an output reads only the last r inputs: scan the r-1 inputs
+        before the segment (from earlier ranks) and the segment, and keep the segment's outputs.
+        No state is passed (the window never reads what is older)."""
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        inputs = torch.cat([x.flatten(2), B.flatten(2), dt], -1)
+        before = halo(inputs, int(kw["window"]) - 1, self)
+        k = before.shape[1]
+        hx, hB, hdt = torch.split(before, [h * p, g * n, h], dim=-1)
+        xs = torch.cat([hx.view(b, k, h, p), x], 1)
+        Bs = torch.cat([hB.view(b, k, g, n), B], 1)
+        Cs = torch.cat([C.new_zeros(b, k, g, n), C], 1)                     # halo outputs are discarded
+        zs = None if z is None else torch.cat([z.new_zeros(b, k, h, p), z], 1)
+        y = kernels.ssd(xs, torch.cat([hdt, dt], 1), A, Bs, Cs, z=zs, seq_idx=self._halo_docs(seq_idx, k), **kw)
+        return y[:, k:]
+
+
+def halo(t: torch.Tensor, width: int, sp: SequenceParallel) -> torch.Tensor:
+    """The `width` rows (fewer near the sequence start) that precede this rank's segment of t (b,L,f)."""
+    return _Halo.apply(t, width, sp)
+
+
+class _Halo(torch.autograd.Function):
+    """Forward: all-gather every rank's last min(width, L) rows, keep those just before this
+    segment (several ranks' worth when width > L). Backward: each rank places its halo
+    gradient in the slots of the ranks it came from, the group sums, each keeps its slot."""
+
+    @staticmethod
+    def forward(ctx, t, width, sp):
+        b, L, f = t.shape
+        m = min(width, L)
+        tails = sp.all_gather(t[:, L - m:])
+        before = torch.cat(tails[:sp.rank], 1) if sp.rank else t[:, :0]
+        keep = min(width, before.shape[1])
+        ctx.sp, ctx.shape, ctx.m, ctx.keep = sp, t.shape, m, keep
+        return before[:, before.shape[1] - keep:].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        sp, (b, L, f), m, keep = ctx.sp, ctx.shape, ctx.m, ctx.keep
+        slots = grad.new_zeros(sp.size, b, m, f)
+        if keep:
+            flat = grad.new_zeros(b, sp.rank * m, f)
+            flat[:, flat.shape[1] - keep:] = grad
+            slots[:sp.rank] = flat.view(b, sp.rank, m, f).transpose(0, 1)
+        sp.all_reduce(slots)
+        out = grad.new_zeros(b, L, f)
+        out[:, L - m:] = slots[sp.rank]
+        return out, None, None
+
+
+class StatePass(torch.autograd.Function):
+    """(a_seg (b,h), S_local (b,h,p,n)) of this rank -> S_in, the state entering its segment:
+    S_in_r = sum_{k<r} (a_{k+1} ... a_{r-1}) S_local_k.
+
+    Backward: with G_r the gradient reaching S_out_r from later ranks,
+    G_r = dS_in_{r+1} + a_{r+1} G_{r+1} (G_{R-1} = 0); dS_local_r = G_r, da_r = <G_r, S_in_r>."""
+
+    @staticmethod
+    def forward(ctx, a_seg, local, sp):
+        b, h = a_seg.shape
+        gathered = sp.all_gather(torch.cat([a_seg.reshape(b, h), local.reshape(b, -1)], 1))
+        a_all = torch.stack([t[:, :h] for t in gathered])                   # (R,b,h)
+        incoming = torch.zeros_like(local)
+        for k in range(sp.rank):
+            incoming = a_all[k][..., None, None] * incoming + gathered[k][:, h:].view_as(local)
+        ctx.sp = sp
+        ctx.save_for_backward(a_all, incoming)
+        return incoming
+
+    @staticmethod
+    def backward(ctx, d_incoming):
+        sp = ctx.sp
+        a_all, incoming = ctx.saved_tensors
+        d_all = sp.all_gather(d_incoming)
+        g = torch.zeros_like(incoming)
+        for i in range(sp.size - 2, sp.rank - 1, -1):
+            g = d_all[i + 1] + a_all[i + 1][..., None, None] * g
+        return (g * incoming).sum((-2, -1)), g, None
+
+
+# ----------------------------------------------------------------------------- groups and loss
+
+class Groups:
+    """Sequence-parallel groups per SP degree, built once and reused across stages.
+
+    Ranks dp*R .. dp*R+R-1 form SP group dp (the layout `data.stream.rank_share` slices by).
+    Every rank must create every group, in the same order (torch.distributed.new_group)."""
+
+    def __init__(self, world: int, rank: int):
+        self.world, self.rank = world, rank
+        self._by_degree: Dict[int, Optional[SequenceParallel]] = {}
+
+    def get(self, degree: int) -> Optional[SequenceParallel]:
+        """None for degree 1 (no sequence parallelism)."""
+        if degree == 1:
+            return None
+        if self.world % degree:
+            raise ValueError(f"world size {self.world} is not divisible by seq_parallel {degree}")
+        if degree not in self._by_degree:
+            groups = [dist.new_group(list(range(d * degree, (d + 1) * degree))) for d in range(self.world // degree)]
+            self._by_degree[degree] = SequenceParallel(groups[self.rank // degree], self.rank % degree, degree)
+        return self._by_degree[degree]
+
+
+def sequence_loss(logits, labels, sp: Optional[SequenceParallel], ignore_index: int = -100):
+    """(loss to backpropagate, the sequence's mean token loss as a float).
+
+    The mean is over the valid labels of the whole micro-batch (every segment of it), so it
+    equals the single-process loss; the backpropagated loss is this rank's share times the
+    SP degree (see the module docstring)."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+                            reduction="sum")
+    if sp is None:
+        share = total / (labels != ignore_index).sum()
+        return share, float(share.detach())
+    counts = torch.stack([(labels != ignore_index).sum().to(total.dtype), total.detach()])
+    sp.all_reduce(counts)
+    share = total / counts[0]
+    return share * sp.size, float(counts[1] / counts[0])
