@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import List
 
 from .config import Config, ConfigError
+from .mitigations import merge_overrides
+from .parallel import STATE_NORM_UNSUPPORTED
 
 WSD_DECAY_FRACTION = 0.2   # warmup-stable-decay: the last 20% of a stage's steps decay
 
@@ -62,8 +64,8 @@ def plan(cfg: Config, world_size: int, chunk_size: int, where: str = "<config>")
 
         if st.seq_parallel < 1:
             fail("seq_parallel", f"must be >= 1, got {st.seq_parallel}")
-        if st.seq_parallel > 1:
-            fail("seq_parallel", "sequence parallelism (> 1) arrives with issue [E]; use 1")
+        if st.seq_parallel > 1 and merge_overrides(cfg.mitigations, st.mitigations, key).state_norm.every:
+            fail("seq_parallel", f"{st.seq_parallel} with state norm on: {STATE_NORM_UNSUPPORTED}")
         if world_size % st.seq_parallel:
             fail("seq_parallel", f"world size {world_size} is not divisible by seq_parallel {st.seq_parallel}")
         if st.seq_len % (st.seq_parallel * chunk_size):

@@ -32,6 +32,7 @@ from .evaluate.run import run_eval
 from .metrics import MetricsLogger
 from .mitigations import LayerMitigations, calibrate_state_norm, merge_overrides, resolve
 from .model import Mamba2LM
+from .parallel import Groups, sequence_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_SEED_OFFSET = 1_000_003      # the held-out stream is another seeded order of the documents
@@ -134,6 +135,7 @@ class Trainer:
                                       betas=tuple(cfg.train.betas))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, first.micro_batch, first.grad_accum))
+        self.sp_groups = Groups(self.world, self.rank)
         self.state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_micro_batches": 0}
         self.stage_mitigations = {}
         self.stop_requested = False
@@ -178,13 +180,17 @@ class Trainer:
                                 for k, v in self.stage_mitigations.items()}}
 
     def enter_stage(self, p) -> None:
-        self.engine.set_train_batch_size(p.micro_batch * p.grad_accum * p.data_parallel)
+        # DeepSpeed's data-parallel world is every rank (pipeline/parallel.py): it counts each SP rank's
+        # micro-batch as one, so its batch size is micro x accum x world, not x DP.
+        self.engine.set_train_batch_size(p.micro_batch * p.grad_accum * self.world)
+        self.model.set_sequence_parallel(None)        # calibration below reads whole sequences
         if p.index not in self.stage_mitigations:
             self.stage_mitigations[p.index] = self.stage_layers(p)
         self.model.set_mitigations(self.stage_mitigations[p.index])
+        self.model.set_sequence_parallel(self.sp_groups.get(p.seq_parallel))
         if self.rank == 0:
             print(f"stage {p.index} '{p.name}': seq_len {p.seq_len}, {p.steps} steps, micro {p.micro_batch} x "
-                  f"accum {p.grad_accum} x DP {p.data_parallel}", flush=True)
+                  f"accum {p.grad_accum} x DP {p.data_parallel} x SP {p.seq_parallel}", flush=True)
 
     def stage_layers(self, p):
         """The stage's mitigations; state-norm thresholds calibrated here when the config gives none."""
@@ -223,14 +229,14 @@ class Trainer:
             ids = torch.as_tensor(rows.input_ids, device=self.device)
             labels = torch.as_tensor(rows.labels, device=self.device)
             seq_idx = torch.as_tensor(rows.seq_idx, device=self.device)
-            loss = lm_loss(self.engine(ids, seq_idx=seq_idx).logits, labels)
-            finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
+            loss, mean = sequence_loss(self.engine(ids, seq_idx=seq_idx).logits, labels, self.model.sequence_parallel)
+            finite = torch.tensor([float(torch.isfinite(loss)) * float(math.isfinite(mean))], device=self.device)
             self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
             if finite.item() < 1:            # skip this micro-batch everywhere: a zero loss with zero gradients
                 bad += 1
                 loss = sum(p_.sum() for p_ in self.engine.module.parameters()) * 0.0
             else:
-                losses.append(float(loss.detach()))
+                losses.append(mean)
             self.engine.backward(loss)
             self.engine.step()
         elapsed = time.perf_counter() - t0
@@ -246,17 +252,21 @@ class Trainer:
 
     @torch.no_grad()
     def heldout_loss(self, p) -> float:
-        """Until the evaluation suite [G] lands: loss on sequences of another seeded document order."""
+        """Loss on sequences of another seeded document order, at the stage's length; under
+        sequence parallelism each rank reads its segment (the group sums)."""
         n = max(1, self.cfg.eval.heldout_sequences)
+        sp = self.model.sequence_parallel
         batch = self.eval_stream.next_batch(n, p.seq_len)
+        if sp is not None:
+            batch = rank_share(batch, 0, 1, sp.rank, sp.size)
         module = self.engine.module
         was_training = module.training
         module.eval()
-        out = lm_loss(module(torch.as_tensor(batch.input_ids, device=self.device),
-                             seq_idx=torch.as_tensor(batch.seq_idx, device=self.device)).logits,
-                      torch.as_tensor(batch.labels, device=self.device))
+        _, mean = sequence_loss(module(torch.as_tensor(batch.input_ids, device=self.device),
+                                       seq_idx=torch.as_tensor(batch.seq_idx, device=self.device)).logits,
+                                torch.as_tensor(batch.labels, device=self.device), sp)
         module.train(was_training)
-        return float(out)
+        return mean
 
     def evaluate(self, p, record: dict, metrics: MetricsLogger) -> None:
         """The checkpoint's evaluation into eval/step_XXXXXXX/, the step's metrics record and TensorBoard.
@@ -275,6 +285,19 @@ class Trainer:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "heldout.json").write_text(json.dumps({"step": step, "seq_len": p.seq_len,
                                                               "heldout_loss": record["eval_loss"]}))
+        # passkey / length / states decode recurrently (memory independent of length): whole sequences
+        # on every rank, no sequence parallelism
+        sp = self.model.sequence_parallel
+        self.model.set_sequence_parallel(None)
+        try:
+            self._recurrent_evals(p, record, metrics, out, write)
+        finally:
+            self.model.set_sequence_parallel(sp)
+        module.train()
+        record["eval_seconds"] = time.perf_counter() - t0
+
+    def _recurrent_evals(self, p, record, metrics, out, write) -> None:
+        ev, step, module = self.cfg.eval, self.state["step"], self.engine.module
         common = dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=write, seed=self.cfg.run.seed)
         if "passkey" in ev.kinds:
             res = run_eval("passkey", module, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
@@ -292,8 +315,6 @@ class Trainer:
             res = run_eval("states", module, self.tok, out, lengths=[ev.length_max], stream=self.eval_stream,
                            **common)["model"]
             record["max_state_norm"] = float(np.max(res["norms"][-1]))
-        module.train()
-        record["eval_seconds"] = time.perf_counter() - t0
 
     def save(self, p) -> None:
         checkpoint.save(self.engine, self.ckpt_root, self.state["step"], self.trainer_state(p), self.model.config,

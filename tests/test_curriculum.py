@@ -27,7 +27,10 @@ def test_plan_keeps_tokens_per_step_and_replans_accumulation(tmp_path):
 
 @pytest.mark.parametrize("stage,world,match", [
     ("{name: x, seq_len: 300, steps: 1, global_batch_tokens: 600}", 1, r"stages\[0\] \(x\).seq_len: 300 must be a multiple"),
-    ("{name: x, seq_len: 256, steps: 1, global_batch_tokens: 256, seq_parallel: 2}", 2, r"seq_parallel: .*issue \[E\]"),
+    ("{name: x, seq_len: 256, steps: 1, global_batch_tokens: 256, seq_parallel: 2}", 2, r"seq_len: 256 must be a multiple of seq_parallel x chunk_size \(2 x 256\)"),
+    ("{name: x, seq_len: 512, steps: 1, global_batch_tokens: 512, seq_parallel: 2}", 3, r"seq_parallel: world size 3 is not divisible"),
+    ("{name: x, seq_len: 512, steps: 1, global_batch_tokens: 512, seq_parallel: 2, mitigations: {state_norm: {every: 256}}}",
+     2, r"\(x\).seq_parallel: 2 with state norm on: mitigations.state_norm is not supported"),
     ("{name: x, seq_len: 256, steps: 1, global_batch_tokens: 768}", 2, r"global_batch_tokens: 3 sequences"),
     ("{name: x, seq_len: 256, steps: 1, global_batch_tokens: 256, warmup_steps: 5}", 1, r"warmup_steps"),
     ("{name: x, seq_len: 256, steps: 0, global_batch_tokens: 256}", 1, r"\(x\).steps"),
@@ -35,6 +38,14 @@ def test_plan_keeps_tokens_per_step_and_replans_accumulation(tmp_path):
 def test_impossible_plans_are_refused_naming_the_field(tmp_path, stage, world, match):
     with pytest.raises(ConfigError, match=match):
         plan(cfg(tmp_path, [stage]), world_size=world, chunk_size=256)
+
+
+def test_sequence_parallel_stages_plan_data_parallel_over_the_rest(tmp_path):
+    c = cfg(tmp_path, ["{name: a, seq_len: 1024, steps: 2, global_batch_tokens: 8192}",
+                       "{name: b, seq_len: 4096, steps: 2, global_batch_tokens: 8192, seq_parallel: 4}"])
+    a, b = plan(c, world_size=4, chunk_size=256)
+    assert (a.seq_parallel, a.data_parallel, a.grad_accum) == (1, 4, 2)
+    assert (b.seq_parallel, b.data_parallel, b.sequences_per_step, b.grad_accum) == (4, 1, 2, 2)
 
 
 def test_lr_schedule_warms_up_decays_and_continues_across_stages(tmp_path):

@@ -211,3 +211,25 @@ def test_train_runs_as_a_single_process_without_a_launcher(uninterrupted):
                        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [x["seq_len"] for x in records(tmp / "single")] == [64, 64, 128]
+
+
+def test_sequence_parallel_run_equals_one_process(uninterrupted):
+    """Stage 0 data-parallel over 2 ranks, stage 1 sequence-parallel over them (seq_parallel: 2): the losses,
+    gradient norms and held-out losses of one process running the same global batches."""
+    tmp, _ = uninterrupted
+    cfg = write_config(tmp, "sp")
+    common = ["eval.kinds=[heldout]", "checkpoint.every_steps=3"]
+    two = subprocess.run(run_cmd(cfg, "curriculum.stages.1.seq_parallel=2", *common),
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "x SP 2" in two.stdout
+    one = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg), "--nproc", "1", "run.dir=" + str(tmp / "sp1"),
+                          *common], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    a, b = records(tmp / "sp"), records(tmp / "sp1")
+    assert len(a) == len(b) == sum(STEPS) and [r["seq_len"] for r in a] == [r["seq_len"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if y.get(key) is not None:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=0), (key, x["step"])
+    assert sum(r.get("eval_loss") is not None for r in a) >= 2
