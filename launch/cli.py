@@ -72,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
 
-    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s)")
-    p.add_argument("what", choices=["kernels", "data", "train"])
-    p.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated sequence lengths")
+    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s), "
+                                     "sp (sequence-parallel step time and bytes per layer)")
+    p.add_argument("what", choices=["kernels", "data", "train", "sp"])
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,32768)")
+    p.add_argument("--nproc", type=int, default=2, help="sp: processes in the sequence-parallel group")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--d-state", type=int, default=64)
@@ -179,7 +182,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_bench(args) -> int:
     out = Path(args.out or f"bench_results/{args.what}.json")
-    if args.what in ("data", "train"):
+    if args.what in ("data", "train", "sp"):
         import json
         if args.what == "data":
             from data.bench import run_data_bench
@@ -187,8 +190,12 @@ def cmd_bench(args) -> int:
             for k, v in result.items():
                 print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
         else:
-            from pipeline.bench_train import run_train_bench
-            result = run_train_bench(repeats=args.repeats)
+            if args.what == "sp":
+                from pipeline.bench_sp import run_sp_bench
+                result = run_sp_bench(_ints(args.lengths or "2048,8192,32768"), nproc=args.nproc, repeats=args.repeats)
+            else:
+                from pipeline.bench_train import run_train_bench
+                result = run_train_bench(repeats=args.repeats)
             for row in result:
                 print("  ".join(f"{k}={v:,.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +203,7 @@ def cmd_bench(args) -> int:
         print(f"wrote {out}")
         return 0
     from kernels.bench import print_and_save, run_kernel_bench
-    rows = run_kernel_bench(lengths=_ints(args.lengths), heads=args.heads, headdim=args.headdim,
+    rows = run_kernel_bench(lengths=_ints(args.lengths or "512,1024,2048,4096"), heads=args.heads, headdim=args.headdim,
                             d_state=args.d_state, chunk_size=args.chunk_size, repeats=args.repeats,
                             naive_max_len=args.naive_max_len)
     print_and_save(rows, out)

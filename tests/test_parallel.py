@@ -127,3 +127,19 @@ def test_decoding_cache_is_refused_under_sequence_parallelism():
     m.set_sequence_parallel(SequenceParallel(group=None, rank=0, size=2))
     with pytest.raises(ValueError, match="decoding cache"):
         m.step(torch.tensor([1]), m.init_cache(1))
+
+
+def test_bench_sp_traffic_per_layer_does_not_grow_with_length(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "sp.json"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "sp", "--lengths", "512,2048", "--repeats", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [row["length"] for row in rows] == [512, 2048]
+    sent = {row["bytes_per_layer_per_rank"] for row in rows}
+    # one fp32 state forward (plus its decay) and one backward per layer, and the small conv halo
+    assert len(sent) == 1 and 2 * 8 * 32 * 64 * 4 < sent.pop() < 3 * 8 * 32 * 64 * 4
+    assert all(row["sp_step_s"] > 0 and row["one_process_step_s"] > 0 for row in rows)
