@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .chunked import ssd_chunked
 from .common import StateNorm
 from .conv import causal_conv1d
@@ -24,13 +26,34 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_soft
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend arrives with issue [F]; use backend='torch'")
-    # "auto" means Triton on CUDA tensors once [F] lands; until then the torch path everywhere.
-    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-                       dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
-                       seq_idx=seq_idx, return_final_states=return_final_states,
-                       decay_scale=decay_scale, input_scale=input_scale, state_norm=state_norm, window=window)
+    kw = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+              initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states,
+              decay_scale=decay_scale, input_scale=input_scale, state_norm=state_norm, window=window)
+    # "auto": the Triton kernels on CUDA tensors, except where they would only fall back to torch
+    # anyway (state norm, fp64), so that model code on GPU does not warn at every call.
+    auto_triton = (backend == "auto" and x.is_cuda and state_norm is None and x.dtype != torch.float64
+                   and _triton_backend() is not None)
+    if backend == "triton" or auto_triton:
+        impl = _triton_backend()
+        if impl is None:
+            raise RuntimeError("ssd(backend='triton'): triton is not importable; install it or use backend='torch'")
+        return impl(x, dt, A, B, C, **kw)
+    return ssd_chunked(x, dt, A, B, C, **kw)
+
+
+_TRITON = []
+
+
+def _triton_backend():
+    """kernels.triton.ssd_triton, or None when triton cannot be imported. Imported on first use so that
+    CPU-only code never pays for (or depends on) triton."""
+    if not _TRITON:
+        try:
+            from .triton import ssd_triton
+        except ImportError:
+            ssd_triton = None
+        _TRITON.append(ssd_triton)
+    return _TRITON[0]
 
 
 __all__ = ["ssd", "ssd_naive", "ssd_step", "ssd_chunked", "StateNorm", "causal_conv1d", "BACKENDS"]
