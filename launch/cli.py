@@ -165,9 +165,18 @@ def cmd_run(args) -> int:
     from pipeline.curriculum import format_plan, plan
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.local_procs
-    text = format_plan(plan(cfg, nproc, model_chunk_size(cfg), args.config), nproc)
+    note = ""
+    if args.plan and cfg.model.from_pretrained and not (Path(cfg.model.from_pretrained) / "config.json").exists():
+        # planning a cluster recipe on a machine without the checkpoint: the model section describes it
+        from pipeline.config import model_config
+        chunk = model_config(cfg).chunk_size
+        note = (f"\nnote: {cfg.model.from_pretrained} is not here; planned with the model section's "
+                f"chunk_size {chunk} (training reads it from the checkpoint)")
+    else:
+        chunk = model_chunk_size(cfg)
+    text = format_plan(plan(cfg, nproc, chunk, args.config), nproc)
     if args.plan:
-        print(text)
+        print(text + note)
         return 0
     return run_local(cfg, args.config, args.overrides, nproc, text)
 
