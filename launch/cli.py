@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--naive-max-len", type=int, default=8192, help="skip the slow reference above this length")
+    p.add_argument("--dtypes", default="float32", help="kernels: comma-separated input dtypes (float32,bfloat16)")
+    p.add_argument("--devices", default="cpu,cuda", help="kernels: comma-separated devices to time on")
     p.add_argument("--out", default=None, help="JSON results file (default bench_results/WHAT.json)")
     p.add_argument("--megabytes", type=float, default=100, help="data: size of the generated jsonl corpus")
     p.add_argument("--workers", type=int, default=2, help="data: Ray workers for prepare (and cores for the baseline)")
@@ -214,7 +216,8 @@ def cmd_bench(args) -> int:
     from kernels.bench import print_and_save, run_kernel_bench
     rows = run_kernel_bench(lengths=_ints(args.lengths or "512,1024,2048,4096"), heads=args.heads, headdim=args.headdim,
                             d_state=args.d_state, chunk_size=args.chunk_size, repeats=args.repeats,
-                            naive_max_len=args.naive_max_len)
+                            naive_max_len=args.naive_max_len, dtypes=args.dtypes.split(","),
+                            devices=args.devices.split(","))
     print_and_save(rows, out)
     return 0
 

@@ -13,7 +13,6 @@ Every offset that scales with the sequence, the batch or the chunk index is buil
 """
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
 

@@ -283,7 +283,6 @@ def ssd_triton(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, 
                            "imported to run the kernels on CPU for tests; use backend='torch' or 'auto' on CPU")
 
     b, l, h, p = x.shape
-    n = B.shape[-1]
     cdt = torch.float32
     Q = max(1, min(int(chunk_size), l))
     pad = (-l) % Q
