@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import (check_shapes, check_window, document_ids, finish_output, log_decay_scale, per_head,
-                      process_dt)
+from ..common import check_shapes, check_window, document_ids, finish_output, log_decays, per_head
 from . import kernels as K
 
 _INTERP_BLOCK = 16     # fixed tiles in the interpreter (no autotune there); tl.dot needs >= 16
@@ -292,11 +291,7 @@ def ssd_triton(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, 
         B, C = B.to(x.dtype), C.to(x.dtype)
 
     # O(l·h) preprocessing in torch (autograd takes care of dt_bias/softplus/limit/scales)
-    dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
-    log_a = dtp * A.to(cdt)
-    log_decay = log_decay_scale(decay_scale, h, cdt, x.device)
-    if log_decay is not None:
-        log_a = log_a + log_decay
+    dtp, log_a = log_decays(dt, A, dt_bias, dt_softplus, dt_limit, decay_scale, cdt)
     scale_in = per_head(input_scale, h, cdt, x.device, "input_scale")
     u = dtp if scale_in is None else dtp * scale_in
 
