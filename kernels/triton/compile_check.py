@@ -47,6 +47,8 @@ def jobs():
         (K._outer_bwd, {}, {"y_ptr": "DATA"}),
         (K._pass_fwd, dict(HAS_INIT=True), {}),
         (K._pass_bwd, dict(HAS_DFINAL=True), {}),
+        (K._window_states_fwd, {}, {}),
+        (K._window_states_bwd, {}, {}),
         (K._scan_fwd, scan, {}),
         (K._scan_fwd, window_block, {}),
         (K._scan_fwd, dict(scan, HAS_INTRA=False, HAS_DOC=False), {}),   # initial-state read-out (window)

@@ -354,3 +354,43 @@ def _scan_bwd_key(x_ptr, b_ptr, c_ptr, cum_ptr, u_ptr, doc_ptr, ex_ptr, dy_ptr,
     tl.store(db_ptr + (row + s[:, None] * nheads) * n + offs_n[None, :], db, mask=s_ok[:, None] & n_ok[None, :])
     tl.store(du_ptr + bh * L + s, du, mask=s_loc < Q)
     tl.store(dck_ptr + bh * L + s, dck, mask=s_loc < Q)
+
+
+# ----------------------------------------------------------------------------------------------
+# window: F_c = Σ_{d=1..ND} coef[c, d] W_{c-d}, the key chunks wholly inside the window read through
+# their written states (a sum of decayed positive terms, never a difference of two states)
+
+def _window_states_fwd(w_ptr, coef_ptr, f_ptr, nc, nheads, pn, ND,
+                       BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64)
+    bi, hi = bh // nheads, bh % nheads
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < pn
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d in range(1, ND + 1):
+        if c >= d:
+            k = tl.load(coef_ptr + (bh * nc + c) * ND + d - 1)
+            acc += k * tl.load(w_ptr + ((bi * nc + c - d) * nheads + hi) * pn + offs, mask=ok, other=0.0)
+    tl.store(f_ptr + ((bi * nc + c) * nheads + hi) * pn + offs, acc, mask=ok)
+
+
+def _window_states_bwd(w_ptr, coef_ptr, df_ptr, dw_ptr, dcoef_ptr, nc, nheads, pn, ND, nblocks,
+                       BLOCK: tl.constexpr):
+    """dW_c = Σ_d coef[c+d, d] dF_{c+d}; dcoef[c+d, d] = <dF_{c+d}, W_c> (partial per block)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64)
+    bi, hi = bh // nheads, bh % nheads
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < pn
+    w = tl.load(w_ptr + ((bi * nc + c) * nheads + hi) * pn + offs, mask=ok, other=0.0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d in range(1, ND + 1):
+        if c + d < nc:
+            df = tl.load(df_ptr + ((bi * nc + c + d) * nheads + hi) * pn + offs, mask=ok, other=0.0)
+            k = tl.load(coef_ptr + (bh * nc + c + d) * ND + d - 1)
+            acc += k * df
+            tl.store(dcoef_ptr + ((bh * nc + c + d) * ND + d - 1) * nblocks + pid, tl.sum(df * w, axis=0))
+    tl.store(dw_ptr + ((bi * nc + c) * nheads + hi) * pn + offs, acc, mask=ok)

@@ -15,8 +15,9 @@ chains them back. Each kernel group is its own autograd.Function:
 Sliding window (kernels/chunked.py docstring, same decomposition): the band inside the
 chunk (mask in the scan kernel), blocks of earlier chunks cut by the window edge (scan
 kernel with a key-chunk offset), whole chunks inside the window through their written
-states (a torch sum of decayed positive terms over (b, nc, h, p, n), O(l/Q · r/Q · h·p·n)),
-and the initial state while t < r (scan kernel read-out of the initial state).
+states (`_WindowStates`: a sum of decayed positive terms, O(l/Q · r/Q · h·p·n), read out
+like the carried state), and the initial state while t < r (scan kernel read-out of the
+initial state). Only the per-chunk log-decay coefficients (O(l/Q · r/Q · h)) are torch.
 
 Falls back to the torch backend, with a warning naming the reason: state_norm (its rescale
 depends on the state's norm at chunk ends, not implemented in the kernels) and float64
@@ -90,6 +91,8 @@ _outer_fwd = _Kernel(K._outer_fwd, _configs(BS=[32, 64], BP=[32, 64], BN=[64, 12
 _outer_bwd = _Kernel(K._outer_bwd, _configs(BS=[32, 64], num_warps=[4, 8]), _SHAPE_KEY)
 _pass_fwd = _Kernel(K._pass_fwd)
 _pass_bwd = _Kernel(K._pass_bwd)
+_window_states_fwd = _Kernel(K._window_states_fwd)
+_window_states_bwd = _Kernel(K._window_states_bwd)
 _scan_fwd = _Kernel(K._scan_fwd, _configs(BT=[64, 128], BS=[32, 64], BP=[32, 64], num_warps=[4, 8], num_stages=[2]),
                     _SHAPE_KEY)
 _scan_bwd_query = _Kernel(K._scan_bwd_query, _configs(BT=[32, 64], BS=[32, 64], num_warps=[4, 8]), _SHAPE_KEY)
@@ -186,6 +189,32 @@ class _PassStates(torch.autograd.Function):
         _pass_bwd((nblocks, b * h), dcarried, g, carried, dfin, dW, dg, dinit, nc, h, p * n, nblocks,
                   HAS_DFINAL=dfinal is not None, BLOCK=_PASS_BLOCK)
         return dW, dg.sum(-1), (dinit.to(ctx.init_dtype) if ctx.has_init else None)
+
+
+class _WindowStates(torch.autograd.Function):
+    """F_c = Σ_{d=1..ND} coef[b, h, c, d-1] W_{c-d}  (coef zero where c < d or a document boundary lies between)."""
+
+    @staticmethod
+    def forward(ctx, W, coef):
+        b, nc, h, p, n = W.shape
+        nd = coef.shape[-1]
+        F = torch.empty_like(W)
+        _window_states_fwd((triton.cdiv(p * n, _PASS_BLOCK), nc, b * h), W, coef, F, nc, h, p * n, nd,
+                           BLOCK=_PASS_BLOCK)
+        ctx.save_for_backward(W, coef)
+        return F
+
+    @staticmethod
+    def backward(ctx, dF):
+        W, coef = ctx.saved_tensors
+        b, nc, h, p, n = W.shape
+        nd = coef.shape[-1]
+        nblocks = triton.cdiv(p * n, _PASS_BLOCK)
+        dW = torch.empty_like(W)
+        dcoef = torch.zeros(b, h, nc, nd, nblocks, device=W.device, dtype=torch.float32)
+        _window_states_bwd((nblocks, nc, b * h), W, coef, dF.contiguous(), dW, dcoef, nc, h, p * n, nd, nblocks,
+                           BLOCK=_PASS_BLOCK)
+        return dW, dcoef.sum(-1)
 
 
 class _ChunkScan(torch.autograd.Function):
@@ -337,26 +366,28 @@ def _window(x, B, C, cum, cum_f, u_f, written, w_start, init, doc, doc_k, r, Q):
     cdt = cum.dtype
     total = cum[..., -1]
     y = None
-    full_states = torch.zeros_like(written)
     between = torch.zeros_like(total)          # Λ_d[c]: log decay from the end of chunk c-d to the start of chunk c
     prev_end = None
     if doc is not None:
         doc4 = doc.view(b, nc, Q)
         prev_end = torch.cat([doc4[:, :1, 0], doc4[:, :-1, -1]], dim=1)
+    coefs = []                                 # per whole key chunk d: exp(Λ_d[c]) (b, h, nc), zero for c < d
     d = 1
     while d < nc and (d - 1) * Q + 1 < r:
         if (d + 1) * Q <= r:                   # key chunk c-d wholly inside the window: its written state
             coef = torch.exp(between[..., d:])
             if doc is not None:
                 coef = coef * (doc4[:, :-d, -1] == prev_end[:, d:])[:, None].to(cdt)
-            full_states = torch.cat([full_states[:, :d], full_states[:, d:]
-                                     + coef.permute(0, 2, 1)[..., None, None] * written[:, :-d]], dim=1)
+            coefs.append(torch.cat([torch.zeros_like(total[..., :d]), coef], dim=-1))
         else:                                  # chunk cut by the window edge: masked block in the scan kernel
             extra = torch.cat([torch.zeros_like(total[..., :d]), between[..., d:] + total[..., :-d]], dim=-1)
             part = _ChunkScan.apply(x, B, C, cum_f, u_f, None, None, extra.contiguous(), doc_k, Q, d, r, True)
             y = part if y is None else y + part
         between = torch.cat([between[..., :d + 1], between[..., d + 1:] + total[..., 1:nc - d]], dim=-1)
         d += 1
+    # whole key chunks are always d = 1..len(coefs): (d + 1)·Q <= r holds for a prefix of d
+    full_states = (_WindowStates.apply(written, torch.stack(coefs, dim=-1).contiguous()) if coefs
+                   else torch.zeros_like(written))
     band = _ChunkScan.apply(x, B, C, cum_f, u_f, full_states, w_start.reshape(b, h, L), None, doc_k, Q, 0, r, True)
     y = band if y is None else y + band
     if init is not None:                       # positions t < r still see the (decayed) initial state
