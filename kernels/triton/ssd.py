@@ -49,16 +49,12 @@ def interpreting() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
-def _configs(**grid):
-    """All combinations of the given meta-parameter values (num_warps / num_stages as keys)."""
-    import itertools
-    keys = list(grid)
-    out = []
-    for vals in itertools.product(*(grid[k] for k in keys)):
-        kw = dict(zip(keys, vals))
-        warps, stages = kw.pop("num_warps", 4), kw.pop("num_stages", 2)
-        out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
-    return out
+def _configs(*rows, names):
+    """triton.Configs from rows of meta-parameter values, the last two being num_warps and num_stages.
+
+    A handful per kernel, not a grid: every config is compiled on the first call (fp32 variants take
+    seconds each), and configs that do not fit in shared memory are dropped by the autotuner."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
 class _Kernel:
@@ -87,16 +83,19 @@ class _Kernel:
 
 
 _SHAPE_KEY = ["p", "n", "Q"]
-_outer_fwd = _Kernel(K._outer_fwd, _configs(BS=[32, 64], BP=[32, 64], BN=[64, 128], num_warps=[4, 8]), _SHAPE_KEY)
-_outer_bwd = _Kernel(K._outer_bwd, _configs(BS=[32, 64], num_warps=[4, 8]), _SHAPE_KEY)
+_outer_fwd = _Kernel(K._outer_fwd, _configs((64, 64, 64, 4, 2), (32, 64, 128, 4, 2), (64, 32, 128, 4, 2),
+                                            (64, 64, 128, 8, 2), names=("BS", "BP", "BN")), _SHAPE_KEY)
+_outer_bwd = _Kernel(K._outer_bwd, _configs((32, 4, 2), (64, 4, 2), (64, 8, 2), names=("BS",)), _SHAPE_KEY)
 _pass_fwd = _Kernel(K._pass_fwd)
 _pass_bwd = _Kernel(K._pass_bwd)
 _window_states_fwd = _Kernel(K._window_states_fwd)
 _window_states_bwd = _Kernel(K._window_states_bwd)
-_scan_fwd = _Kernel(K._scan_fwd, _configs(BT=[64, 128], BS=[32, 64], BP=[32, 64], num_warps=[4, 8], num_stages=[2]),
-                    _SHAPE_KEY)
-_scan_bwd_query = _Kernel(K._scan_bwd_query, _configs(BT=[32, 64], BS=[32, 64], num_warps=[4, 8]), _SHAPE_KEY)
-_scan_bwd_key = _Kernel(K._scan_bwd_key, _configs(BT=[32, 64], BS=[32, 64], num_warps=[4, 8]), _SHAPE_KEY)
+_scan_fwd = _Kernel(K._scan_fwd, _configs((64, 64, 64, 4, 2), (64, 32, 64, 4, 2), (64, 64, 32, 4, 2),
+                                          (128, 64, 64, 8, 2), names=("BT", "BS", "BP")), _SHAPE_KEY)
+_BWD_CONFIGS = _configs((32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 1),
+                        names=("BT", "BS"))
+_scan_bwd_query = _Kernel(K._scan_bwd_query, _BWD_CONFIGS, _SHAPE_KEY)
+_scan_bwd_key = _Kernel(K._scan_bwd_key, _BWD_CONFIGS, _SHAPE_KEY)
 
 
 def _pow2(v: int) -> int:
@@ -104,9 +103,11 @@ def _pow2(v: int) -> int:
 
 
 def _prec(t: torch.Tensor) -> str:
-    """fp32 dot precision follows torch's own switch for fp32 matmuls (TF32 only when allowed)."""
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+    """fp32 dot precision follows torch's switch for fp32 matmuls: plain TF32 only when torch allows it,
+    otherwise 3xTF32 (fp32-accurate on tensor cores; "ieee" would leave them idle). The interpreter
+    computes in numpy, exactly."""
+    if t.dtype == torch.float32 and t.is_cuda and not interpreting():
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return "ieee"
 
 
