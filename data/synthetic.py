@@ -22,12 +22,23 @@ KEYS = ("amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbor
         "kestrel", "lagoon", "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "tundra")
 
 
+# The passkey prompt of ARCHITECTURE §6 (the paper's); the evaluation builds its prompts from these.
+PASSKEY_PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? The passkey is"
+
+
+def passkey_needle(key: str) -> str:
+    return f"The passkey is {key}. Remember it. {key} is the passkey."
+
+
 @dataclass
 class SyntheticConfig:
     documents: int = 0        # 0: no synthetic input
     min_tokens: int = 512
     max_tokens: int = 4096
     seed: int = 0
+    passkey_fraction: float = 0.0   # share of documents that are passkey tasks in the evaluation's format
 
 
 def make_document(rng: random.Random, length: int) -> str:
@@ -49,12 +60,29 @@ def make_document(rng: random.Random, length: int) -> str:
     return body + question
 
 
+def passkey_document(rng: random.Random, length: int) -> str:
+    """A passkey retrieval task of about `length` characters, answered: the evaluation's prompt
+    (prefix, filler with the needle at a random depth, question) followed by " KEY."."""
+    key = str(rng.randint(10000, 99999))
+    head, middle = PASSKEY_PREFIX + "\n", "\n" + passkey_needle(key) + "\n"
+    tail = "\n" + PASSKEY_QUESTION + " " + key + "."
+    budget = max(0, length - len(head) - len(middle) - len(tail))
+    filler = " ".join([PASSKEY_FILLER] * (budget // len(PASSKEY_FILLER) + 2))[:budget]
+    cut = rng.randint(0, budget)
+    return head + filler[:cut] + middle + filler[cut:] + tail
+
+
 def write_jsonl(cfg: SyntheticConfig, directory: str) -> str:
     """Write the documents (once: the file name encodes the settings) and return its path."""
     if cfg.documents <= 0 or cfg.min_tokens <= 0 or cfg.max_tokens < cfg.min_tokens:
         raise ValueError("data.prepare.synthetic: need documents > 0 and 0 < min_tokens <= max_tokens, got "
                          f"{cfg.documents}, {cfg.min_tokens}, {cfg.max_tokens}")
-    tag = hashlib.sha1(json.dumps([cfg.documents, cfg.min_tokens, cfg.max_tokens, cfg.seed, 1]).encode()).hexdigest()[:12]
+    if not 0.0 <= cfg.passkey_fraction <= 1.0:
+        raise ValueError(f"data.prepare.synthetic.passkey_fraction must lie in [0, 1], got {cfg.passkey_fraction}")
+    settings = [cfg.documents, cfg.min_tokens, cfg.max_tokens, cfg.seed, 1]
+    if cfg.passkey_fraction:
+        settings.append(cfg.passkey_fraction)
+    tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:12]
     path = os.path.join(directory, f"synthetic-{tag}.jsonl")
     if os.path.exists(path):
         return path
@@ -63,6 +91,7 @@ def write_jsonl(cfg: SyntheticConfig, directory: str) -> str:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         for _ in range(cfg.documents):
-            f.write(json.dumps({"text": make_document(rng, rng.randint(cfg.min_tokens, cfg.max_tokens))}) + "\n")
+            kind = passkey_document if cfg.passkey_fraction and rng.random() < cfg.passkey_fraction else make_document
+            f.write(json.dumps({"text": kind(rng, rng.randint(cfg.min_tokens, cfg.max_tokens))}) + "\n")
     os.replace(tmp, path)
     return path

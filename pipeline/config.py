@@ -84,6 +84,8 @@ class EvalConfig:
     length_max: int = 16384
     length_buckets: int = 16
     prefill_chunk: int = 4096
+    # mitigations put on top of the stage's for a second loss-vs-position curve (with vs without)
+    compare_mitigations: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

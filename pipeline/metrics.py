@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage")
-EVAL_KEYS = ("eval_loss", "passkey_accuracy", "collapse_point", "max_state_norm")
+EVAL_KEYS = ("eval_loss", "passkey_accuracy", "collapse_point", "collapse_point_mitigated", "max_state_norm")
 
 
 class MetricsLogger:

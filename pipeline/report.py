@@ -48,12 +48,19 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
         if ev:
             def cell(r, k, fmt):
                 return "-" if r.get(k) is None else format(r[k], fmt)
+            compared = any("collapse_point_mitigated" in r for r in ev)
+            extra = (" | collapse point with mitigations", "|---") if compared else ("", "")
             lines += ["## Evaluation at each checkpoint", "",
-                      "| step | stage | seq_len | held-out loss | passkey accuracy | collapse point | max state norm |",
-                      "|---|---|---|---|---|---|---|"]
+                      f"| step | stage | seq_len | held-out loss | passkey accuracy | collapse point{extra[0]} | "
+                      "max state norm |", f"|---|---|---|---|---|---{extra[1]}|---|"]
             lines += [f"| {r['step']} | {r['stage_name']} | {r['seq_len']} | {cell(r, 'eval_loss', '.4f')} | "
                       f"{cell(r, 'passkey_accuracy', '.2f')} | {cell(r, 'collapse_point', 'd')} | "
-                      f"{cell(r, 'max_state_norm', '.3g')} |" for r in ev]
+                      + (f"{cell(r, 'collapse_point_mitigated', 'd')} | " if compared else "")
+                      + f"{cell(r, 'max_state_norm', '.3g')} |" for r in ev]
+            lines += ["", "Collapse point: the first position bucket whose loss exceeds the best earlier bucket by "
+                          "`eval.collapse_margin` nats (- : none within `eval.length_max`)."
+                      + (" Loss-vs-position plots show the model as trained and with `eval.compare_mitigations`."
+                         if compared else "")]
             eval_s = sum(r.get("eval_seconds", 0.0) for r in records)
             step_tokens = [r["tokens"] - prev for prev, r in zip([0] + [r["tokens"] for r in records], records)]
             train_s = sum(n / r["tokens_per_s"] for n, r in zip(step_tokens, records))

@@ -197,6 +197,10 @@ class Trainer:
         cfg = self.cfg
         mit = merge_overrides(cfg.mitigations, cfg.curriculum.stages[p.index].mitigations,
                               f"curriculum.stages[{p.index}]")
+        return self.resolve_layers(mit, p)
+
+    def resolve_layers(self, mit, p):
+        """Per-layer mitigations of a merged config, calibrating state norm on a prompt of the stage's length."""
         n_layer, nheads = self.model.config.n_layer, self.model.config.nheads
         calibrated = None
         if mit.state_norm.every and not mit.state_norm.thresholds:
@@ -307,9 +311,20 @@ class Trainer:
                 metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
             metrics.image("eval/passkey", out / "passkey.png", step)
         if "length" in ev.kinds:
-            res = run_eval("length", module, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
-                           margin=ev.collapse_margin, stream=self.eval_stream, **common)["model"]
+            variants = None
+            if ev.compare_mitigations:     # the same text with the stage's mitigations and with these on top
+                stage = merge_overrides(self.cfg.mitigations, self.cfg.curriculum.stages[p.index].mitigations,
+                                        f"curriculum.stages[{p.index}]")
+                mitigated = self.resolve_layers(merge_overrides(stage, ev.compare_mitigations,
+                                                                "eval.compare_mitigations"), p)
+                module.set_mitigations(self.stage_mitigations[p.index])
+                variants = {"as trained": "as is", "with mitigations": mitigated}
+            results = run_eval("length", module, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
+                               margin=ev.collapse_margin, stream=self.eval_stream, variants=variants, **common)
+            res = results["as trained" if variants else "model"]
             record["collapse_point"] = res["collapse_point"]
+            if variants:
+                record["collapse_point_mitigated"] = results["with mitigations"]["collapse_point"]
             metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
         if "states" in ev.kinds:
             res = run_eval("states", module, self.tok, out, lengths=[ev.length_max], stream=self.eval_stream,

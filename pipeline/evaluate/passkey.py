@@ -9,13 +9,10 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The passkey is"
-
-
-def needle(key: str) -> str:
-    return f"The passkey is {key}. Remember it. {key} is the passkey."
+from data.synthetic import PASSKEY_FILLER as FILLER
+from data.synthetic import PASSKEY_PREFIX as PREFIX
+from data.synthetic import PASSKEY_QUESTION as QUESTION
+from data.synthetic import passkey_needle as needle
 
 
 def build_prompt(tok, length: int, depth: float, key: str) -> np.ndarray:
