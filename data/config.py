@@ -10,7 +10,7 @@ from .synthetic import SyntheticConfig
 @dataclass
 class TokenizerConfig:
     kind: str = "byte"              # "byte" (built in) or "hf" (a tokenizer.json at `path`)
-    path: str = ""
+    path: str = ""                  # tokenizer.json of a Hugging Face tokenizer (kind: hf)
     eos_id: Optional[int] = None    # None: the tokenizer's own end-of-text id
 
 
@@ -19,9 +19,9 @@ class PrepareConfig:
     """`longctx prepare`: raw text (local or s3://) -> MDS shards."""
 
     inputs: List[str] = field(default_factory=list)   # globs: local paths or s3://bucket/prefix/*.jsonl
-    text_field: str = "text"
+    text_field: str = "text"                           # the jsonl/parquet field holding the text
     output: str = ""                                   # local dir or s3://bucket/prefix
-    min_doc_tokens: int = 1
+    min_doc_tokens: int = 1                            # shorter documents are rejected (too_short)
     max_doc_tokens: int = 0                            # 0: never split long documents
     ray_address: str = ""                              # empty: local ray.init()
     num_workers: int = 0                               # 0: one per available CPU
@@ -39,4 +39,3 @@ class DataConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     shards: str = ""          # where training reads MDS shards; empty: prepare.output
     cache_dir: str = ""       # local cache of StreamingDataset; empty: inside the run directory
-    validation_fraction: float = 0.0

@@ -35,9 +35,9 @@ def passkey_needle(key: str) -> str:
 @dataclass
 class SyntheticConfig:
     documents: int = 0        # 0: no synthetic input
-    min_tokens: int = 512
-    max_tokens: int = 4096
-    seed: int = 0
+    min_tokens: int = 512     # document length range, in characters (= tokens for the byte tokenizer)
+    max_tokens: int = 4096    # (lengths drawn uniformly between the two)
+    seed: int = 0             # the documents are a function of the settings
     passkey_fraction: float = 0.0   # share of documents that are passkey tasks in the evaluation's format
 
 

@@ -27,9 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    dir: str = "runs/${run.name}"
-    seed: int = 0
+    name: str = "run"               # names the run directory by default
+    dir: str = "runs/${run.name}"   # run directory: metrics, checkpoints, eval, report
+    seed: int = 0                   # model init, data order, evaluation prompts
     resume: str = "auto"            # auto | never | path to a checkpoint directory
 
 
@@ -41,49 +41,49 @@ class ModelConfig(Mamba2Config):
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1       # sequences per rank per micro-step, the same in every stage
     precision: str = "fp32"         # fp32 | bf16 | fp16 (DeepSpeed mixed precision)
-    zero_stage: int = 0
-    grad_clip: float = 1.0
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    activation_checkpointing: bool = False
+    zero_stage: int = 0             # DeepSpeed ZeRO stage 0-3
+    grad_clip: float = 1.0          # global gradient-norm clipping
+    weight_decay: float = 0.1       # AdamW, not on norms, biases, A_log, D, dt_bias
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])   # AdamW betas
+    activation_checkpointing: bool = False   # recompute each block in backward (long sequences)
     max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss
     deepspeed: Dict[str, Any] = field(default_factory=dict)   # raw DeepSpeed config, merged last
 
 
 @dataclass
 class StageConfig:
-    name: str = MISSING
-    seq_len: int = MISSING
+    name: str = MISSING             # shown in logs, the plan and the report
+    seq_len: int = MISSING          # tokens per sequence; a multiple of seq_parallel x chunk_size
     steps: Optional[int] = None     # give steps or tokens
-    tokens: Optional[int] = None
-    global_batch_tokens: int = MISSING
-    seq_parallel: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 0
+    tokens: Optional[int] = None    # the stage's length in tokens (steps = tokens / global_batch_tokens, rounded up)
+    global_batch_tokens: int = MISSING   # tokens per optimizer step
+    seq_parallel: int = 1           # ranks that share one sequence (state passing); divides the world size
+    lr: float = 3e-4                # peak learning rate of the stage
+    warmup_steps: int = 0           # linear warmup from the previous stage's final LR
     decay: str = "cosine"           # cosine | linear | wsd | constant
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1       # the decay ends at lr x this
     mitigations: Dict[str, Any] = field(default_factory=dict)   # overrides of the top-level section
 
 
 @dataclass
 class CurriculumConfig:
-    stages: List[StageConfig] = field(default_factory=list)
+    stages: List[StageConfig] = field(default_factory=list)   # the context-length stages, in order (below)
 
 
 @dataclass
 class EvalConfig:
-    every_checkpoint: bool = True
-    kinds: List[str] = field(default_factory=lambda: ["heldout", "passkey", "length", "states"])
+    every_checkpoint: bool = True   # evaluate at every checkpoint during training
+    kinds: List[str] = field(default_factory=lambda: ["heldout", "passkey", "length", "states"])   # which evaluations
     collapse_margin: float = 0.5    # nats above the running minimum that mark the collapse point
     heldout_sequences: int = 4      # sequences of the stage's length for the held-out loss
-    passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])
-    passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    passkey_samples: int = 2
-    length_max: int = 16384
-    length_buckets: int = 16
-    prefill_chunk: int = 4096
+    passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])   # prompt lengths in tokens
+    passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])   # needle depth in the filler
+    passkey_samples: int = 2        # keys per (length, depth)
+    length_max: int = 16384         # loss-vs-position and state norms read this many tokens
+    length_buckets: int = 16        # log-spaced position buckets
+    prefill_chunk: int = 4096       # tokens per forward when reading prompts recurrently
     # mitigations put on top of the stage's for a second loss-vs-position curve (with vs without)
     compare_mitigations: Dict[str, Any] = field(default_factory=dict)
 
@@ -91,18 +91,18 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0            # 0: only at stage ends
-    keep_last: int = 2
+    keep_last: int = 2              # older checkpoints are deleted
 
 
 @dataclass
 class LaunchConfig:
     local_procs: int = 1            # `longctx run` without --nproc: processes on this machine
-    nodes: int = 1
-    gpus_per_node: int = 1
-    partition: str = ""
-    time: str = "24:00:00"
-    account: str = ""
-    master_port: int = 29500
+    nodes: int = 1                  # `longctx launch` defaults for --nodes, --gpus-per-node, ...
+    gpus_per_node: int = 1          # ranks per node
+    partition: str = ""             # SLURM partition
+    time: str = "24:00:00"          # SLURM time limit
+    account: str = ""               # SLURM account
+    master_port: int = 29500        # rendezvous port of the launched job
 
 
 @dataclass

@@ -26,7 +26,7 @@ MITIGATIONS_FILE = "longctx_mitigations.json"
 @dataclass
 class StateNormConfig:
     every: int = 0                 # 0: off; else normalize after every `every` tokens
-    multiplier: float = 1.0        # calibrated threshold = multiplier * ||h|| at the training length
+    multiplier: float = 1.0        # calibrated threshold = multiplier x the state norm at the training length
     thresholds: List[Any] = field(default_factory=list)   # given thresholds: per layer, or per layer x head
 
 
