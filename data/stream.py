@@ -101,13 +101,27 @@ class PackedStream:
         return self._cached[1]
 
     # -- packing -----------------------------------------------------------------------------
-    def _take(self, n: int, advance: int):
+    def _take(self, n: int, advance: int, max_doc_tokens: int = 0):
         """The next n stream tokens with their document numbers (counted from 0 within the call);
-        the position moves forward by `advance` <= n tokens."""
+        the position moves forward by `advance` <= n tokens. With `max_doc_tokens`, documents longer
+        than that (EOS included) are passed over (they come back in later epochs and stages)."""
         out, docs, got, counter = [], [], 0, 0
         epoch, doc, offset = self.epoch, self.doc, self.offset
+        passed = 0
         while got < n:
             toks = self._document(epoch, doc)
+            if max_doc_tokens and offset == 0 and len(toks) > max_doc_tokens:
+                passed += 1
+                if passed > len(self.source):
+                    raise ValueError(f"no document has at most {max_doc_tokens} tokens (EOS included): raise the "
+                                     "stage's max_doc_tokens or set it to 0")
+                doc += 1
+                if doc == len(self.source):
+                    epoch, doc = epoch + 1, 0
+                if got <= advance:
+                    self.epoch, self.doc, self.offset = epoch, doc, 0
+                continue
+            passed = 0
             if got <= advance < got + len(toks) - offset:
                 self.epoch, self.doc, self.offset = epoch, doc, offset + (advance - got)
             piece = toks[offset: offset + (n - got)]
@@ -121,13 +135,14 @@ class PackedStream:
                     epoch, doc = epoch + 1, 0
         return np.concatenate(out), np.concatenate(docs)
 
-    def next_batch(self, rows: int, seq_len: int) -> Batch:
-        """`rows` sequences of seq_len inputs (+1 token for the labels) from the current position."""
+    def next_batch(self, rows: int, seq_len: int, max_doc_tokens: int = 0) -> Batch:
+        """`rows` sequences of seq_len inputs (+1 token for the labels) from the current position;
+        documents longer than `max_doc_tokens` (> 0) are passed over."""
         ids = np.empty((rows, seq_len), dtype=np.int64)
         labels = np.empty((rows, seq_len), dtype=np.int64)
         seq_idx = np.empty((rows, seq_len), dtype=np.int32)
         for r in range(rows):
-            toks, docs = self._take(seq_len + 1, advance=seq_len)
+            toks, docs = self._take(seq_len + 1, advance=seq_len, max_doc_tokens=max_doc_tokens)
             ids[r], seq_idx[r] = toks[:-1], docs[:-1]
             labels[r] = np.where(docs[1:] == docs[:-1], toks[1:], IGNORE)
         return Batch(ids, labels, seq_idx)

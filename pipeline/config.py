@@ -65,6 +65,7 @@ class StageConfig:
     decay: str = "cosine"           # cosine | linear | wsd | constant
     min_lr_ratio: float = 0.1       # the decay ends at lr x this
     mitigations: Dict[str, Any] = field(default_factory=dict)   # overrides of the top-level section
+    max_doc_tokens: int = 0         # > 0: documents longer than this are left out of this stage's sequences
 
 
 @dataclass

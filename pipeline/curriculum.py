@@ -35,6 +35,7 @@ class StagePlan:
     warmup_steps: int
     decay: str
     min_lr_ratio: float
+    max_doc_tokens: int = 0      # > 0: longer documents are passed over in this stage
 
     @property
     def tokens(self) -> int:
@@ -87,8 +88,11 @@ def plan(cfg: Config, world_size: int, chunk_size: int, where: str = "<config>")
             fail("warmup_steps", f"must lie in [0, {steps}] (the stage's steps), got {st.warmup_steps}")
         if not 0 <= st.min_lr_ratio <= 1:
             fail("min_lr_ratio", f"must lie in [0, 1], got {st.min_lr_ratio}")
+        if st.max_doc_tokens < 0:
+            fail("max_doc_tokens", f"must be >= 0 (0: every document), got {st.max_doc_tokens}")
         plans.append(StagePlan(i, st.name, st.seq_len, steps, step, st.global_batch_tokens, seqs, st.seq_parallel,
-                               dp, micro, seqs // (dp * micro), st.lr, st.warmup_steps, st.decay, st.min_lr_ratio))
+                               dp, micro, seqs // (dp * micro), st.lr, st.warmup_steps, st.decay, st.min_lr_ratio,
+                               st.max_doc_tokens))
         step += steps
     return plans
 

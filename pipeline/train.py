@@ -224,7 +224,7 @@ class Trainer:
         lr = learning_rate(self.plans, self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batch = self.stream.next_batch(p.sequences_per_step, p.seq_len)
+        batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens)
         dp_rank = self.rank // p.seq_parallel
         share = rank_share(batch, dp_rank, p.data_parallel, self.rank % p.seq_parallel, p.seq_parallel)
         t0, losses, bad = time.perf_counter(), [], 0

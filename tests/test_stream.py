@@ -92,3 +92,23 @@ def test_rank_slices_cover_every_token_exactly_once(shards, dp, sp):
     assert np.all(owner >= 0)
     with pytest.raises(ValueError, match="do not split over 3"):
         rank_share(batch, 0, 3)
+
+
+def test_max_doc_tokens_passes_over_long_documents_exactly_and_resumes(shards):
+    stream, _ = independent_stream(shards)
+    docs = np.split(stream, np.flatnonzero(stream == EOS) + 1)[:-1]        # each document + EOS, in order
+    limit = 60
+    short = np.concatenate([d for d in docs if len(d) <= limit])
+    assert 0 < len(short) < len(stream)
+    ps = PackedStream(DocumentSource(shards), EOS, shuffle=False)
+    states, batches = [], []
+    for _ in range(len(short) // 64 + 1):
+        states.append(ps.state_dict())
+        batches.append(ps.next_batch(1, 63, max_doc_tokens=limit))
+    ids = np.concatenate([b.input_ids.reshape(-1) for b in batches])
+    assert np.array_equal(ids[:len(short)], short)                         # exactly the short documents, in order
+    again = PackedStream(DocumentSource(shards), EOS, shuffle=False)
+    again.load_state_dict(states[2])
+    assert np.array_equal(again.next_batch(1, 63, max_doc_tokens=limit).input_ids, batches[2].input_ids)
+    with pytest.raises(ValueError, match="no document has at most 3 tokens"):
+        PackedStream(DocumentSource(shards), EOS).next_batch(1, 16, max_doc_tokens=3)
