@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -36,9 +37,10 @@ def passkey_needle(key: str) -> str:
 class SyntheticConfig:
     documents: int = 0        # 0: no synthetic input
     min_tokens: int = 512     # document length range, in characters (= tokens for the byte tokenizer)
-    max_tokens: int = 4096    # (lengths drawn uniformly between the two)
+    max_tokens: int = 4096
     seed: int = 0             # the documents are a function of the settings
     passkey_fraction: float = 0.0   # share of documents that are passkey tasks in the evaluation's format
+    length_distribution: str = "uniform"   # uniform | log (log-uniform: many short documents, a few long ones)
 
 
 def make_document(rng: random.Random, length: int) -> str:
@@ -72,16 +74,25 @@ def passkey_document(rng: random.Random, length: int) -> str:
     return head + filler[:cut] + middle + filler[cut:] + tail
 
 
+def _length(rng: random.Random, cfg: SyntheticConfig) -> int:
+    if cfg.length_distribution == "log":
+        return int(round(math.exp(rng.uniform(math.log(cfg.min_tokens), math.log(cfg.max_tokens)))))
+    return rng.randint(cfg.min_tokens, cfg.max_tokens)
+
+
 def write_jsonl(cfg: SyntheticConfig, directory: str) -> str:
     """Write the documents (once: the file name encodes the settings) and return its path."""
     if cfg.documents <= 0 or cfg.min_tokens <= 0 or cfg.max_tokens < cfg.min_tokens:
         raise ValueError("data.prepare.synthetic: need documents > 0 and 0 < min_tokens <= max_tokens, got "
                          f"{cfg.documents}, {cfg.min_tokens}, {cfg.max_tokens}")
+    if cfg.length_distribution not in ("uniform", "log"):
+        raise ValueError("data.prepare.synthetic.length_distribution must be 'uniform' or 'log', got "
+                         f"{cfg.length_distribution!r}")
     if not 0.0 <= cfg.passkey_fraction <= 1.0:
         raise ValueError(f"data.prepare.synthetic.passkey_fraction must lie in [0, 1], got {cfg.passkey_fraction}")
     settings = [cfg.documents, cfg.min_tokens, cfg.max_tokens, cfg.seed, 1]
-    if cfg.passkey_fraction:
-        settings.append(cfg.passkey_fraction)
+    if cfg.passkey_fraction or cfg.length_distribution != "uniform":
+        settings += [cfg.passkey_fraction, cfg.length_distribution]
     tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:12]
     path = os.path.join(directory, f"synthetic-{tag}.jsonl")
     if os.path.exists(path):
@@ -92,6 +103,6 @@ def write_jsonl(cfg: SyntheticConfig, directory: str) -> str:
     with open(tmp, "w") as f:
         for _ in range(cfg.documents):
             kind = passkey_document if cfg.passkey_fraction and rng.random() < cfg.passkey_fraction else make_document
-            f.write(json.dumps({"text": kind(rng, rng.randint(cfg.min_tokens, cfg.max_tokens))}) + "\n")
+            f.write(json.dumps({"text": kind(rng, _length(rng, cfg))}) + "\n")
     os.replace(tmp, path)
     return path
