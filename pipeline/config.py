@@ -49,6 +49,9 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])   # AdamW betas
     activation_checkpointing: bool = False   # recompute each block in backward (long sequences)
     max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss
+    # reset the scan state at document starts (seq_idx); false: packed documents flow into each other,
+    # as in mamba_ssm's pretraining, and the model must learn to forget at EOS by itself
+    document_resets: bool = True
     deepspeed: Dict[str, Any] = field(default_factory=dict)   # raw DeepSpeed config, merged last
 
 

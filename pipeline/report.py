@@ -27,7 +27,8 @@ def loss_curve(records: List[dict], out: Path) -> None:
         if r1["stage"] != r0["stage"]:
             ax.axvline(r1["step"] - 0.5, color="grey", ls=":", lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (log scale)")
+    ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)

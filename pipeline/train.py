@@ -232,7 +232,7 @@ class Trainer:
             rows = share.rows(m * p.micro_batch, (m + 1) * p.micro_batch)
             ids = torch.as_tensor(rows.input_ids, device=self.device)
             labels = torch.as_tensor(rows.labels, device=self.device)
-            seq_idx = torch.as_tensor(rows.seq_idx, device=self.device)
+            seq_idx = self.documents(rows)
             loss, mean = sequence_loss(self.engine(ids, seq_idx=seq_idx).logits, labels, self.model.sequence_parallel)
             finite = torch.tensor([float(torch.isfinite(loss)) * float(math.isfinite(mean))], device=self.device)
             self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
@@ -254,6 +254,13 @@ class Trainer:
                 "loss": mean_loss, "skipped_micro_batches": bad, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(self.all_mean(elapsed), 1e-9)}
 
+    def documents(self, batch):
+        """seq_idx for the scan (state reset at each document start), or None when train.document_resets
+        is off and packed documents flow into each other."""
+        if not self.cfg.train.document_resets:
+            return None
+        return torch.as_tensor(batch.seq_idx, device=self.device)
+
     @torch.no_grad()
     def heldout_loss(self, p) -> float:
         """Loss on sequences of another seeded document order, at the stage's length; under
@@ -267,7 +274,7 @@ class Trainer:
         was_training = module.training
         module.eval()
         _, mean = sequence_loss(module(torch.as_tensor(batch.input_ids, device=self.device),
-                                       seq_idx=torch.as_tensor(batch.seq_idx, device=self.device)).logits,
+                                       seq_idx=self.documents(batch)).logits,
                                 torch.as_tensor(batch.labels, device=self.device), sp)
         module.train(was_training)
         return mean
