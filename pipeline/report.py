@@ -35,6 +35,16 @@ def loss_curve(records: List[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _passkey_cell(run_dir: Path, record: dict) -> str:
+    """Accuracy per prompt length at this checkpoint (eval/step_XXXXXXX/passkey.json), else the mean."""
+    path = run_dir / "eval" / f"step_{record['step']:07d}" / "passkey.json"
+    if path.exists():
+        per_length = json.loads(path.read_text()).get("per_length", {})
+        if per_length:
+            return ", ".join(f"{int(L):,}: {acc:.2f}" for L, acc in per_length.items())
+    return "-" if record.get("passkey_accuracy") is None else f"{record['passkey_accuracy']:.2f}"
+
+
 def write_report(run_dir: Path, plan_text: str) -> Path:
     run_dir = Path(run_dir)
     records = _records(run_dir)
@@ -52,10 +62,10 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
             compared = any("collapse_point_mitigated" in r for r in ev)
             extra = (" | collapse point with mitigations", "|---") if compared else ("", "")
             lines += ["## Evaluation at each checkpoint", "",
-                      f"| step | stage | seq_len | held-out loss | passkey accuracy | collapse point{extra[0]} | "
+                      f"| step | stage | seq_len | held-out loss | passkey accuracy by length | collapse point{extra[0]} | "
                       "max state norm |", f"|---|---|---|---|---|---{extra[1]}|---|"]
             lines += [f"| {r['step']} | {r['stage_name']} | {r['seq_len']} | {cell(r, 'eval_loss', '.4f')} | "
-                      f"{cell(r, 'passkey_accuracy', '.2f')} | {cell(r, 'collapse_point', 'd')} | "
+                      f"{_passkey_cell(run_dir, r)} | {cell(r, 'collapse_point', 'd')} | "
                       + (f"{cell(r, 'collapse_point_mitigated', 'd')} | " if compared else "")
                       + f"{cell(r, 'max_state_norm', '.3g')} |" for r in ev]
             lines += ["", "Collapse point: the first position bucket whose loss exceeds the best earlier bucket by "
