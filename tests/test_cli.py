@@ -87,3 +87,17 @@ def test_paper_scale_recipes_plan_to_256k_with_sequence_parallelism(recipe, npro
     assert f"world size {nproc}" in r.stdout
     bad = longctx("run", f"configs/{recipe}.yaml", "--plan", "--nproc", "12", cwd=root)   # batches do not split
     assert bad.returncode != 0 and "curriculum.stages[0] (ctx8k).global_batch_tokens" in bad.stderr
+
+
+def test_every_shipped_config_loads_and_plans():
+    """configs/*.yaml and configs/collapse/*.yaml: strict schema, a valid plan for their process count."""
+    from pathlib import Path
+    from pipeline.config import load_config, model_config
+    from pipeline.curriculum import plan
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted(root.glob("configs/**/*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        cfg = load_config(path)
+        world = cfg.launch.nodes * cfg.launch.gpus_per_node if cfg.model.from_pretrained else cfg.launch.local_procs
+        assert plan(cfg, world, model_config(cfg).chunk_size, str(path)), path

@@ -207,7 +207,8 @@ def test_train_runs_as_a_single_process_without_a_launcher(uninterrupted):
     tmp, _ = uninterrupted
     cfg = write_config(tmp, "single")
     r = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), "curriculum.stages.1.steps=1",
-                        "curriculum.stages.0.steps=2", "eval.compare_mitigations.decay_scale=0.5"],
+                        "curriculum.stages.0.steps=2", "eval.compare_mitigations.decay_scale=0.5",
+                        "train.document_resets=false"],
                        capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
