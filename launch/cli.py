@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="length/states: MDS shards of held-out documents (default: synthetic)")
     p.add_argument("--buckets", type=int, default=16, help="length: position buckets")
     p.add_argument("--margin", type=float, default=0.5, help="length: nats above the running minimum = collapse")
+    p.add_argument("--min-position", type=int, default=64,
+                   help="length: buckets ending before this position are not judged (e.g. the training length)")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="tokens read per forward call")
     p.add_argument("--calibration-length", type=int, default=None,
                    help="state_norm without thresholds: calibrate at this length (default: the training length)")

@@ -108,6 +108,12 @@ def test_buckets_and_collapse_point_on_known_curves():
     early = flat.copy()
     early[:10] = 9.0                      # a bad start (short context) is not a collapse
     assert collapse_point(bucketize(early, 12)["buckets"], 0.5) is None
+    # a bump before the training length is judged only when min_position lets it in
+    bump = flat.copy()
+    bump[100:200] = 3.0
+    assert collapse_point(bucketize(bump, 12)["buckets"], 0.5) is not None
+    assert collapse_point(bucketize(bump, 12)["buckets"], 0.5, min_position=256) is None
+    assert collapse_point(bucketize(rising, 12)["buckets"], 0.5, min_position=256) == point
 
 
 def test_state_norms_match_a_direct_reading():

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/collapse}
 LENGTH=${LENGTH:-8192}
 MARGIN=${MARGIN:-0.2}
+TRAINED=${TRAINED:-256}   # judge positions past the short models' training length
 MODELS=(short-state32 short-state128 long-state128)
 for model in "${MODELS[@]}"; do
   longctx run "configs/collapse/$model.yaml" "run.dir=$OUT/$model"
@@ -22,26 +23,28 @@ for model in "${MODELS[@]}"; do
   for name in "${!MITIGATIONS[@]}"; do
     # shellcheck disable=SC2086  # the mitigation list is meant to split into KEY=VAL words
     longctx eval length "$OUT/$model/checkpoints" --data runs/demo-data/mds --seed 1 --lengths "$LENGTH" \
-      --buckets 12 --margin "$MARGIN" --compare --mitigations ${MITIGATIONS[$name]} --out "$OUT/$model/eval-$name"
+      --buckets 12 --margin "$MARGIN" --min-position "$TRAINED" --compare --mitigations ${MITIGATIONS[$name]} --out "$OUT/$model/eval-$name"
   done
 done
 python - "$OUT" "${MODELS[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 out, models = Path(sys.argv[1]), sys.argv[2:]
-names = ["decay_scale", "state_norm", "window"]
-print("| model | d_state | trained at | collapse point as trained | loss 4K-8K as trained | "
-      + " | ".join(f"{n}: collapse / loss 4K-8K" for n in names) + " |")
+names = {"decay_scale": "decay_scale 0.9", "state_norm": "state norm (every 64, x1.0)", "window": "window 256"}
+config = {"short-state32": ("32", "one document (<= 301)", "256"), "short-state128": ("128", "one document (<= 301)", "256"),
+          "long-state128": ("128", "the whole sequence", "256 then 1024")}
+def cell(r):
+    last = r["buckets"][-1]
+    return f"{r['collapse_point'] or 'none'} / {last['mean_loss']:.3f}"
+print("| model | d_state | state carried in training over | trained at | as trained | "
+      + " | ".join(names.values()) + " |")
 print("|---" * (5 + len(names)) + "|")
 for m in models:
-    cfg = (out / m / "checkpoints").glob("step_*/trainer_state.json")
-    trained = max(json.loads(p.read_text())["seq_len"] for p in cfg)
     runs = {n: json.loads((out / m / f"eval-{n}" / "loss_vs_position.json").read_text())["variants"] for n in names}
-    def tail(r):
-        b = [x for x in r["buckets"] if x["start"] >= 4000]
-        return sum(x["mean_loss"] * x["tokens"] for x in b) / sum(x["tokens"] for x in b)
-    base = runs[names[0]]["without"]
-    cells = [f"{runs[n]['with mitigations']['collapse_point'] or '-'} / {tail(runs[n]['with mitigations']):.3f}" for n in names]
-    d_state = "128" if "128" in m else "32"
-    print(f"| {m} | {d_state} | {trained} | {base['collapse_point'] or '-'} | {tail(base):.3f} | " + " | ".join(cells) + " |")
+    d_state, carried, trained = config.get(m, ("?", "?", "?"))
+    print(f"| {m} | {d_state} | {carried} | {trained} | {cell(runs['decay_scale']['without'])} | "
+          + " | ".join(cell(runs[n]["with mitigations"]) for n in names) + " |")
+print()
+print("cells: collapse point (first position bucket past the training length whose loss exceeds the best "
+      "bucket since then by the margin) / mean loss of the last bucket")
 PY

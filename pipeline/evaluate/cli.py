@@ -53,7 +53,8 @@ def eval_command(args) -> int:
     out = Path(args.out or f"eval-{args.kind}")
     results = run_eval(args.kind, model, tok, out, lengths=lengths, depths=depths,
                        samples=args.samples or 2, seed=args.seed, prefill_chunk=args.prefill_chunk,
-                       buckets=args.buckets, margin=args.margin, train_length=train_length,
+                       buckets=args.buckets, margin=args.margin, min_position=args.min_position,
+                       train_length=train_length,
                        variants=variants, stream=_stream(args, tok))
     print(comparison_table(args.kind, results))
     print(f"wrote {out}")

@@ -58,10 +58,10 @@ def collapse_point(rows, margin: float, min_position: int = MIN_POSITION) -> Opt
 
 
 def evaluate_length(model, input_ids, labels, buckets: int = 16, margin: float = 0.5, chunk: int = 4096,
-                    train_length: Optional[int] = None) -> dict:
+                    train_length: Optional[int] = None, min_position: int = MIN_POSITION) -> dict:
     losses = per_token_loss(model, input_ids, labels, chunk)
     res = bucketize(losses, buckets)
-    res.update(length=int(input_ids.shape[1]), margin=margin, train_length=train_length,
-               collapse_point=collapse_point(res["buckets"], margin),
+    res.update(length=int(input_ids.shape[1]), margin=margin, train_length=train_length, min_position=min_position,
+               collapse_point=collapse_point(res["buckets"], margin, min_position),
                mean_loss=float(np.nanmean(losses)))
     return res

@@ -18,7 +18,7 @@ from data.tokenizer import ByteTokenizer, HFTokenizer
 
 from .. import checkpoint
 from ..export import find_checkpoint
-from .length import evaluate_length
+from .length import MIN_POSITION, evaluate_length
 from .passkey import evaluate_passkey
 from .plots import curves, passkey_heatmaps
 from .states import evaluate_states
@@ -58,6 +58,7 @@ def long_text_row(tok, length: int, seed: int = 0, stream=None):
 
 def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0),
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
+             min_position: int = MIN_POSITION,
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
              write: bool = True) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list or None) and write its files.
@@ -81,7 +82,8 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
                     row = long_text_row(tok, max(lengths), seed, stream)
                 x, y = (t.to(device) for t in row)
                 if kind == "length":
-                    results[name] = evaluate_length(model, x, y, buckets, margin, prefill_chunk, train_length)
+                    results[name] = evaluate_length(model, x, y, buckets, margin, prefill_chunk, train_length,
+                                                    min_position)
                 elif kind == "states":
                     results[name] = evaluate_states(model, x, train_length=train_length)
                 else:
