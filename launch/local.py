@@ -50,9 +50,12 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     from streaming.base.util import clean_stale_shared_memory
     clean_stale_shared_memory()     # a killed run leaves the shards' shared memory registered; once, before the ranks
-    cmd = launch_command(config, overrides, nproc, free_port())
+    port = free_port()
+    cmd = launch_command(config, overrides, nproc, port)
     print("launch:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
+    from pipeline.train import release_shm_buffers
+    release_shm_buffers("127.0.0.1", str(port))     # also those of ranks that were killed
     from pipeline.report import write_report
     report = write_report(Path(cfg.run.dir), plan_text)
     print(f"report: {report}")
