@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import List, Optional
 
 
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.micro_batch_size=2")
@@ -165,14 +163,13 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from launch.local import run_local
-    from pipeline.config import load_config, model_chunk_size
+    from pipeline.config import load_config, model_chunk_size, model_config
     from pipeline.curriculum import format_plan, plan
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.local_procs
     note = ""
     if args.plan and cfg.model.from_pretrained and not (Path(cfg.model.from_pretrained) / "config.json").exists():
         # planning a cluster recipe on a machine without the checkpoint: the model section describes it
-        from pipeline.config import model_config
         chunk = model_config(cfg).chunk_size
         note = (f"\nnote: {cfg.model.from_pretrained} is not here; planned with the model section's "
                 f"chunk_size {chunk} (training reads it from the checkpoint)")

@@ -49,7 +49,7 @@ def _default(f) -> str:
     if isinstance(value, str) and value == "???":
         return "required"
     text = repr(value) if isinstance(value, str) else str(value)
-    return text.replace("inf", "inf").replace("|", "\\|")
+    return text.replace("|", "\\|")
 
 
 def _rows(cls, prefix: str) -> List[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.stream import IGNORE, DocumentSource, PackedStream, rank_share
 from data.tokenizer import identity, load_tokenizer
@@ -69,7 +68,8 @@ def param_groups(model, weight_decay: float):
 
 
 def lm_loss(logits, labels):
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    """Mean token loss over the valid labels of one process's whole sequences."""
+    return sequence_loss(logits, labels, None, IGNORE)[0]
 
 
 def _rng_state() -> dict:
@@ -192,12 +192,14 @@ class Trainer:
             print(f"stage {p.index} '{p.name}': seq_len {p.seq_len}, {p.steps} steps, micro {p.micro_batch} x "
                   f"accum {p.grad_accum} x DP {p.data_parallel} x SP {p.seq_parallel}", flush=True)
 
+    def stage_config(self, p):
+        """The stage's mitigations section: the top-level one with the stage's overrides merged in."""
+        return merge_overrides(self.cfg.mitigations, self.cfg.curriculum.stages[p.index].mitigations,
+                               f"curriculum.stages[{p.index}]")
+
     def stage_layers(self, p):
         """The stage's mitigations; state-norm thresholds calibrated here when the config gives none."""
-        cfg = self.cfg
-        mit = merge_overrides(cfg.mitigations, cfg.curriculum.stages[p.index].mitigations,
-                              f"curriculum.stages[{p.index}]")
-        return self.resolve_layers(mit, p)
+        return self.resolve_layers(self.stage_config(p), p)
 
     def resolve_layers(self, mit, p):
         """Per-layer mitigations of a merged config, calibrating state norm on a prompt of the stage's length."""
@@ -320,9 +322,7 @@ class Trainer:
         if "length" in ev.kinds:
             variants = None
             if ev.compare_mitigations:     # the same text with the stage's mitigations and with these on top
-                stage = merge_overrides(self.cfg.mitigations, self.cfg.curriculum.stages[p.index].mitigations,
-                                        f"curriculum.stages[{p.index}]")
-                mitigated = self.resolve_layers(merge_overrides(stage, ev.compare_mitigations,
+                mitigated = self.resolve_layers(merge_overrides(self.stage_config(p), ev.compare_mitigations,
                                                                 "eval.compare_mitigations"), p)
                 module.set_mitigations(self.stage_mitigations[p.index])
                 variants = {"as trained": "as is", "with mitigations": mitigated}
@@ -394,12 +394,11 @@ class Trainer:
 def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
     """Unlink DeepSpeed's CPU all-reduce buffers of a run (/dev/shm, ~66 MB per rank). DeepSpeed never
     removes them, so every finished or killed CPU run would otherwise leave them until the memory is full."""
+    import contextlib
     import glob
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
-        try:
+        with contextlib.suppress(FileNotFoundError):    # another process of the run removed it first
             os.unlink(path)
-        except OSError:
-            pass
 
 
 def train(cfg: Config, where: str = "<config>") -> int:
