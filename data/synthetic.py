@@ -23,7 +23,7 @@ KEYS = ("amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbor
         "kestrel", "lagoon", "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "tundra")
 
 
-# The passkey prompt of ARCHITECTURE §6 (the paper's); the evaluation builds its prompts from these.
+# The passkey prompt of docs/ARCHITECTURE.md §6 (the paper's); the evaluation builds its prompts from these.
 PASSKEY_PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_QUESTION = "What is the pass key? The passkey is"

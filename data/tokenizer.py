@@ -71,7 +71,7 @@ def load_tokenizer(cfg) -> "ByteTokenizer | HFTokenizer":
 
 
 def token_dtype(vocab_size: int) -> str:
-    """MDS column type of the shard schema (ARCHITECTURE §3)."""
+    """MDS column type of the shard schema (docs/ARCHITECTURE.md §3)."""
     return "ndarray:uint16" if vocab_size <= 65536 else "ndarray:uint32"
 
 

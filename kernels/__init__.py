@@ -1,4 +1,4 @@
-"""SSD scan kernels (ARCHITECTURE §4): reference, chunked PyTorch, Triton.
+"""SSD scan kernels (docs/ARCHITECTURE.md §4): reference, chunked PyTorch, Triton.
 
 `ssd` is the single entry point; `ssd_naive` the ground truth it is tested against.
 """

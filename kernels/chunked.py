@@ -27,16 +27,16 @@ import math
 
 import torch
 
-from .common import (check_shapes, check_window, compute_dtype, document_ids, finish_output, heads_of_groups,
-                     log_decays, per_head)
-
-
-def _pad_length(t: torch.Tensor, pad: int, dim: int = 1) -> torch.Tensor:
-    if pad == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = pad
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+from .common import (
+    check_shapes,
+    check_window,
+    compute_dtype,
+    finish_output,
+    heads_of_groups,
+    log_decays,
+    per_head,
+)
+from .layout import Chunks, documents, pad_rows, window_key_chunks
 
 
 def _chunk_len(chunk_size: int, length: int, state_norm) -> int:
@@ -74,24 +74,24 @@ def _read_out(Ch, states, from_start):
     return torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, states, from_start)
 
 
-def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, prev_end, from_start, cdt):
+def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, docs, from_start, cdt):
     """Add to y (b,c,Q,h,p) what the last r inputs before each chunk contribute (cross-chunk band)
     and the decayed initial state for positions t < r."""
     b, nc, _, h, p = xc.shape
     total = cum[..., -1]                                                   # (b,h,c) log decay across a chunk
     pos = torch.arange(Q, device=xc.device)
     full_states = torch.zeros_like(written)                               # (b,c,h,p,n)
-    between = entry                                                        # Λ_d[c]: log decay from key chunk end to chunk c start
-    d = 1
-    while d < nc and (d - 1) * Q + 1 < r:                                  # some pair (t, i) lies in the window
-        if (d + 1) * Q <= r:                                               # whole key chunk c-d inside the window
+    between = entry                         # Λ_d[c]: log decay from key chunk end to chunk c start
+    for d, whole in window_key_chunks(nc, Q, r):
+        if whole:                                                          # whole key chunk c-d inside the window
             coef = torch.exp(between[..., d:])                             # (b,h,c-d)
-            if doc is not None:
-                coef = coef * (doc[:, :-d, -1] == prev_end[:, d:])[:, None].to(cdt)
+            if docs is not None:
+                coef = coef * docs.reaches(d, cdt)
             full_states = torch.cat([full_states[:, :d], full_states[:, d:]
                                      + coef.permute(0, 2, 1)[..., None, None] * written[:, :-d]], dim=1)
         else:                                                              # chunk cut by the window edge: masked block
             in_window = (pos[:, None] + d * Q - pos[None, :]) < r          # (Q_t, Q_i)
+            doc = None if docs is None else docs.by_chunk
             mask = in_window if doc is None else in_window & (doc[:, d:, :, None] == doc[:, :-d, None, :])[:, None]
             decay = torch.exp(cum[..., d:, :, None] + between[..., d:, None, None]
                               + (total[..., :-d, None] - cum[..., :-d, :])[..., None, :])
@@ -99,7 +99,6 @@ def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, prev
             scores = scores * mask.to(cdt)
             y = torch.cat([y[:, :d], y[:, d:] + torch.einsum("bhcts,bcshp->bcthp", scores, xc[:, :-d])], dim=1)
         between = torch.cat([between[..., :d + 1], between[..., d + 1:] + (entry + total)[..., 1:nc - d]], dim=-1)
-        d += 1
 
     y = y + _read_out(Ch, full_states, from_start)
 
@@ -108,8 +107,8 @@ def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, prev
         gain = torch.exp(cum + (to_chunk + entry)[..., None])              # (b,h,c,Q)
         t_global = torch.arange(nc * Q, device=xc.device).view(nc, Q)
         gain = gain * (t_global < r).to(cdt)
-        if doc is not None:
-            gain = gain * (doc == doc[:, :1, :1])[:, None].to(cdt)
+        if docs is not None:
+            gain = gain * docs.in_first_document(cdt)
         y = y + torch.einsum("bctHn,bHpn,bHct->bctHp", Ch, initial, gain)
     return y
 
@@ -122,27 +121,22 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
     b, l, h, p = x.shape
     n = B.shape[-1]
     cdt = compute_dtype(x)
-    Q = _chunk_len(chunk_size, l, state_norm)
-    pad = (-l) % Q
-    L = l + pad
-    nc = L // Q
+    chunks = Chunks(b, h, l, _chunk_len(chunk_size, l, state_norm))
+    Q, pad, L, nc = chunks.Q, chunks.pad, chunks.L, chunks.nc
 
     dtp, log_a = log_decays(dt, A, dt_bias, dt_softplus, dt_limit, decay_scale, cdt)
     scale_in = per_head(input_scale, h, cdt, x.device, "input_scale")
     u = dtp if scale_in is None else dtp * scale_in
     tau = None if state_norm is None else state_norm.thresholds(h, cdt, x.device)
 
-    # Padded positions get log a = 0 and u = 0: they leave the state untouched.
-    log_a = _pad_length(log_a, pad).view(b, nc, Q, h).permute(0, 3, 1, 2)      # (b,h,c,Q)
-    u = _pad_length(u, pad).view(b, nc, Q, h).permute(0, 3, 1, 2)              # (b,h,c,Q)
-    xc = _pad_length(x.to(cdt), pad).view(b, nc, Q, h, p)
-    Bc = _pad_length(B.to(cdt), pad).view(b, nc, Q, -1, n)
-    Cc = _pad_length(C.to(cdt), pad).view(b, nc, Q, -1, n)
+    log_a, u = chunks.heads_first(log_a), chunks.heads_first(u)                  # (b,h,c,Q)
+    xc = pad_rows(x.to(cdt), pad).view(b, nc, Q, h, p)
+    Bc = pad_rows(B.to(cdt), pad).view(b, nc, Q, -1, n)
+    Cc = pad_rows(C.to(cdt), pad).view(b, nc, Q, -1, n)
     Bh, Ch = heads_of_groups(Bc, h), heads_of_groups(Cc, h)                     # (b,c,Q,h,n)
 
-    doc = document_ids(seq_idx)
-    if doc is not None:
-        doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).view(b, nc, Q)  # padding continues the last doc
+    docs = documents(seq_idx, chunks)
+    doc = None if docs is None else docs.by_chunk                               # (b,c,Q)
 
     cum = torch.cumsum(log_a, dim=-1)                                           # (b,h,c,Q)
 
@@ -160,16 +154,14 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
 
     # 2. what each chunk writes into the state at its end
     to_end = torch.exp(cum[..., -1:] - cum) * u                                 # (b,h,c,Q)
-    if doc is not None:
-        to_end = to_end * (doc == doc[:, :, -1:])[:, None].to(cdt)
+    if docs is not None:
+        to_end = to_end * docs.writes_to_end(cdt)
     written = torch.einsum("bhcs,bcshp,bcshn->bchpn", to_end, xc, Bh)
 
     # 3. pass the state from chunk to chunk (sequential over chunks only)
     chunk_decay = torch.exp(cum[..., -1])                                       # (b,h,c)
-    prev_end = None
-    if doc is not None:
-        prev_end = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)           # doc before each chunk
-        chunk_decay = chunk_decay * (doc[:, :, -1] == prev_end)[:, None].to(cdt)
+    if docs is not None:
+        chunk_decay = chunk_decay * docs.passes_state(cdt)
     initial = initial_states.to(cdt) if initial_states is not None else None
     carried, state, entry = _pass_states(written, chunk_decay,
                                          initial if initial is not None else x.new_zeros(b, h, p, n, dtype=cdt),
@@ -177,12 +169,12 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
 
     # 4. read out what came before the chunk
     from_start = torch.exp(cum)                                                 # (b,h,c,Q)
-    if doc is not None:
-        from_start = from_start * (doc == prev_end[:, :, None])[:, None].to(cdt)
+    if docs is not None:
+        from_start = from_start * docs.reads_entering(cdt)
     if window is None:
         y = y + _read_out(Ch, carried, from_start)
     else:
-        y = _window_band(y, window, Q, Ch, Bh, xc, u, cum, entry, written, initial, doc, prev_end, from_start, cdt)
+        y = _window_band(y, window, Q, Ch, Bh, xc, u, cum, entry, written, initial, docs, from_start, cdt)
 
     y = y.reshape(b, L, h, p)[:, :l]
     y = finish_output(y, x, D, z).to(x.dtype)

@@ -18,7 +18,7 @@ Scale = Union[None, float, int, torch.Tensor, Sequence[float]]
 
 @dataclass(frozen=True)
 class StateNorm:
-    """State normalization (ARCHITECTURE §4, mitigation 2).
+    """State normalization (docs/ARCHITECTURE.md §4, mitigation 2).
 
     After the update at position t with (offset + t + 1) % every == 0, the state of
     each (batch, head) is rescaled to at most `threshold` in Frobenius norm; y_t reads

@@ -6,7 +6,7 @@ Per batch element and head, with state h of shape (headdim, d_state):
     h_t = a_t * h_{t-1} + input_scale * dt_t * outer(x_t, B_t)
     y_t = h_t @ C_t + D * x_t           (then * silu(z_t) when z is given)
 
-Mitigations (ARCHITECTURE §4):
+Mitigations (docs/ARCHITECTURE.md §4):
   state_norm  after position t with (offset+t+1) % every == 0: h_t *= min(1, tau / ||h_t||_F),
               y_t having read h_t before the rescaling;
   window r    y_t reads only what the last r inputs (and, while t < r, the initial state)
@@ -21,8 +21,17 @@ import math
 
 import torch
 
-from .common import (check_shapes, check_window, compute_dtype, document_ids, finish_output,
-                     heads_of_groups, log_decay_scale, per_head, process_dt)
+from .common import (
+    check_shapes,
+    check_window,
+    compute_dtype,
+    document_ids,
+    finish_output,
+    heads_of_groups,
+    log_decay_scale,
+    per_head,
+    process_dt,
+)
 
 
 def ssd_step(state, x, dt, A, B, C, *, log_decay=None, input_scale=None):

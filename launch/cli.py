@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the stage table and exit")
 
     p = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
-    p.add_argument("kind", choices=["passkey", "length", "states"])
+    p.add_argument("kind", choices=["passkey", "length", "states"])    # pipeline.evaluate.run.KINDS
     p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
     p.add_argument("--lengths", default="", help="comma-separated context lengths, e.g. 4096,65536")
     p.add_argument("--depths", default="", help="comma-separated depths in [0, 1]")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
-    p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
+    p.add_argument("target", choices=["slurm", "deepspeed", "ray"])   # launch.render.TARGETS
     _add_config_args(p)
     p.add_argument("--nodes", type=int, default=None, help="default launch.nodes")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default launch.gpus_per_node")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s), "
                                      "sp (sequence-parallel step time and bytes per layer)")
-    p.add_argument("what", choices=["kernels", "data", "train", "sp"])
+    p.add_argument("what", choices=list(BENCHES))
     p.add_argument("--lengths", default=None,
                    help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,32768)")
     p.add_argument("--nproc", type=int, default=2, help="sp: processes in the sequence-parallel group")
@@ -103,7 +103,7 @@ def _ints(text: str) -> List[int]:
 def cmd_export(args) -> int:
     import torch
 
-    from pipeline.export import load_any
+    from longctx.pipeline.model.load import load_any
     out = args.out or args.out_pos
     if not out:
         raise SystemExit("longctx export: give the output directory (positional or --out)")
@@ -119,8 +119,8 @@ def cmd_export(args) -> int:
 def cmd_launch(args) -> int:
     import subprocess
 
-    from launch.render import render
-    from pipeline.config import load_config
+    from longctx.launch.render import render
+    from longctx.pipeline.config import load_config
     cfg = load_config(args.config, args.overrides)
     nodes = args.nodes or cfg.launch.nodes
     gpus = args.gpus_per_node or cfg.launch.gpus_per_node
@@ -139,17 +139,29 @@ def cmd_launch(args) -> int:
     return 0
 
 
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"longctx: expected comma-separated numbers, got {text!r}")
+
+
 def cmd_eval(args) -> int:
-    from pipeline.evaluate.cli import eval_command
-    return eval_command(args)
+    from longctx.pipeline.evaluate.any_checkpoint import evaluate_checkpoint
+    evaluate_checkpoint(args.kind, args.checkpoint, lengths=_ints(args.lengths), depths=_floats(args.depths),
+                        samples=args.samples or 2, out=args.out, tokenizer=args.tokenizer,
+                        mitigations=args.mitigations, compare=args.compare, data=args.data, buckets=args.buckets,
+                        margin=args.margin, min_position=args.min_position, prefill_chunk=args.prefill_chunk,
+                        calibration_length=args.calibration_length, seed=args.seed)
+    return 0
 
 
 def cmd_train(args) -> int:
     import os
 
-    from launch.local import free_port
-    from pipeline.config import load_config
-    from pipeline.train import train
+    from longctx.launch.local import free_port
+    from longctx.pipeline.config import load_config
+    from longctx.pipeline.training.trainer import train
     if "RANK" not in os.environ:          # started by hand, not by a launcher: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -162,9 +174,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from launch.local import run_local
-    from pipeline.config import load_config, model_chunk_size, model_config
-    from pipeline.curriculum import format_plan, plan
+    from longctx.launch.local import run_local
+    from longctx.pipeline.config import load_config, model_chunk_size, model_config
+    from longctx.pipeline.training.curriculum import format_plan, plan
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.local_procs
     note = ""
@@ -183,42 +195,66 @@ def cmd_run(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from data.prepare import prepare
-    from pipeline.config import load_config
+    from longctx.data.prepare import prepare
+    from longctx.pipeline.config import load_config
     cfg = load_config(args.config, args.overrides)
     prepare(cfg.data, cfg.tokenizer)
     return 0
 
 
-def cmd_bench(args) -> int:
-    out = Path(args.out or f"bench_results/{args.what}.json")
-    if args.what in ("data", "train", "sp"):
-        import json
-        if args.what == "data":
-            from data.bench import run_data_bench
-            result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer)
-            for k, v in result.items():
-                print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
-        else:
-            if args.what == "sp":
-                from pipeline.bench_sp import run_sp_bench
-                result = run_sp_bench(_ints(args.lengths or "2048,8192,32768"), nproc=args.nproc, repeats=args.repeats)
-            else:
-                from pipeline.bench_train import run_train_bench
-                result = run_train_bench(repeats=args.repeats)
-            for row in result:
-                print("  ".join(f"{k}={v:,.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
-        return 0
-    from kernels.bench import print_and_save, run_kernel_bench
+def _print_rows(rows: List[dict]) -> None:
+    for row in rows:
+        print("  ".join(f"{k}={v:,.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def bench_kernels(args, out: Path) -> None:
+    from longctx.pipeline.bench.kernels import print_and_save, run_kernel_bench
     rows = run_kernel_bench(lengths=_ints(args.lengths or "512,1024,2048,4096"), heads=args.heads, headdim=args.headdim,
                             d_state=args.d_state, chunk_size=args.chunk_size, repeats=args.repeats,
                             naive_max_len=args.naive_max_len, dtypes=args.dtypes.split(","),
                             devices=args.devices.split(","))
     print_and_save(rows, out)
+
+
+def bench_data(args, out: Path) -> None:
+    from longctx.pipeline.bench.data import run_data_bench
+    result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer)
+    for k, v in result.items():
+        print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
+    _save_json(result, out)
+
+
+def bench_train(args, out: Path) -> None:
+    from longctx.pipeline.bench.train import run_train_bench
+    rows = run_train_bench(repeats=args.repeats)
+    _print_rows(rows)
+    _save_json(rows, out)
+
+
+def bench_sp(args, out: Path) -> None:
+    from longctx.pipeline.bench.sp import run_sp_bench
+    rows = run_sp_bench(_ints(args.lengths or "2048,8192,32768"), nproc=args.nproc, repeats=args.repeats)
+    _print_rows(rows)
+    _save_json(rows, out)
+
+
+def _save_json(result, out: Path) -> None:
+    import json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+BENCHES = {"kernels": bench_kernels, "data": bench_data, "train": bench_train, "sp": bench_sp}
+
+
+def cmd_bench(args) -> int:
+    BENCHES[args.what](args, Path(args.out or f"bench_results/{args.what}.json"))
     return 0
+
+
+COMMANDS = {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
+            "run": cmd_run, "eval": cmd_eval, "launch": cmd_launch}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -231,15 +267,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     if getattr(args, "config", None):
-        from pipeline.config import ConfigError, load_config
+        from longctx.pipeline.config import ConfigError, load_config
         try:
             load_config(args.config, args.overrides)
         except ConfigError as e:
             print(f"longctx {args.command}: config error: {e}", file=sys.stderr)
             return 1
     try:
-        return {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
-                "run": cmd_run, "eval": cmd_eval, "launch": cmd_launch}[args.command](args)
+        return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # config, data and checkpoint errors carry their own context
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 1

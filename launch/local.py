@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from pipeline.config import Config
+from longctx.pipeline.config import Config
 
 
 def free_port() -> int:
@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def shards_ready(cfg: Config) -> bool:
-    from data import storage
+    from longctx.data import storage
     shards = cfg.data.shards or cfg.data.prepare.output
     return bool(shards) and storage.exists(storage.join(shards, "index.json"))
 
@@ -31,14 +31,14 @@ def ensure_data(cfg: Config) -> None:
     if not (cfg.data.prepare.inputs or cfg.data.prepare.synthetic.documents):
         raise ValueError(f"data: no shards at {cfg.data.shards or cfg.data.prepare.output!r} and nothing to prepare "
                          "(data.prepare.inputs / data.prepare.synthetic)")
-    from data.prepare import prepare
+    from longctx.data.prepare import prepare
     prepare(cfg.data, cfg.tokenizer)
 
 
 def launch_command(config: str, overrides: List[str], nproc: int, port: int) -> List[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(nproc),
             "--master_port", str(port),
-            "--module", "launch.cli", "train", config, *overrides]
+            "--module", "longctx.launch.cli", "train", config, *overrides]
 
 
 def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_text: str) -> int:
@@ -54,9 +54,9 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     cmd = launch_command(config, overrides, nproc, port)
     print("launch:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
-    from pipeline.train import release_shm_buffers
+    from longctx.pipeline.parallel.shm import release_shm_buffers
     release_shm_buffers("127.0.0.1", str(port))     # also those of ranks that were killed
-    from pipeline.report import write_report
+    from longctx.pipeline.training.report import write_report
     report = write_report(Path(cfg.run.dir), plan_text)
     print(f"report: {report}")
     return rc

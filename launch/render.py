@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from pipeline.config import Config, ConfigError, model_chunk_size
-from pipeline.curriculum import plan
+from longctx.pipeline.config import Config, ConfigError, model_chunk_size
+from longctx.pipeline.training.curriculum import plan
 
 HERE = Path(__file__).parent
-TEMPLATES = {"slurm": HERE / "slurm" / "train.sbatch", "deepspeed": HERE / "deepspeed" / "train.sh",
-             "ray": HERE / "ray" / "prepare.sh"}
 SETTINGS_MARK = "# --- settings"
 
 
@@ -29,43 +28,73 @@ def hostfile_slots(path: str) -> List[tuple]:
     return hosts
 
 
+def _check_training(cfg: Config, o: dict) -> None:
+    if o["hostfile"]:
+        hosts = hostfile_slots(o["hostfile"])
+        if len(hosts) != o["nodes"] or any(s != o["gpus_per_node"] for _, s in hosts):
+            raise ConfigError(f"{o['hostfile']}: {len(hosts)} hosts with slots {[s for _, s in hosts]}, but "
+                              f"--nodes {o['nodes']} --gpus-per-node {o['gpus_per_node']} were asked for")
+    plan(cfg, o["nodes"] * o["gpus_per_node"], model_chunk_size(cfg), o["where"])   # raises naming the stage and field
+
+
+def _check_prepare(cfg: Config, o: dict) -> None:
+    p = cfg.data.prepare
+    if not p.output or not (p.inputs or p.synthetic.documents):
+        raise ConfigError(f"{o['where']}: data.prepare needs inputs (or synthetic documents) and an output")
+
+
+def _slurm(text: str, settings: dict, cfg: Config, o: dict) -> str:
+    settings.update(GPUS_PER_NODE=str(o["gpus_per_node"]), MASTER_PORT=str(cfg.launch.master_port))
+    directives = {"--job-name": f"longctx-{cfg.run.name}", "--nodes": str(o["nodes"]),
+                  "--gpus-per-node": str(o["gpus_per_node"]), "--time": o["time"] or cfg.launch.time,
+                  "--output": str(Path(cfg.run.dir).resolve() / "slurm-%j.out")}
+    for flag, value in directives.items():
+        text = re.sub(rf"^#SBATCH {flag}=.*$", f"#SBATCH {flag}={value}", text, flags=re.M)
+    partition = o["partition"] or cfg.launch.partition
+    extra = [f"#SBATCH --partition={partition}"] if partition else []
+    extra += [f"#SBATCH --account={cfg.launch.account}"] if cfg.launch.account else []
+    if extra:
+        text = text.replace("#SBATCH --requeue", "\n".join(extra + ["#SBATCH --requeue"]))
+    return text
+
+
+def _deepspeed(text: str, settings: dict, cfg: Config, o: dict) -> str:
+    settings.update(MASTER_PORT=str(cfg.launch.master_port))
+    if o["hostfile"]:
+        settings["HOSTFILE"] = str(Path(o["hostfile"]).resolve())
+    return text
+
+
+def _ray(text: str, settings: dict, cfg: Config, o: dict) -> str:
+    if o["address"]:
+        settings["RAY_ADDRESS"] = o["address"]
+    return text
+
+
+@dataclass(frozen=True)
+class Target:
+    template: Path
+    check: Callable        # (cfg, options) -> None; raises ConfigError naming the field
+    fill: Callable         # (template text, settings to export, cfg, options) -> text
+
+
+TARGETS = {"slurm": Target(HERE / "slurm" / "train.sbatch", _check_training, _slurm),
+           "deepspeed": Target(HERE / "deepspeed" / "train.sh", _check_training, _deepspeed),
+           "ray": Target(HERE / "ray" / "prepare.sh", _check_prepare, _ray)}
+
+
 def render(target: str, cfg: Config, config_path: str, overrides: List[str], nodes: int, gpus_per_node: int,
            partition: str = "", time: str = "", hostfile: Optional[str] = None, address: str = "") -> str:
-    if target not in TEMPLATES:
-        raise ValueError(f"launch target must be one of {sorted(TEMPLATES)}, got {target!r}")
+    if target not in TARGETS:
+        raise ValueError(f"launch target must be one of {sorted(TARGETS)}, got {target!r}")
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
-    where = config_path
-    if target in ("slurm", "deepspeed"):
-        if target == "deepspeed" and hostfile:
-            hosts = hostfile_slots(hostfile)
-            if len(hosts) != nodes or any(s != gpus_per_node for _, s in hosts):
-                raise ConfigError(f"{hostfile}: {len(hosts)} hosts with slots {[s for _, s in hosts]}, but "
-                                  f"--nodes {nodes} --gpus-per-node {gpus_per_node} were asked for")
-        plan(cfg, nodes * gpus_per_node, model_chunk_size(cfg), where)     # raises naming the stage and field
-    else:
-        p = cfg.data.prepare
-        if not p.output or not (p.inputs or p.synthetic.documents):
-            raise ConfigError(f"{where}: data.prepare needs inputs (or synthetic documents) and an output")
-    text = TEMPLATES[target].read_text()
+    spec = TARGETS[target]
+    options = dict(where=config_path, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
+                   hostfile=hostfile if target == "deepspeed" else None, address=address)
+    spec.check(cfg, options)
     settings = {"LONGCTX_CONFIG": str(Path(config_path).resolve()), "LONGCTX_OVERRIDES": " ".join(overrides)}
-    if target == "slurm":
-        settings.update(GPUS_PER_NODE=str(gpus_per_node), MASTER_PORT=str(cfg.launch.master_port))
-        directives = {"--job-name": f"longctx-{cfg.run.name}", "--nodes": str(nodes),
-                      "--gpus-per-node": str(gpus_per_node), "--time": time or cfg.launch.time,
-                      "--output": str(Path(cfg.run.dir).resolve() / "slurm-%j.out")}
-        for flag, value in directives.items():
-            text = re.sub(rf"^#SBATCH {flag}=.*$", f"#SBATCH {flag}={value}", text, flags=re.M)
-        extra = [f"#SBATCH --partition={partition or cfg.launch.partition}"] if (partition or cfg.launch.partition) else []
-        extra += [f"#SBATCH --account={cfg.launch.account}"] if cfg.launch.account else []
-        if extra:
-            text = text.replace("#SBATCH --requeue", "\n".join(extra + ["#SBATCH --requeue"]))
-    elif target == "deepspeed":
-        settings.update(MASTER_PORT=str(cfg.launch.master_port))
-        if hostfile:
-            settings["HOSTFILE"] = str(Path(hostfile).resolve())
-    elif address:
-        settings["RAY_ADDRESS"] = address
+    text = spec.fill(spec.template.read_text(), settings, cfg, options)
     block = [f"# rendered by `longctx launch {target}` ({nodes} x {gpus_per_node})"]
     block += [f"{k}={shlex.quote(v)}" for k, v in settings.items()]
     block += [f"export {' '.join(settings)}"]

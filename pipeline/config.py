@@ -13,11 +13,12 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import DataConfig, TokenizerConfig
-from .mitigations import MitigationsConfig, merge_overrides, resolve
-from .model import Mamba2Config
+from longctx.data.config import DataConfig, TokenizerConfig
 
-DECAYS = ("cosine", "linear", "wsd", "constant")
+from .mitigations import MitigationsConfig, merge_overrides, resolve
+from .model.config import Mamba2Config
+from .training.schedule import DECAYS
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -165,7 +166,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
-    """Checks that need no other component; later issues extend the plan validation."""
+    """Checks that need no other component (the stage plan against the world size is `training.curriculum.plan`)."""
     def fail(key, msg):
         raise ConfigError(f"{where}: {key}: {msg}")
 
@@ -198,7 +199,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         if (st.steps is None) == (st.tokens is None):
             fail(key, "give exactly one of steps or tokens")
         if st.decay not in DECAYS:
-            fail(f"{key}.decay", f"must be one of {DECAYS}, got {st.decay!r}")
+            fail(f"{key}.decay", f"must be one of {tuple(DECAYS)}, got {st.decay!r}")
         if st.seq_len <= 0 or st.global_batch_tokens % st.seq_len:
             fail(f"{key}.global_batch_tokens",
                  f"{st.global_batch_tokens} must be a positive multiple of seq_len {st.seq_len}")

@@ -1,4 +1,7 @@
-"""The paper's training-free fixes for state collapse, as configured and as the model applies them.
+"""The `mitigations` section of the run config, and its resolution into the per-layer values
+the model consumes (`longctx.pipeline.model.mitigations.LayerMitigations`).
+
+The paper's training-free fixes for state collapse:
 
 - decay_scale λ_α <= 1: every step forgets more (a_t *= λ_α);
 - input_scale λ_B <= 1: every step writes less;
@@ -8,19 +11,17 @@
 
 `MitigationsConfig` is the YAML section; `resolve` turns it into one `LayerMitigations`
 per layer, which `Mamba2LM.set_mitigations` hands to the mixers. The scan kernels
-(kernels.ssd) do the math.
+(longctx.kernels.ssd) do the math.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
-MITIGATIONS_FILE = "longctx_mitigations.json"
+from .model.mitigations import LayerMitigations
 
 
 @dataclass
@@ -36,21 +37,6 @@ class MitigationsConfig:
     input_scale: Any = 1.0         # λ_B: same shapes
     state_norm: StateNormConfig = field(default_factory=StateNormConfig)
     window: int = 0                # 0: off; else sliding window of this many tokens
-
-
-@dataclass
-class LayerMitigations:
-    """What one layer's scan receives; None / 0 means off."""
-
-    decay_scale: Optional[List[float]] = None      # one per head
-    input_scale: Optional[List[float]] = None
-    state_norm_every: int = 0
-    state_norm_threshold: Optional[List[float]] = None
-    window: int = 0
-
-    @property
-    def active(self) -> bool:
-        return bool(self.decay_scale or self.input_scale or self.state_norm_every or self.window)
 
 
 def _per_layer_head(value, n_layer: int, nheads: int, key: str) -> Optional[List[List[float]]]:
@@ -86,8 +72,8 @@ def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
         bad = [v for row in rows for v in row if not (0 < v <= 1)] if name == "decay_scale" else \
             [v for row in rows for v in row if v < 0]
         if bad:
-            raise ValueError(f"mitigations.{name}: values must lie in {'(0, 1]' if name == 'decay_scale' else '[0, inf)'}, "
-                             f"got {bad[:4]}")
+            bounds = "(0, 1]" if name == "decay_scale" else "[0, inf)"
+            raise ValueError(f"mitigations.{name}: values must lie in {bounds}, got {bad[:4]}")
     sn = cfg.state_norm
     if sn.every < 0:
         raise ValueError(f"mitigations.state_norm.every must be >= 0, got {sn.every}")
@@ -124,45 +110,3 @@ def merge_overrides(base: MitigationsConfig, overrides: dict, where: str = "stag
     return OmegaConf.to_object(merged)
 
 
-@torch.no_grad()
-def calibrate_state_norm(model, prompt_ids: torch.Tensor, multiplier: float = 1.0,
-                         every: Optional[int] = None, chunk_len: int = 4096) -> torch.Tensor:
-    """Thresholds (n_layer, nheads) = multiplier x ||h||_F at the end of `prompt_ids` (a prompt of
-    the training length), averaged over its batch rows. Measured with state norm off and the
-    other mitigations on; installed on the model (and saved with it) when `every` is given."""
-    layers = model.mitigations
-    if layers is not None:
-        model.set_mitigations([LayerMitigations(**{**asdict(m), "state_norm_every": 0,
-                                                    "state_norm_threshold": None}) for m in layers])
-    try:
-        cache = model.init_cache(prompt_ids.shape[0])
-        model.prefill(prompt_ids, cache, chunk_len=chunk_len)
-        norms = torch.stack([lc.ssm.float().square().sum((-2, -1)).sqrt().mean(0) for lc in cache.layers])
-    finally:
-        model.set_mitigations(layers)
-    thresholds = multiplier * norms.clamp_min(1e-6)
-    if every:
-        base = layers or [LayerMitigations() for _ in range(len(cache.layers))]
-        model.set_mitigations([LayerMitigations(**{**asdict(m), "state_norm_every": int(every),
-                                                    "state_norm_threshold": thresholds[i].tolist()})
-                               for i, m in enumerate(base)])
-    return thresholds
-
-
-def save_layers(layers: Optional[List[LayerMitigations]], directory) -> None:
-    path = Path(directory) / MITIGATIONS_FILE
-    if layers is None or not any(m.active for m in layers):
-        if path.exists():
-            path.unlink()
-        return
-    path.write_text(json.dumps({"layers": [asdict(m) for m in layers]}, indent=1))
-
-
-def load_layers(directory) -> Optional[List[LayerMitigations]]:
-    path = Path(directory) / MITIGATIONS_FILE
-    if not path.exists():
-        return None
-    try:
-        return [LayerMitigations(**m) for m in json.loads(path.read_text())["layers"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a longctx mitigations file ({e})") from None

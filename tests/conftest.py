@@ -21,7 +21,7 @@ from tests.s3 import s3_endpoint  # noqa: E402,F401  (fixture)
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
+def ray_session(s3_endpoint):  # noqa: F811  (the fixture imported above)
     """One local Ray for the session, started after the S3 env is set so workers inherit it."""
     import ray
     os.environ.setdefault("RAYON_NUM_THREADS", "1")

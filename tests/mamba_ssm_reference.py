@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import ssd_naive
+from longctx.kernels import ssd_naive
 
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1, D_has_hdim=False,
                        rmsnorm=True, norm_before_gate=False, dt_limit=(0.0, math.inf), chunk_size=256)

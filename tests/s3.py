@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from launch.local import free_port
+from longctx.launch.local import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

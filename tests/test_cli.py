@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
 
 SUBCOMMANDS = ["prepare", "train", "run", "eval", "launch", "export", "bench"]
 
 
 def longctx(*args, cwd=None):
     exe = shutil.which("longctx")
-    cmd = [exe] if exe else [sys.executable, "-m", "launch.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "longctx"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
@@ -92,8 +92,9 @@ def test_paper_scale_recipes_plan_to_256k_with_sequence_parallelism(recipe, npro
 def test_every_shipped_config_loads_and_plans():
     """configs/*.yaml and configs/collapse/*.yaml: strict schema, a valid plan for their process count."""
     from pathlib import Path
-    from pipeline.config import load_config, model_config
-    from pipeline.curriculum import plan
+
+    from longctx.pipeline.config import load_config, model_config
+    from longctx.pipeline.training.curriculum import plan
     root = Path(__file__).resolve().parents[1]
     paths = sorted(root.glob("configs/**/*.yaml"))
     assert len(paths) >= 6

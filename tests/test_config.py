@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config, to_yaml
+from longctx.pipeline.config import Config, ConfigError, load_config, to_yaml
 
 GOOD = """
 run: {name: demo}
@@ -76,10 +76,11 @@ def test_list_index_overrides(tmp_path):
 
 def test_readme_configuration_reference_is_generated_from_the_dataclasses():
     from pathlib import Path
-    from pipeline.config_reference import END, START, reference
+
+    from longctx.pipeline.config_reference import END, START, reference
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert START in readme and END in readme
     body = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    assert body == reference(), "README's configuration reference is stale: run python -m pipeline.config_reference"
+    assert body == reference(), "README's configuration reference is stale: run python -m longctx.pipeline.config_reference"
     for key in ("curriculum.stages", "eval.compare_mitigations", "mitigations.state_norm.every", "`seq_parallel`"):
         assert key in body

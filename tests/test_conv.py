@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import causal_conv1d
+from longctx.kernels import causal_conv1d
 from tests.conftest import rel_err
 
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
-from pipeline.curriculum import format_plan, learning_rate, plan, stage_at
+from longctx.pipeline.config import ConfigError, load_config
+from longctx.pipeline.training.curriculum import format_plan, learning_rate, plan, stage_at
 
 
 def cfg(tmp_path, stages, micro=1, extra=""):

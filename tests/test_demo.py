@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_reaches_90_percent_passkey_at_its_final_length_within_ten_minutes(tmp_path):
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "configs/demo.yaml", f"run.dir={tmp_path / 'demo'}",
+    r = subprocess.run([sys.executable, "-m", "longctx", "run", "configs/demo.yaml", f"run.dir={tmp_path / 'demo'}",
                         f"data.prepare.output={tmp_path / 'mds'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=900)
     elapsed = time.monotonic() - t0

@@ -8,11 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.tokenizer import ByteTokenizer, HFTokenizer
-from pipeline.evaluate.length import bucketize, collapse_point, per_token_loss
-from pipeline.evaluate.passkey import FILLER, PREFIX, QUESTION, build_prompt, evaluate_passkey, extract_key, needle
-from pipeline.evaluate.states import evaluate_states
-from pipeline.model import Mamba2Config, Mamba2LM
+from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
+from longctx.pipeline.evaluate.length import bucketize, collapse_point, per_token_loss
+from longctx.pipeline.evaluate.passkey import (
+    FILLER,
+    PREFIX,
+    QUESTION,
+    build_prompt,
+    evaluate_passkey,
+    extract_key,
+    needle,
+)
+from longctx.pipeline.evaluate.states import evaluate_states
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
 
 
 def tiny(seed=0, **kw):
@@ -131,7 +139,7 @@ def test_state_norms_match_a_direct_reading():
 
 def test_eval_cli_on_a_mamba_ssm_directory_with_compare(tmp_path):
     tiny(3).save_pretrained(tmp_path / "model")
-    base = [sys.executable, "-m", "launch.cli", "eval"]
+    base = [sys.executable, "-m", "longctx", "eval"]
     r = subprocess.run(base + ["passkey", str(tmp_path / "model"), "--lengths", "256,512", "--depths", "0,1",
                                "--samples", "2", "--out", str(tmp_path / "pk"), "--compare", "--mitigations",
                                "decay_scale=0.9", "state_norm.every=64", "state_norm.multiplier=0.5",
@@ -149,9 +157,9 @@ def test_eval_cli_on_a_mamba_ssm_directory_with_compare(tmp_path):
 
 MEMORY_PROBE = """
 import resource, sys, torch
-from data.tokenizer import ByteTokenizer
-from pipeline.evaluate.passkey import evaluate_passkey
-from pipeline.model import Mamba2Config, Mamba2LM
+from longctx.data.tokenizer import ByteTokenizer
+from longctx.pipeline.evaluate.passkey import evaluate_passkey
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
 torch.manual_seed(0)
 m = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=64)).eval()
 res = evaluate_passkey(m, ByteTokenizer(), [int(sys.argv[1])], [0.5], samples=1, prefill_chunk=2048)

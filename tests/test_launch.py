@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import free_port
+from longctx.launch.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/slurm/train.sbatch", "launch/slurm/prepare.sbatch", "launch/deepspeed/train.sh",
@@ -40,7 +40,7 @@ launch: {{partition: gpu, account: proj42}}
 
 
 def longctx(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "longctx", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
 

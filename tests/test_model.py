@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoint_io import CheckpointError
-from pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.model.formats import CheckpointError
 from tests import mamba_ssm_reference as ref
 from tests.conftest import rel_err
 

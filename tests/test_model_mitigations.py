@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.mitigations import (MITIGATIONS_FILE, LayerMitigations, MitigationsConfig, StateNormConfig,
-                                  calibrate_state_norm, merge_overrides, resolve)
-from pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.config import load_config
+from longctx.pipeline.mitigations import MitigationsConfig, StateNormConfig, merge_overrides, resolve
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.model.mitigations import MITIGATIONS_FILE, LayerMitigations, calibrate_state_norm
 from tests.conftest import rel_err
 
 N_LAYER, NHEADS = 2, 8

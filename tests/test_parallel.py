@@ -1,6 +1,5 @@
 """Sequence parallelism (pipeline/parallel.py): R gloo processes, each holding a contiguous
 segment of every sequence, give the single-process model's logits and gradients."""
-import os
 from pathlib import Path
 
 import pytest
@@ -8,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.mitigations import LayerMitigations
-from pipeline.model import Mamba2Config, Mamba2LM
-from pipeline.parallel import STATE_NORM_UNSUPPORTED, Groups, SequenceParallel, sequence_loss
-from pipeline.train import lm_loss
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.model.mitigations import STATE_NORM_UNSUPPORTED, LayerMitigations
+from longctx.pipeline.parallel import Groups, SequenceParallel
+from longctx.pipeline.training.loss import lm_loss, sequence_loss
 from tests.conftest import rel_err
 
 ROWS, LENGTH, VOCAB = 2, 64, 61
@@ -113,7 +112,7 @@ def test_sequence_parallel_equals_one_process(case, tmp_path):
 
 
 def test_state_norm_under_sequence_parallelism_is_refused_by_name():
-    import kernels
+    from longctx import kernels
     sp = SequenceParallel(group=None, rank=0, size=2)
     x = torch.zeros(1, 8, 2, 4)
     with pytest.raises(ValueError, match="mitigations.state_norm is not supported with seq_parallel > 1"):
@@ -134,7 +133,7 @@ def test_bench_sp_traffic_per_layer_does_not_grow_with_length(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "sp.json"
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "sp", "--lengths", "512,2048", "--repeats", "1",
+    r = subprocess.run([sys.executable, "-m", "longctx", "bench", "sp", "--lengths", "512,2048", "--repeats", "1",
                         "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())

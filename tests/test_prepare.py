@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data.config import DataConfig, PrepareConfig, TokenizerConfig
-from data.prepare import prepare
-from data.storage import StorageError
+from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
+from longctx.data.prepare import prepare
+from longctx.data.storage import StorageError
 from tests.s3 import make_bucket
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -197,7 +197,7 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     def write_cfg(out):
         yaml.write_text(f"data:\n  prepare:\n    inputs: ['{inp}/*.jsonl']\n    output: '{out}'\n"
                         f"    num_workers: 1\n    chunk_bytes: 20000\n")
-    exe = [sys.executable, "-m", "launch.cli", "prepare", str(yaml)]
+    exe = [sys.executable, "-m", "longctx", "prepare", str(yaml)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     write_cfg(tmp_path / "killed")
     proc = subprocess.Popen(exe, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels import ssd, ssd_naive
+from longctx.kernels import ssd, ssd_naive
 from tests.conftest import rel_err
 
 F64 = torch.float64

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import StateNorm, ssd, ssd_naive
+from longctx.kernels import StateNorm, ssd, ssd_naive
 from tests.conftest import rel_err
 from tests.test_ssd import CASES, make_inputs, run
 
@@ -64,7 +64,7 @@ def plain_recurrence(x, dt, A, B, C, h0=None):
 
 
 def test_window_equals_state_difference_definition():
-    """w_t = h_t - (a_{t-r+1}...a_t) h_{t-r} for t >= r, h_t for t < r (ARCHITECTURE §4), in float64."""
+    """w_t = h_t - (a_{t-r+1}...a_t) h_{t-r} for t >= r, h_t for t < r (docs/ARCHITECTURE.md §4), in float64."""
     g = torch.Generator().manual_seed(5)
     b, l, h, p, n, r = 1, 30, 2, 3, 4, 7
     x, B, C = (torch.randn(*s, generator=g, dtype=F64) for s in ((b, l, h, p), (b, l, 1, n), (b, l, 1, n)))

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from data.config import DataConfig, PrepareConfig, TokenizerConfig
-from data.prepare import prepare
-from data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
+from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
+from longctx.data.prepare import prepare
+from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 EOS = 256

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from data.synthetic import SyntheticConfig, passkey_document, write_jsonl
-from data.tokenizer import ByteTokenizer
-from pipeline.evaluate.passkey import FILLER, PREFIX, QUESTION, build_prompt, needle
+from longctx.data.synthetic import SyntheticConfig, passkey_document, write_jsonl
+from longctx.data.tokenizer import ByteTokenizer
+from longctx.pipeline.evaluate.passkey import FILLER, PREFIX, QUESTION, build_prompt, needle
 
 
 def test_passkey_documents_are_the_evaluation_prompt_followed_by_the_answer():

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.stream import DocumentSource, PackedStream
-from pipeline.model import Mamba2LM
-from pipeline.train import EVAL_SEED_OFFSET, lm_loss
+from longctx.data.stream import DocumentSource, PackedStream
+from longctx.pipeline.model import Mamba2LM
+from longctx.pipeline.training.loss import lm_loss
+from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
 
 STEPS = (6, 4)
 
@@ -40,7 +41,7 @@ eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, l
 
 
 def run_cmd(path, *extra):
-    return [sys.executable, "-m", "launch.cli", "run", str(path), "--nproc", "2", *extra]
+    return [sys.executable, "-m", "longctx", "run", str(path), "--nproc", "2", *extra]
 
 
 def records(run_dir):
@@ -129,7 +130,7 @@ def test_zero3_run_and_export_round_trip(uninterrupted, tmp_path):
 
     for run in ("zero3", "full"):
         out = tmp_path / f"export-{run}"
-        e = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(tmp / run / "checkpoints"),
+        e = subprocess.run([sys.executable, "-m", "longctx", "export", str(tmp / run / "checkpoints"),
                             "--format", "mamba_ssm", "--out", str(out)], capture_output=True, text=True)
         assert e.returncode == 0, e.stderr[-3000:]
         model = Mamba2LM.from_pretrained(out).eval()
@@ -163,7 +164,7 @@ def _rank_pids(session):
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except (OSError, ProcessLookupError):
             continue
-        if b"launch.cli" in cmd and b"train" in cmd and not any(b"deepspeed" in a for a in cmd):
+        if b"longctx.launch.cli" in cmd and b"train" in cmd and not any(b"deepspeed" in a for a in cmd):
             pids.append(int(pid))
     return pids
 
@@ -194,7 +195,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted):
 
 def test_non_finite_losses_stop_the_run_with_a_clear_message(uninterrupted, tmp_path):
     tmp, _ = uninterrupted
-    from pipeline.model import Mamba2Config
+    from longctx.pipeline.model import Mamba2Config
     broken = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=16))
     with torch.no_grad():
         broken.backbone.norm_f.weight.fill_(float("nan"))
@@ -210,7 +211,7 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(uninterrupted, tmp_
 def test_train_runs_as_a_single_process_without_a_launcher(uninterrupted):
     tmp, _ = uninterrupted
     cfg = write_config(tmp, "single")
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), "curriculum.stages.1.steps=1",
+    r = subprocess.run([sys.executable, "-m", "longctx", "train", str(cfg), "curriculum.stages.1.steps=1",
                         "curriculum.stages.0.steps=2", "eval.compare_mitigations.decay_scale=0.5",
                         "train.document_resets=false"],
                        capture_output=True, text=True, timeout=600,
@@ -235,7 +236,7 @@ def test_sequence_parallel_run_equals_one_process(uninterrupted):
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "x SP 2" in two.stdout
-    one = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg), "--nproc", "1", "run.dir=" + str(tmp / "sp1"),
+    one = subprocess.run([sys.executable, "-m", "longctx", "run", str(cfg), "--nproc", "1", "run.dir=" + str(tmp / "sp1"),
                           *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     a, b = records(tmp / "sp"), records(tmp / "sp1")

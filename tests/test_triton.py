@@ -23,10 +23,10 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from kernels import StateNorm, ssd  # noqa: E402
+from longctx.kernels import StateNorm, ssd  # noqa: E402
+from longctx.kernels.triton import interpreting  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.test_ssd import make_inputs, run  # noqa: E402
-from kernels.triton import interpreting  # noqa: E402
 
 IN_PROCESS = interpreting()
 needs_interpreter = pytest.mark.skipif(
@@ -143,7 +143,7 @@ def _python(script, interpret):
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
     out = _python("""
         import torch
-        from kernels import ssd
+        from longctx.kernels import ssd
         x = torch.randn(1, 8, 1, 2)
         try:
             ssd(x, torch.rand(1, 8, 1), -torch.ones(1), torch.randn(1, 8, 1, 2), torch.randn(1, 8, 1, 2),
@@ -159,7 +159,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     """Triton's compiler (not the interpreter) accepts every kernel variant the host launches, with the
     370M tiles in bf16, down to a cubin: compiled-mode errors are caught on CPU-only machines."""
     out = _python("""
-        from kernels.triton.compile_check import compile_all
+        from longctx.kernels.triton.compile_check import compile_all
         built = compile_all("bf16", 90)
         assert all(shared <= 227 * 1024 for _, shared in built), built
         print("compiled", len(built))
@@ -183,7 +183,7 @@ def test_offsets_are_64_bit():
     subprocess so that a regression shows as a failed test, not a crashed session."""
     script = """
         import torch
-        from kernels import ssd
+        from longctx.kernels import ssd
         torch.manual_seed(0)
         l, h, p, n = 40, 1, 4, 4
         stride_l = 2**26                            # (l - 1) * stride_l > 2**31

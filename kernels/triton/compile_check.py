@@ -1,4 +1,4 @@
-"""Compile every SSD kernel for a CUDA target without a GPU (`python -m kernels.triton.compile_check`).
+"""Compile every SSD kernel for a CUDA target without a GPU (`python -m longctx.kernels.triton.compile_check`).
 
 The interpreter runs the kernels' arithmetic on CPU, but not Triton's compiler: type rules,
 constexpr branches, tile shapes and shared memory only meet it on a GPU. This builds each

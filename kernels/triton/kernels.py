@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import triton.language as tl
 
-
 # ----------------------------------------------------------------------------------------------
 # written[c] = Σ_{s in chunk c} w_s · X_s ⊗ Y_s          (chunk states; also dH in the backward)
 

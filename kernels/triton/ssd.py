@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_shapes, check_window, document_ids, finish_output, log_decays, per_head
+from ..common import check_shapes, check_window, finish_output, log_decays, per_head
+from ..layout import Chunks, documents, window_key_chunks
 from . import kernels as K
 
 _INTERP_BLOCK = 16     # fixed tiles in the interpreter (no autotune there); tl.dot needs >= 16
@@ -313,10 +314,8 @@ def ssd_triton(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, 
 
     b, l, h, p = x.shape
     cdt = torch.float32
-    Q = max(1, min(int(chunk_size), l))
-    pad = (-l) % Q
-    L = l + pad
-    nc = L // Q
+    chunks = Chunks(b, h, l, max(1, min(int(chunk_size), l)))
+    Q, L = chunks.Q, chunks.L
     if B.dtype != x.dtype or C.dtype != x.dtype:   # the kernels multiply x, B and C tiles together
         B, C = B.to(x.dtype), C.to(x.dtype)
 
@@ -325,26 +324,20 @@ def ssd_triton(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, 
     scale_in = per_head(input_scale, h, cdt, x.device, "input_scale")
     u = dtp if scale_in is None else dtp * scale_in
 
-    def to_bhL(t):   # (b, l, h) -> (b, h, nc, Q), padded positions leave the state untouched (log a = 0, u = 0)
-        return torch.nn.functional.pad(t, (0, 0, 0, pad)).permute(0, 2, 1).contiguous().view(b, h, nc, Q)
-
-    cum = torch.cumsum(to_bhL(log_a), dim=-1)                                   # (b,h,c,Q)
-    u4 = to_bhL(u)
+    cum = torch.cumsum(chunks.heads_first(log_a).contiguous(), dim=-1)         # (b,h,c,Q)
+    u4 = chunks.heads_first(u).contiguous()
     total = cum[..., -1]                                                        # (b,h,c)
 
-    doc = document_ids(seq_idx)
+    docs = documents(seq_idx, chunks)
     doc_k = None
     w_end = torch.exp(total[..., None] - cum) * u4                              # weight into the chunk-end state
     w_start = torch.exp(cum)                                                    # weight of the carried state
     g_chunk = torch.exp(total)
-    if doc is not None:
-        doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1)               # padding continues the last doc
-        doc4 = doc.view(b, nc, Q)
-        prev_end = torch.cat([doc4[:, :1, 0], doc4[:, :-1, -1]], dim=1)         # doc before each chunk
-        w_end = w_end * (doc4 == doc4[:, :, -1:])[:, None].to(cdt)
-        w_start = w_start * (doc4 == prev_end[:, :, None])[:, None].to(cdt)
-        g_chunk = g_chunk * (doc4[:, :, -1] == prev_end)[:, None].to(cdt)
-        doc_k = doc.to(torch.int32).contiguous()
+    if docs is not None:
+        w_end = w_end * docs.writes_to_end(cdt)
+        w_start = w_start * docs.reads_entering(cdt)
+        g_chunk = g_chunk * docs.passes_state(cdt)
+        doc_k = docs.ids.to(torch.int32).contiguous()
 
     cum_f, u_f = cum.reshape(b, h, L), u4.reshape(b, h, L)
     written = _ChunkOuter.apply(x, B, w_end.reshape(b, h, L), Q)
@@ -354,13 +347,13 @@ def ssd_triton(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, 
     if window is None:
         y = _ChunkScan.apply(x, B, C, cum_f, u_f, carried, w_start.reshape(b, h, L), None, doc_k, Q, 0, None, True)
     else:
-        y = _window(x, B, C, cum, cum_f, u_f, written, w_start, init, doc, doc_k, window, Q)
+        y = _window(x, B, C, cum, cum_f, u_f, written, w_start, init, docs, doc_k, window, Q)
 
     y = finish_output(y, x, D, z).to(x.dtype)
     return (y, final) if return_final_states else y
 
 
-def _window(x, B, C, cum, cum_f, u_f, written, w_start, init, doc, doc_k, r, Q):
+def _window(x, B, C, cum, cum_f, u_f, written, w_start, init, docs, doc_k, r, Q):
     """Windowed read-out (kernels/chunked.py `_window_band`, without state norm): never a difference of states."""
     b, h, nc, _ = cum.shape
     L = nc * Q
@@ -368,25 +361,19 @@ def _window(x, B, C, cum, cum_f, u_f, written, w_start, init, doc, doc_k, r, Q):
     total = cum[..., -1]
     y = None
     between = torch.zeros_like(total)          # Λ_d[c]: log decay from the end of chunk c-d to the start of chunk c
-    prev_end = None
-    if doc is not None:
-        doc4 = doc.view(b, nc, Q)
-        prev_end = torch.cat([doc4[:, :1, 0], doc4[:, :-1, -1]], dim=1)
     coefs = []                                 # per whole key chunk d: exp(Λ_d[c]) (b, h, nc), zero for c < d
-    d = 1
-    while d < nc and (d - 1) * Q + 1 < r:
-        if (d + 1) * Q <= r:                   # key chunk c-d wholly inside the window: its written state
+    for d, whole in window_key_chunks(nc, Q, r):
+        if whole:                              # key chunk c-d wholly inside the window: its written state
             coef = torch.exp(between[..., d:])
-            if doc is not None:
-                coef = coef * (doc4[:, :-d, -1] == prev_end[:, d:])[:, None].to(cdt)
+            if docs is not None:
+                coef = coef * docs.reaches(d, cdt)
             coefs.append(torch.cat([torch.zeros_like(total[..., :d]), coef], dim=-1))
         else:                                  # chunk cut by the window edge: masked block in the scan kernel
             extra = torch.cat([torch.zeros_like(total[..., :d]), between[..., d:] + total[..., :-d]], dim=-1)
             part = _ChunkScan.apply(x, B, C, cum_f, u_f, None, None, extra.contiguous(), doc_k, Q, d, r, True)
             y = part if y is None else y + part
         between = torch.cat([between[..., :d + 1], between[..., d + 1:] + total[..., 1:nc - d]], dim=-1)
-        d += 1
-    # whole key chunks are always d = 1..len(coefs): (d + 1)·Q <= r holds for a prefix of d
+    # whole key chunks are always d = 1..len(coefs) (window_key_chunks yields them first)
     full_states = (_WindowStates.apply(written, torch.stack(coefs, dim=-1).contiguous()) if coefs
                    else torch.zeros_like(written))
     band = _ChunkScan.apply(x, B, C, cum_f, u_f, full_states, w_start.reshape(b, h, L), None, doc_k, Q, 0, r, True)
@@ -395,8 +382,8 @@ def _window(x, B, C, cum, cum_f, u_f, written, w_start, init, doc, doc_k, r, Q):
         to_chunk = torch.cumsum(torch.cat([torch.zeros_like(total[..., :1]), total[..., :-1]], -1), -1)
         gain = torch.exp(cum + to_chunk[..., None])
         gain = gain * (torch.arange(L, device=x.device).view(nc, Q) < r).to(cdt)
-        if doc is not None:
-            gain = gain * (doc4 == doc4[:, :1, :1])[:, None].to(cdt)
+        if docs is not None:
+            gain = gain * docs.in_first_document(cdt)
         H0 = init[:, None].expand(b, nc, *init.shape[1:])
         y = y + _ChunkScan.apply(x, B, C, cum_f, u_f, H0, gain.reshape(b, h, L), None, doc_k, Q, 0, None, False)
     return y

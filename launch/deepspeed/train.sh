@@ -42,4 +42,4 @@ fi
 
 read -r -a overrides <<< "${LONGCTX_OVERRIDES}"
 exec "${PYTHON}" -m deepspeed.launcher.runner --hostfile "${HOSTFILE}" --master_port "${MASTER_PORT}" \
-  "${extra[@]}" --no_local_rank --module launch.cli train "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" < /dev/null
+  "${extra[@]}" --no_local_rank --module longctx.launch.cli train "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" < /dev/null

@@ -20,4 +20,4 @@ fi
 
 read -r -a overrides <<< "${LONGCTX_OVERRIDES}"
 exec ray job submit --address "${RAY_ADDRESS}" -- \
-  "${PYTHON}" -m launch.cli prepare "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" data.prepare.ray_address=auto
+  "${PYTHON}" -m longctx prepare "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" data.prepare.ray_address=auto

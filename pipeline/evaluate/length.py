@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.stream import IGNORE
+from longctx.data.stream import IGNORE
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Passkey retrieval (ARCHITECTURE §6): a 5-digit key hidden at a depth of filler text; greedy decoding
+"""Passkey retrieval (docs/ARCHITECTURE.md §6): a 5-digit key hidden at a depth of filler text; greedy decoding
 with the recurrent state must produce it."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from data.synthetic import PASSKEY_FILLER as FILLER
-from data.synthetic import PASSKEY_PREFIX as PREFIX
-from data.synthetic import PASSKEY_QUESTION as QUESTION
-from data.synthetic import passkey_needle as needle
+from longctx.data.synthetic import PASSKEY_FILLER as FILLER
+from longctx.data.synthetic import PASSKEY_PREFIX as PREFIX
+from longctx.data.synthetic import PASSKEY_QUESTION as QUESTION
+from longctx.data.synthetic import passkey_needle as needle
 
 
 def build_prompt(tok, length: int, depth: float, key: str) -> np.ndarray:

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from data.synthetic import make_document
-from data.tokenizer import ByteTokenizer, HFTokenizer
+from longctx.data.synthetic import make_document
+from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 
-from .. import checkpoint
-from ..export import find_checkpoint
+from ..model.load import find_checkpoint
+from ..training import checkpoint
 from .length import MIN_POSITION, evaluate_length
 from .passkey import evaluate_passkey
 from .plots import curves, passkey_heatmaps
@@ -56,6 +57,54 @@ def long_text_row(tok, length: int, seed: int = 0, stream=None):
     return x, y
 
 
+def _passkey(model, tok, row, o) -> dict:
+    return evaluate_passkey(model, tok, o["lengths"], o["depths"], o["samples"], o["seed"], o["prefill_chunk"])
+
+
+def _length(model, tok, row, o) -> dict:
+    return evaluate_length(model, *row, o["buckets"], o["margin"], o["prefill_chunk"], o["train_length"],
+                           o["min_position"])
+
+
+def _states(model, tok, row, o) -> dict:
+    return evaluate_states(model, row[0], train_length=o["train_length"])
+
+
+def _write_passkey(results: Dict[str, dict], payload, out: Path, marks) -> None:
+    (out / "passkey.json").write_text(json.dumps(payload, indent=1))
+    passkey_heatmaps(results, out / "passkey.png")
+
+
+def _write_length(results: Dict[str, dict], payload, out: Path, marks) -> None:
+    (out / "loss_vs_position.json").write_text(json.dumps(payload, indent=1))
+    series = {n: ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["mean_loss"] for b in r["buckets"]])
+              for n, r in results.items()}
+    marks += [(r["collapse_point"], f"collapse ({n})") for n, r in results.items() if r["collapse_point"]]
+    curves(series, out / "loss_vs_position.png", "position (tokens)", "loss (nats)", marks=marks)
+
+
+def _write_states(results: Dict[str, dict], payload, out: Path, marks) -> None:
+    (out / "state_stats.json").write_text(json.dumps(payload, indent=1))
+    single, series = len(results) == 1, {}
+    for n, r in results.items():
+        per_layer = np.asarray(r["max_norm_per_layer"])
+        for layer in range(per_layer.shape[1]):
+            series[f"{n} layer {layer}" if not single else f"layer {layer}"] = (r["positions"], per_layer[:, layer])
+    curves(series, out / "state_stats.png", "position (tokens)", "max ||h|| over heads", logy=True, marks=marks)
+
+
+@dataclass(frozen=True)
+class Kind:
+    run: Callable          # (model, tok, row or None, options) -> result
+    write: Callable        # (results by variant, JSON payload, out dir, plot marks) -> None
+    reads_text: bool       # runs on one long row of text, the same for every variant
+
+
+KINDS = {"passkey": Kind(_passkey, _write_passkey, reads_text=False),
+         "length": Kind(_length, _write_length, reads_text=True),
+         "states": Kind(_states, _write_states, reads_text=True)}
+
+
 def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0),
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
              min_position: int = MIN_POSITION,
@@ -63,59 +112,32 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
              write: bool = True) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list or None) and write its files.
     Without variants the model runs as it is."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown evaluation {kind!r}: one of {', '.join(KINDS)}")
+    spec = KINDS[kind]
+    options = dict(lengths=lengths, depths=depths, samples=samples, seed=seed, prefill_chunk=prefill_chunk,
+                   buckets=buckets, margin=margin, min_position=min_position, train_length=train_length)
     out = Path(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
     variants = variants or {"model": "as is"}
     device = next(model.parameters()).device
-    results = {}
     row = None
+    if spec.reads_text:       # the same text for every variant
+        row = tuple(t.to(device) for t in long_text_row(tok, max(lengths), seed, stream))
+    results = {}
     for name, layers in variants.items():
         saved = model.mitigations
         if layers != "as is":
             model.set_mitigations(layers)
         try:
-            if kind == "passkey":
-                results[name] = evaluate_passkey(model, tok, lengths, depths, samples, seed, prefill_chunk)
-            else:
-                if row is None:   # the same text for every variant
-                    row = long_text_row(tok, max(lengths), seed, stream)
-                x, y = (t.to(device) for t in row)
-                if kind == "length":
-                    results[name] = evaluate_length(model, x, y, buckets, margin, prefill_chunk, train_length,
-                                                    min_position)
-                elif kind == "states":
-                    results[name] = evaluate_states(model, x, train_length=train_length)
-                else:
-                    raise ValueError(f"unknown evaluation {kind!r}: passkey, length or states")
+            results[name] = spec.run(model, tok, row, options)
         finally:
             model.set_mitigations(saved)
     if write:
-        _write(kind, results, out, train_length)
+        payload = next(iter(results.values())) if len(results) == 1 else {"variants": results}
+        spec.write(results, payload, out, [(train_length, "training length")] if train_length else [])
     return results
-
-
-def _write(kind: str, results: Dict[str, dict], out: Path, train_length) -> None:
-    single = len(results) == 1
-    payload = next(iter(results.values())) if single else {"variants": results}
-    marks = [(train_length, "training length")] if train_length else []
-    if kind == "passkey":
-        (out / "passkey.json").write_text(json.dumps(payload, indent=1))
-        passkey_heatmaps(results, out / "passkey.png")
-    elif kind == "length":
-        (out / "loss_vs_position.json").write_text(json.dumps(payload, indent=1))
-        series = {n: ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["mean_loss"] for b in r["buckets"]])
-                  for n, r in results.items()}
-        marks += [(r["collapse_point"], f"collapse ({n})") for n, r in results.items() if r["collapse_point"]]
-        curves(series, out / "loss_vs_position.png", "position (tokens)", "loss (nats)", marks=marks)
-    else:
-        (out / "state_stats.json").write_text(json.dumps(payload, indent=1))
-        series = {}
-        for n, r in results.items():
-            per_layer = np.asarray(r["max_norm_per_layer"])
-            for layer in range(per_layer.shape[1]):
-                series[f"{n} layer {layer}" if not single else f"layer {layer}"] = (r["positions"], per_layer[:, layer])
-        curves(series, out / "state_stats.png", "position (tokens)", "max ||h|| over heads", logy=True, marks=marks)
 
 
 def comparison_table(kind: str, results: Dict[str, dict]) -> str:

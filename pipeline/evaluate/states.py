@@ -31,7 +31,8 @@ def evaluate_states(model, input_ids: torch.Tensor, points: int = 32, train_leng
     for layer, head in order:
         channels = cache.layers[layer].ssm[0, head].float().square().sum(-1).sqrt().cpu().numpy()   # per headdim row
         exploding.append({"layer": int(layer), "head": int(head), "growth": float(growth[layer, head]),
-                          "final_norm": float(norms[-1, layer, head]), "exploding": bool(growth[layer, head] > EXPLODE_FACTOR),
+                          "final_norm": float(norms[-1, layer, head]),
+                          "exploding": bool(growth[layer, head] > EXPLODE_FACTOR),
                           "top_channels": [int(c) for c in np.argsort(-channels)[:top]]})
     return {"positions": [int(s) for s in stops], "norms": norms.tolist(), "reference_position": int(stops[ref_i]),
             "growth_factor_threshold": EXPLODE_FACTOR, "top_heads": exploding,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the Triton SSD kernels (issue [F]): correctness at the 370M shapes up to 256K
+# GPU check of the Triton SSD kernels: correctness at the 370M shapes up to 256K
 # tokens, and `longctx bench kernels` against mamba_ssm's mamba_chunk_scan_combined.
 #
 #   tests/gpu/run.sh [OUT_DIR]        (default: $OUT, else ./gpu_results)
@@ -26,7 +26,7 @@ pip_offline() {
 
 if [ -d "$wheels" ]; then
   # the project (and any dependency not yet installed), then mamba_ssm if its wheel is there
-  pip_offline -e ".[gpu]" || echo "run.sh: offline install of the project failed; running from the source tree" >&2
+  pip_offline -e "." || echo "run.sh: offline install of the project failed; running from the source tree" >&2
   if compgen -G "$wheels/mamba_ssm-*.whl" > /dev/null; then
     pip_offline mamba_ssm || echo "run.sh: mamba_ssm wheel did not install; no mamba_ssm rows" >&2
   fi
@@ -45,7 +45,7 @@ GPU_RESULTS_DIR="$out" python -m pytest tests/gpu/test_gpu_kernels.py -m gpu -o 
   -q -ra --junitxml "$out/gpu_tests.xml"
 tests_rc=$?
 
-longctx() { python -m launch.cli "$@"; }
+longctx() { python -m longctx "$@"; }
 shape=(--heads 32 --headdim 64 --d-state 128 --chunk-size 256 --devices cuda --naive-max-len 0)
 longctx bench kernels --lengths 8192,16384,32768,65536 --dtypes bfloat16,float32 --repeats 5 "${shape[@]}" \
   --out "$out/bench_kernels.json"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import ssd
+from longctx.kernels import ssd
 from tests.conftest import rel_err
 
 pytestmark = [pytest.mark.gpu,

@@ -1,6 +1,6 @@
 """Training checkpoints: DeepSpeed state + trainer state, atomic `latest`, keep_last pruning.
 
-Layout (ARCHITECTURE §6): checkpoints/step_XXXXXXX/ (DeepSpeed files, trainer_state.json,
+Layout (docs/ARCHITECTURE.md §6): checkpoints/step_XXXXXXX/ (DeepSpeed files, trainer_state.json,
 model_config.json, tokenizer_info.json and, for a Hugging Face tokenizer, tokenizer.json),
 checkpoints/latest (the tag of the newest complete
 checkpoint, replaced atomically after every rank has written its part).
@@ -13,6 +13,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
+
+from ..config import ConfigError
 
 LATEST = "latest"
 
@@ -64,3 +66,34 @@ def load(engine, ckpt_root: Path, tag: str) -> dict:
     if client is None or "trainer" not in client:
         raise RuntimeError(f"{Path(ckpt_root) / tag}: not a longctx checkpoint (no trainer state)")
     return client["trainer"]
+
+
+class Checkpointer:
+    """This run's checkpoints: where they are, which one to resume from, saving and loading them
+    through the engine. Everything the trainer knows about checkpoints goes through here."""
+
+    def __init__(self, engine, root: Path, *, is_rank0: bool, barrier, keep_last: int, model_config,
+                 tokenizer_identity: dict, tokenizer_file: Optional[str] = None):
+        self.engine, self.root = engine, Path(root)
+        self.is_rank0, self.barrier, self.keep_last = is_rank0, barrier, keep_last
+        self.model_config, self.tokenizer_identity = model_config, tokenizer_identity
+        self.tokenizer_file = tokenizer_file
+
+    def to_resume(self, resume: str) -> Optional[tuple]:
+        """(root, tag) of the checkpoint `run.resume` names: never | auto (the latest here) | a directory."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            tag = latest_tag(self.root)
+            return None if tag is None else (self.root, tag)
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"run.resume: {resume} is not a checkpoint directory")
+        return path.parent, path.name
+
+    def save(self, step: int, trainer_state: dict) -> str:
+        return save(self.engine, self.root, step, trainer_state, self.model_config, self.tokenizer_identity,
+                    self.keep_last, self.is_rank0, self.barrier, tokenizer_file=self.tokenizer_file)
+
+    def load(self, root: Path, tag: str) -> dict:
+        return load(self.engine, root, tag)

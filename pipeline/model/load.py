@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .checkpoint_io import load_weights
+from ..training import checkpoint
+from .config import Mamba2Config
+from .formats import load_weights
+from .mamba2 import Mamba2LM
 from .mitigations import LayerMitigations
-from .model import Mamba2Config, Mamba2LM
 
 
 def find_checkpoint(path: Path):

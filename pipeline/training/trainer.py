@@ -8,32 +8,30 @@ run killed at any point resumes to the losses of an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.stream import IGNORE, DocumentSource, PackedStream, rank_share
-from data.tokenizer import identity, load_tokenizer
+from longctx.data.stream import DocumentSource, PackedStream, rank_share
+from longctx.data.tokenizer import identity, load_tokenizer
 
-from . import checkpoint
-from .config import Config, ConfigError, model_config
+from ..config import Config, ConfigError, model_config
+from ..evaluate.passkey import build_prompt
+from ..model import Mamba2LM
+from ..parallel import Groups
+from ..parallel.shm import release_shm_buffers
+from .checkpoint import Checkpointer
 from .curriculum import learning_rate, plan, stage_at
-from .evaluate.passkey import build_prompt
-from .evaluate.run import run_eval
+from .evaluator import Evaluator
+from .loss import sequence_loss
 from .metrics import MetricsLogger
-from .mitigations import LayerMitigations, calibrate_state_norm, merge_overrides, resolve
-from .model import Mamba2LM
-from .parallel import Groups, sequence_loss
+from .stage_mitigations import StageMitigations
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_SEED_OFFSET = 1_000_003      # the held-out stream is another seeded order of the documents
 
 
@@ -65,11 +63,6 @@ def param_groups(model, weight_decay: float):
             continue
         (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lm_loss(logits, labels):
-    """Mean token loss over the valid labels of one process's whole sequences."""
-    return sequence_loss(logits, labels, None, IGNORE)[0]
 
 
 def _rng_state() -> dict:
@@ -104,7 +97,6 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
 
         self.run_dir = Path(cfg.run.dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.tok = load_tokenizer(cfg.tokenizer)
         model = build_model(cfg)
         if model.config.padded_vocab_size < self.tok.vocab_size:
@@ -137,7 +129,13 @@ class Trainer:
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, first.micro_batch, first.grad_accum))
         self.sp_groups = Groups(self.world, self.rank)
         self.state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_micro_batches": 0}
-        self.stage_mitigations = {}
+        self.checkpoints = Checkpointer(
+            self.engine, self.run_dir / "checkpoints", is_rank0=self.rank == 0, barrier=dist.barrier,
+            keep_last=cfg.checkpoint.keep_last, model_config=model.config, tokenizer_identity=identity(self.tok),
+            tokenizer_file=cfg.tokenizer.path if cfg.tokenizer.kind == "hf" else None)
+        self.mitigations = StageMitigations(cfg, model, self.calibration_prompt)
+        self.evaluator = Evaluator(cfg, model, self.tok, self.eval_stream, self.mitigations, self.documents,
+                                   self.device, write=self.rank == 0)
         self.stop_requested = False
 
     def _local_world_size(self) -> int:
@@ -149,80 +147,45 @@ class Trainer:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def resume(self) -> int:
-        resume = self.cfg.run.resume
-        if resume == "never":
+        found = self.checkpoints.to_resume(self.cfg.run.resume)
+        if found is None:
             return 0
-        if resume == "auto":
-            tag = checkpoint.latest_tag(self.ckpt_root)
-            root = self.ckpt_root
-        else:
-            root, tag = Path(resume).parent, Path(resume).name
-            if not (root / tag).is_dir():
-                raise ConfigError(f"run.resume: {resume} is not a checkpoint directory")
-        if tag is None:
-            return 0
-        trainer = checkpoint.load(self.engine, root, tag)
+        trainer = self.checkpoints.load(*found)
         self.state = {k: trainer[k] for k in self.state}
         self.stream.load_state_dict(trainer["loader"])
         self.eval_stream.load_state_dict(trainer["eval_loader"])
-        self.stage_mitigations = {int(k): [LayerMitigations(**m) for m in v] if v is not None else None
-                                  for k, v in trainer.get("mitigations", {}).items()}
+        self.mitigations.load_state_dict(trainer.get("mitigations", {}))
         _set_rng_state(trainer["rng"])
         if self.rank == 0:
-            print(f"resumed from {root / tag} at step {self.state['step']}", flush=True)
+            print(f"resumed from {found[0] / found[1]} at step {self.state['step']}", flush=True)
         return self.state["step"]
 
     def trainer_state(self, stage) -> dict:
         return {**self.state, "stage": stage.index, "stage_name": stage.name, "seq_len": stage.seq_len,
                 "loader": self.stream.state_dict(),
                 "eval_loader": self.eval_stream.state_dict(), "rng": _rng_state(),
-                "mitigations": {str(k): None if v is None else [asdict(m) for m in v]
-                                for k, v in self.stage_mitigations.items()}}
+                "mitigations": self.mitigations.state_dict()}
 
     def enter_stage(self, p) -> None:
-        # DeepSpeed's data-parallel world is every rank (pipeline/parallel.py): it counts each SP rank's
+        # DeepSpeed's data-parallel world is every rank (longctx.pipeline.parallel): it counts each SP rank's
         # micro-batch as one, so its batch size is micro x accum x world, not x DP.
         self.engine.set_train_batch_size(p.micro_batch * p.grad_accum * self.world)
-        self.model.set_sequence_parallel(None)        # calibration below reads whole sequences
-        if p.index not in self.stage_mitigations:
-            self.stage_mitigations[p.index] = self.stage_layers(p)
-        self.model.set_mitigations(self.stage_mitigations[p.index])
+        self.model.set_sequence_parallel(None)        # calibration reads whole sequences
+        self.model.set_mitigations(self.mitigations.of(p))
         self.model.set_sequence_parallel(self.sp_groups.get(p.seq_parallel))
         if self.rank == 0:
             print(f"stage {p.index} '{p.name}': seq_len {p.seq_len}, {p.steps} steps, micro {p.micro_batch} x "
                   f"accum {p.grad_accum} x DP {p.data_parallel} x SP {p.seq_parallel}", flush=True)
 
-    def stage_config(self, p):
-        """The stage's mitigations section: the top-level one with the stage's overrides merged in."""
-        return merge_overrides(self.cfg.mitigations, self.cfg.curriculum.stages[p.index].mitigations,
-                               f"curriculum.stages[{p.index}]")
-
-    def stage_layers(self, p):
-        """The stage's mitigations; state-norm thresholds calibrated here when the config gives none."""
-        return self.resolve_layers(self.stage_config(p), p)
-
-    def resolve_layers(self, mit, p):
-        """Per-layer mitigations of a merged config, calibrating state norm on a prompt of the stage's length."""
-        n_layer, nheads = self.model.config.n_layer, self.model.config.nheads
-        calibrated = None
-        if mit.state_norm.every and not mit.state_norm.thresholds:
-            self.model.set_mitigations(resolve(type(mit)(decay_scale=mit.decay_scale, input_scale=mit.input_scale),
-                                               n_layer, nheads))
-            prompt = torch.as_tensor(self.eval_stream.next_batch(1, p.seq_len).input_ids, device=self.device)
-            was_training = self.engine.module.training
-            self.engine.module.eval()
-            calibrated = calibrate_state_norm(self.engine.module, prompt, mit.state_norm.multiplier)
-            self.engine.module.train(was_training)
-        layers = resolve(mit, n_layer, nheads, calibrated=calibrated)
-        return layers if any(m.active for m in layers) else None
+    def calibration_prompt(self, seq_len: int) -> torch.Tensor:
+        return torch.as_tensor(self.eval_stream.next_batch(1, seq_len).input_ids, device=self.device)
 
     # -- steps --------------------------------------------------------------------------------
-    def all_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        self.dist.all_reduce(t)
-        return float(t.item()) / self.world
+    def train_step(self, p) -> tuple:
+        """One optimizer step. Returns its metrics record and whether any rank was asked to stop.
 
-    def train_step(self, p) -> dict:
+        Host synchronisations: one per micro-batch (was its loss finite on every rank? a non-finite
+        one is left out everywhere before its backward) and one per step (loss, time, stop flag)."""
         lr = learning_rate(self.plans, self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -234,9 +197,9 @@ class Trainer:
             rows = share.rows(m * p.micro_batch, (m + 1) * p.micro_batch)
             ids = torch.as_tensor(rows.input_ids, device=self.device)
             labels = torch.as_tensor(rows.labels, device=self.device)
-            seq_idx = self.documents(rows)
-            loss, mean = sequence_loss(self.engine(ids, seq_idx=seq_idx).logits, labels, self.model.sequence_parallel)
-            finite = torch.tensor([float(torch.isfinite(loss)) * float(math.isfinite(mean))], device=self.device)
+            loss, mean = sequence_loss(self.engine(ids, seq_idx=self.documents(rows)).logits, labels,
+                                       self.model.sequence_parallel)
+            finite = (torch.isfinite(loss.detach()) & torch.isfinite(mean)).to(torch.float32).reshape(1)
             self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
             if finite.item() < 1:            # skip this micro-batch everywhere: a zero loss with zero gradients
                 bad += 1
@@ -246,15 +209,22 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
         elapsed = time.perf_counter() - t0
+        # null loss: every micro-batch skipped (on every rank alike, so the sum below is over all or none)
+        local_loss = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
+        summed = torch.tensor([0.0, elapsed, float(self.stop_requested)], dtype=torch.float64, device=self.device)
+        summed[0] = local_loss
+        self.dist.all_reduce(summed)
+        mean_loss, mean_elapsed, stops = (summed / self.world).tolist()
         self.state["step"] += 1
         self.state["tokens"] += p.global_batch_tokens
         self.state["skipped_micro_batches"] += bad
         self.state["bad_steps"] = self.state["bad_steps"] + 1 if bad else 0
         grad_norm = self.engine.get_global_grad_norm()
-        mean_loss = self.all_mean(sum(losses) / len(losses)) if losses else None   # null: every micro-batch skipped
-        return {"step": self.state["step"], "stage": p.index, "stage_name": p.name, "seq_len": p.seq_len,
-                "loss": mean_loss, "skipped_micro_batches": bad, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(self.all_mean(elapsed), 1e-9)}
+        record = {"step": self.state["step"], "stage": p.index, "stage_name": p.name, "seq_len": p.seq_len,
+                  "loss": mean_loss if losses else None, "skipped_micro_batches": bad, "lr": lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                  "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(mean_elapsed, 1e-9)}
+        return record, stops > 0
 
     def documents(self, batch):
         """seq_idx for the scan (state reset at each document start), or None when train.document_resets
@@ -262,86 +232,6 @@ class Trainer:
         if not self.cfg.train.document_resets:
             return None
         return torch.as_tensor(batch.seq_idx, device=self.device)
-
-    @torch.no_grad()
-    def heldout_loss(self, p) -> float:
-        """Loss on sequences of another seeded document order, at the stage's length; under
-        sequence parallelism each rank reads its segment (the group sums)."""
-        n = max(1, self.cfg.eval.heldout_sequences)
-        sp = self.model.sequence_parallel
-        batch = self.eval_stream.next_batch(n, p.seq_len)
-        if sp is not None:
-            batch = rank_share(batch, 0, 1, sp.rank, sp.size)
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
-        _, mean = sequence_loss(module(torch.as_tensor(batch.input_ids, device=self.device),
-                                       seq_idx=self.documents(batch)).logits,
-                                torch.as_tensor(batch.labels, device=self.device), sp)
-        module.train(was_training)
-        return mean
-
-    def evaluate(self, p, record: dict, metrics: MetricsLogger) -> None:
-        """The checkpoint's evaluation into eval/step_XXXXXXX/, the step's metrics record and TensorBoard.
-        Every rank runs it on the same prompts (ZeRO-3 needs all ranks in each forward); rank 0 writes."""
-        ev = self.cfg.eval
-        if not ev.every_checkpoint:
-            return
-        t0 = time.perf_counter()
-        step, out = self.state["step"], self.run_dir / "eval" / checkpoint.tag_of(self.state["step"])
-        write = self.rank == 0
-        module = self.engine.module
-        if "heldout" in ev.kinds:
-            loss = self.heldout_loss(p)
-            record["eval_loss"] = loss if math.isfinite(loss) else None
-            if write:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "heldout.json").write_text(json.dumps({"step": step, "seq_len": p.seq_len,
-                                                              "heldout_loss": record["eval_loss"]}))
-        # passkey / length / states decode recurrently (memory independent of length): whole sequences
-        # on every rank, no sequence parallelism
-        sp = self.model.sequence_parallel
-        self.model.set_sequence_parallel(None)
-        try:
-            self._recurrent_evals(p, record, metrics, out, write)
-        finally:
-            self.model.set_sequence_parallel(sp)
-        module.train()
-        record["eval_seconds"] = time.perf_counter() - t0
-
-    def _recurrent_evals(self, p, record, metrics, out, write) -> None:
-        ev, step, module = self.cfg.eval, self.state["step"], self.engine.module
-        common = dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=write, seed=self.cfg.run.seed)
-        if "passkey" in ev.kinds:
-            res = run_eval("passkey", module, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
-                           samples=ev.passkey_samples, **common)["model"]
-            record["passkey_accuracy"] = res["mean_accuracy"]
-            for L, acc in res["per_length"].items():
-                metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
-            metrics.image("eval/passkey", out / "passkey.png", step)
-        if "length" in ev.kinds:
-            variants = None
-            if ev.compare_mitigations:     # the same text with the stage's mitigations and with these on top
-                mitigated = self.resolve_layers(merge_overrides(self.stage_config(p), ev.compare_mitigations,
-                                                                "eval.compare_mitigations"), p)
-                module.set_mitigations(self.stage_mitigations[p.index])
-                variants = {"as trained": "as is", "with mitigations": mitigated}
-            results = run_eval("length", module, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
-                               margin=ev.collapse_margin, stream=self.eval_stream, variants=variants, **common)
-            res = results["as trained" if variants else "model"]
-            record["collapse_point"] = res["collapse_point"]
-            if variants:
-                record["collapse_point_mitigated"] = results["with mitigations"]["collapse_point"]
-            metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
-        if "states" in ev.kinds:
-            res = run_eval("states", module, self.tok, out, lengths=[ev.length_max], stream=self.eval_stream,
-                           **common)["model"]
-            record["max_state_norm"] = float(np.max(res["norms"][-1]))
-
-    def save(self, p) -> None:
-        checkpoint.save(self.engine, self.ckpt_root, self.state["step"], self.trainer_state(p), self.model.config,
-                        identity(self.tok), self.cfg.checkpoint.keep_last, self.rank == 0, self.dist.barrier,
-                        tokenizer_file=self.cfg.tokenizer.path if self.cfg.tokenizer.kind == "hf" else None)
 
     def run(self) -> int:
         start = self.resume()
@@ -356,15 +246,14 @@ class Trainer:
                 if current != p.index:
                     self.enter_stage(p)
                     current = p.index
-                record = self.train_step(p)
-                stop = self._any_rank(self.stop_requested)
+                record, stop = self.train_step(p)
                 step = self.state["step"]
                 due = stop or step == p.last_step or (every and step % every == 0)
                 if due:
-                    self.evaluate(p, record, metrics)
+                    self.evaluator.evaluate(p, step, record, metrics)
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
-                    self.save(p)
+                    self.checkpoints.save(step, self.trainer_state(p))
                 if self.state["bad_steps"] > self.cfg.train.max_bad_steps:
                     raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
                                        f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); lower the LR or "
@@ -377,11 +266,6 @@ class Trainer:
             metrics.close()
         return 0
 
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def close(self) -> None:
         if self.dist.is_initialized():
             self.dist.barrier()
@@ -389,16 +273,6 @@ class Trainer:
         # after the barrier no rank uses it any more
         release_shm_buffers(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
                             rank=os.environ.get("LOCAL_RANK", "0"))
-
-
-def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
-    """Unlink DeepSpeed's CPU all-reduce buffers of a run (/dev/shm, ~66 MB per rank). DeepSpeed never
-    removes them, so every finished or killed CPU run would otherwise leave them until the memory is full."""
-    import contextlib
-    import glob
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
-        with contextlib.suppress(FileNotFoundError):    # another process of the run removed it first
-            os.unlink(path)
 
 
 def train(cfg: Config, where: str = "<config>") -> int:

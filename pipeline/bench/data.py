@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import DataConfig, PrepareConfig, TokenizerConfig
-from .synthetic import make_document
+from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
+from longctx.data.synthetic import make_document
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
@@ -32,7 +32,8 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192) -> Path:
     tok.decoder = decoders.ByteLevel()
     with open(corpus) as f:
         sample = [json.loads(next(f))["text"] for _ in range(50)]
-    tok.train_from_iterator(sample, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "<|endoftext|>"]))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "<|endoftext|>"])
+    tok.train_from_iterator(sample, trainer)
     tok.save(str(out))
     return out
 
@@ -55,8 +56,8 @@ def raw_encode_batch(corpus: Path, tokenizer: Path, batch: int = 512) -> tuple:
 
 def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional[str] = None,
                    loader_tokens: int = 20_000_000, seq_len: int = 8192) -> dict:
-    from .prepare import prepare
-    from .stream import DocumentSource, PackedStream
+    from longctx.data.prepare import prepare
+    from longctx.data.stream import DocumentSource, PackedStream
     work = Path(tempfile.mkdtemp(prefix="longctx-bench-data-"))
     corpus = work / "corpus.jsonl"
     size = write_corpus(corpus, megabytes)

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import ssd, ssd_naive
+from longctx.kernels import ssd, ssd_naive
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .config import Mamba2Config
 from .mitigations import MITIGATIONS_FILE, load_layers, save_layers
-from .model import Mamba2Config
 
 FORMATS = ("mamba_ssm", "hf")
 

@@ -8,85 +8,29 @@ The mixer: in_proj -> [z0, x0 (MLP branch), z, xBC, dt]; causal depthwise conv1d
 SiLU on xBC; split into x, B, C; SSD (kernels.ssd); gated RMSNorm norm(y * silu(z))
 with group size d_ssm / ngroups; concat silu(z0) * x0 in front; out_proj.
 
-State-dict keys follow mamba_ssm.models.mixer_seq_simple; `checkpoint_io` converts
-the Hugging Face layout. Nothing here knows about process groups: under sequence
-parallelism (`set_sequence_parallel`) the mixer hands its two sequence-wide operations,
-the causal conv and the scan, to a `pipeline.parallel.SequenceParallel`.
+State-dict keys follow mamba_ssm.models.mixer_seq_simple; `formats` converts the
+Hugging Face layout. The mixer takes its two sequence-wide operations, the causal conv
+and the scan, from one ops object (`ops.py`): whole sequences in this process, a
+`longctx.pipeline.parallel.SequenceParallel` under sequence parallelism (nothing here
+knows about process groups), or a decoding cache (`inference.py`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
-
-from .mitigations import LayerMitigations
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from longctx import kernels
 
-
-@dataclass
-class Mamba2Config:
-    """Architecture. Field names are mamba_ssm's (MambaConfig + Mamba2 ssm_cfg, flattened)."""
-
-    d_model: int = 768
-    n_layer: int = 24
-    vocab_size: int = 50277
-    d_intermediate: int = 0          # > 0: a gated MLP after each mixer (own norm2)
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    d_ssm: Optional[int] = None      # None: d_inner; smaller leaves an MLP branch inside the mixer
-    ngroups: int = 1
-    chunk_size: int = 256
-    A_init_range: Tuple[float, float] = (1.0, 16.0)
-    D_has_hdim: bool = False
-    rmsnorm: bool = True             # gated RMSNorm on the mixer output; False gates inside the scan
-    norm_before_gate: bool = False
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    dt_limit: Tuple[float, float] = (0.0, math.inf)
-    bias: bool = False
-    conv_bias: bool = True
-    rms_norm: bool = True            # block norms: RMSNorm (True) or LayerNorm
-    norm_epsilon: float = 1e-5
-    residual_in_fp32: bool = True
-    pad_vocab_size_multiple: int = 8
-    tie_embeddings: bool = True
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def ssm_dim(self) -> int:
-        return self.d_inner if self.d_ssm is None else self.d_ssm
-
-    @property
-    def nheads(self) -> int:
-        return self.ssm_dim // self.headdim
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = max(1, self.pad_vocab_size_multiple)
-        return (self.vocab_size + m - 1) // m * m
-
-    def validate(self) -> "Mamba2Config":
-        if self.ssm_dim % self.headdim:
-            raise ValueError(f"model: d_ssm ({self.ssm_dim}) must be a multiple of headdim ({self.headdim})")
-        if self.nheads % self.ngroups:
-            raise ValueError(f"model: nheads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
-        if self.ssm_dim > self.d_inner:
-            raise ValueError(f"model: d_ssm ({self.ssm_dim}) cannot exceed expand * d_model ({self.d_inner})")
-        if self.norm_before_gate:
-            raise ValueError("model: norm_before_gate=True is not Mamba-2's layout (mamba_ssm uses False)")
-        return self
-
+from . import formats
+from .config import Mamba2Config
+from .inference import LayerCache, Mamba2Cache
+from .mitigations import LayerMitigations
+from .ops import LOCAL
 
 # ----------------------------------------------------------------------------- norms
 
@@ -125,26 +69,6 @@ def block_norm(config: Mamba2Config) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_epsilon)
 
 
-# ----------------------------------------------------------------------------- inference cache
-
-@dataclass
-class LayerCache:
-    conv: torch.Tensor   # (b, d_conv-1, conv_dim): last pre-conv xBC rows
-    ssm: torch.Tensor    # (b, h, p, n) fp32: the full state
-    seqlen: int = 0      # tokens read so far (state-norm positions count from the sequence start)
-    # sliding window only: the last <= r tokens' scan inputs and the state before them
-    ring: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None   # x (b,m,h,p), B (b,m,g,n), dt (b,m,h)
-    lagged: Optional[torch.Tensor] = None                                     # (b, h, p, n) fp32
-
-
-@dataclass
-class Mamba2Cache:
-    """Recurrent state of every layer: memory independent of how many tokens were read."""
-
-    layers: List[LayerCache]
-    seqlen: int = 0
-
-
 @dataclass
 class LMOutput:
     logits: torch.Tensor
@@ -174,7 +98,7 @@ class Mamba2Mixer(nn.Module):
             self.norm = GatedRMSNorm(self.d_ssm, group_size=self.d_ssm // c.ngroups, eps=1e-5)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
         self.mitigation: Optional[LayerMitigations] = None   # set by Mamba2LM.set_mitigations
-        self.sequence_parallel = None                         # set by Mamba2LM.set_sequence_parallel
+        self.ops = LOCAL                                      # the conv and the scan; set_sequence_parallel swaps them
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -200,70 +124,25 @@ class Mamba2Mixer(nn.Module):
                 kw["state_norm"] = kernels.StateNorm(m.state_norm_every, tau, offset=offset)
         return kw
 
-    def scan(self, x, dt, A, B, C, z, seq_idx, cache: Optional[LayerCache]):
-        """kernels.ssd over this call; with a cache, continue from it and advance it.
-
-        Under a sliding window the cache keeps the last r tokens' inputs (ring) and the
-        state before them (lagged): the call rescans ring + new tokens from the lagged
-        state, so each new output sees exactly its last r inputs (memory O(r), not O(l))."""
-        if self.sequence_parallel is not None:
-            return self.sequence_parallel.scan(x, dt, A, B, C, z, seq_idx, self.ssd_arguments())
-        if cache is None:
-            return kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, **self.ssd_arguments())
-        window = self.mitigation.window if self.mitigation is not None else 0
-        if not window:
-            y, cache.ssm = kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, initial_states=cache.ssm,
-                                       return_final_states=True, **self.ssd_arguments(cache.seqlen))
-            cache.seqlen += x.shape[1]
-            return y
-        if seq_idx is not None:
-            raise ValueError("seq_idx with a cache under a sliding window is not supported: decode one document per row")
-        rx, rB, rdt = cache.ring if cache.ring is not None else (x[:, :0], B[:, :0], dt[:, :0])
-        m = rx.shape[1]
-        xs, Bs, dts = torch.cat([rx, x], 1), torch.cat([rB, B], 1), torch.cat([rdt, dt], 1)
-        Cs = torch.cat([torch.zeros_like(rB), C], 1)           # outputs of the ring positions are discarded
-        zs = None if z is None else torch.cat([torch.zeros_like(rx), z], 1)
-        lagged = cache.lagged if cache.lagged is not None else torch.zeros_like(cache.ssm)
-        start = cache.seqlen - m                                # sequence position of the ring's first token
-        y, cache.ssm = kernels.ssd(xs, dts, A, Bs, Cs, z=zs, initial_states=lagged, return_final_states=True,
-                                   **self.ssd_arguments(start))
-        leaving = xs.shape[1] - window
-        if leaving > 0:                                         # advance the lagged state past tokens leaving the ring
-            _, cache.lagged = kernels.ssd(xs[:, :leaving], dts[:, :leaving], A, Bs[:, :leaving],
-                                          torch.zeros_like(Bs[:, :leaving]), initial_states=lagged,
-                                          return_final_states=True, **{**self.ssd_arguments(start), "window": None})
-        else:
-            cache.lagged = lagged
-        cache.ring = (xs[:, -window:].detach(), Bs[:, -window:].detach(), dts[:, -window:].detach())
-        cache.seqlen += x.shape[1]
-        return y[:, m:]
-
     def forward(self, u, seq_idx=None, cache: Optional[LayerCache] = None):
         """u (b,l,d_model). With `cache`, continues from it and updates it in place."""
-        b, l, _ = u.shape
-        sp = self.sequence_parallel
-        if sp is not None and cache is not None:
+        if cache is not None and self.ops is not LOCAL:
             raise ValueError("a decoding cache cannot be used under sequence parallelism: "
                              "call set_sequence_parallel(None) first")
+        ops = self.ops if cache is None else cache     # whole sequences (here or split over ranks), or decoding
         zxbcdt = self.in_proj(u)
         d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
 
-        if sp is not None:
-            xBC = sp.conv(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)
-        else:
-            xBC, conv_tail = kernels.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
-                                                   tail=None if cache is None else cache.conv, seq_idx=seq_idx)
-            if cache is not None:
-                cache.conv = conv_tail.detach()
-        xBC = F.silu(xBC)
+        xBC = F.silu(ops.conv(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx))
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
         A = -torch.exp(self.A_log.float())
         gate_in_scan = not self.config.rmsnorm
-        y = self.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
-                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
-                      z.unflatten(-1, (self.nheads, self.headdim)) if gate_in_scan else None, seq_idx, cache)
+        y = ops.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+                     B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+                     z.unflatten(-1, (self.nheads, self.headdim)) if gate_in_scan else None, seq_idx,
+                     self.ssd_arguments)
         y = y.flatten(-2)
         if not gate_in_scan:
             y = self.norm(y, z)
@@ -273,11 +152,8 @@ class Mamba2Mixer(nn.Module):
 
     def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
         w = self.in_proj.weight
-        return LayerCache(
-            conv=torch.zeros(batch, self.config.d_conv - 1, self.conv_dim, device=device or w.device,
-                             dtype=dtype or w.dtype),
-            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device or w.device,
-                            dtype=torch.float32))
+        return LayerCache.zeros(batch, self.config.d_conv, self.conv_dim, (self.nheads, self.headdim, self.d_state),
+                                device=device or w.device, dtype=dtype or w.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -376,7 +252,7 @@ class Mamba2LM(nn.Module):
                     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
                     linear.weight /= math.sqrt(per_layer * self.config.n_layer)
 
-    # -- state-collapse mitigations (pipeline/mitigations.py) ----------------------------
+    # -- state-collapse mitigations (mitigations.py) ----------------------------
     @property
     def mitigations(self) -> Optional[List[LayerMitigations]]:
         layers = [layer.mixer.mitigation for layer in self.backbone.layers]
@@ -392,13 +268,13 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"layer {i}: state norm needs {self.config.nheads} thresholds (one per head)")
             layer.mixer.mitigation = m if (m is not None and m.active) else None
 
-    # -- sequence parallelism (pipeline/parallel.py) ----------------------------------------
+    # -- sequence parallelism (longctx.pipeline.parallel) ----------------------------------------
     def set_sequence_parallel(self, sp):
         """A pipeline.parallel.SequenceParallel: forward then takes this rank's contiguous segment
         of each sequence and returns its logits; None: whole sequences (decoding, evaluation)."""
         self.sequence_parallel = sp
         for layer in self.backbone.layers:
-            layer.mixer.sequence_parallel = sp
+            layer.mixer.ops = LOCAL if sp is None else sp
 
     def halo_width(self) -> int:
         """Rows before a segment that some layer reads: the conv's d_conv-1, a window's r-1."""
@@ -459,12 +335,10 @@ class Mamba2LM(nn.Module):
             logits = self.step(token, cache)
         return torch.stack(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
-    # -- checkpoints (formats live in pipeline/checkpoint_io.py) -------------------------
+    # -- checkpoints (formats live in formats.py) -------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Mamba2LM":
-        from .checkpoint_io import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return formats.load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path, format: str = "mamba_ssm", safe_serialization: Optional[bool] = None):
-        from .checkpoint_io import save_pretrained
-        save_pretrained(self, path, format=format, safe_serialization=safe_serialization)
+        formats.save_pretrained(self, path, format=format, safe_serialization=safe_serialization)

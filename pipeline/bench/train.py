@@ -8,8 +8,8 @@ from typing import List
 
 import torch
 
-from .model import Mamba2Config, Mamba2LM
-from .train import lm_loss
+from ..model import Mamba2Config, Mamba2LM
+from ..training.loss import lm_loss
 
 SHAPES = {
     "tiny": Mamba2Config(d_model=256, n_layer=4, vocab_size=257, d_state=64, headdim=64, chunk_size=256),

@@ -62,8 +62,8 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
             compared = any("collapse_point_mitigated" in r for r in ev)
             extra = (" | collapse point with mitigations", "|---") if compared else ("", "")
             lines += ["## Evaluation at each checkpoint", "",
-                      f"| step | stage | seq_len | held-out loss | passkey accuracy by length | collapse point{extra[0]} | "
-                      "max state norm |", f"|---|---|---|---|---|---{extra[1]}|---|"]
+                      "| step | stage | seq_len | held-out loss | passkey accuracy by length | "
+                      f"collapse point{extra[0]} | max state norm |", f"|---|---|---|---|---|---{extra[1]}|---|"]
             lines += [f"| {r['step']} | {r['stage_name']} | {r['seq_len']} | {cell(r, 'eval_loss', '.4f')} | "
                       f"{_passkey_cell(run_dir, r)} | {cell(r, 'collapse_point', 'd')} | "
                       + (f"{cell(r, 'collapse_point_mitigated', 'd')} | " if compared else "")
@@ -81,8 +81,8 @@ def write_report(run_dir: Path, plan_text: str) -> Path:
             lines.append("")
             for r in ev:
                 d = run_dir / "eval" / f"step_{r['step']:07d}"
-                pics = [f"![{name}](eval/{d.name}/{name}.png)" for name in ("passkey", "loss_vs_position", "state_stats")
-                        if (d / f"{name}.png").exists()]
+                pics = [f"![{name}](eval/{d.name}/{name}.png)"
+                        for name in ("passkey", "loss_vs_position", "state_stats") if (d / f"{name}.png").exists()]
                 if pics:
                     lines += [f"### step {r['step']} ({r['stage_name']}, seq_len {r['seq_len']})", "", *pics, ""]
     else:

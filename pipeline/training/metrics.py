@@ -46,8 +46,9 @@ class MetricsLogger:
             for k in keys:
                 if isinstance(record.get(k), (int, float)):
                     self.tb.add_scalar(f"{group}/{k}", record[k], record["step"])
+        loss = "skipped" if record["loss"] is None else format(record["loss"], ".4f")
         line = (f"step {record['step']:>6}  stage {record['stage_name']}  seq_len {record['seq_len']}  "
-                f"loss {'skipped' if record['loss'] is None else format(record['loss'], '.4f')}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+                f"loss {loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
     def scalar(self, tag: str, value: float, step: int) -> None:

@@ -11,11 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import List
 
-from .config import Config, ConfigError
-from .mitigations import merge_overrides
-from .parallel import STATE_NORM_UNSUPPORTED
-
-WSD_DECAY_FRACTION = 0.2   # warmup-stable-decay: the last 20% of a stage's steps decay
+from ..config import Config, ConfigError
+from ..mitigations import merge_overrides
+from ..model.mitigations import STATE_NORM_UNSUPPORTED
+from .schedule import DECAYS, end_lr
 
 
 @dataclass(frozen=True)
@@ -113,23 +112,12 @@ def learning_rate(plans: List[StagePlan], step: int) -> float:
     start = 0.0 if p.index == 0 else _end_lr(plans[p.index - 1])
     if t < p.warmup_steps:
         return start + (p.lr - start) * (t + 1) / p.warmup_steps
-    floor = p.lr * p.min_lr_ratio
     span = max(1, p.steps - p.warmup_steps)
-    frac = (t - p.warmup_steps) / span
-    if p.decay == "constant":
-        return p.lr
-    if p.decay == "linear":
-        return p.lr - (p.lr - floor) * frac
-    if p.decay == "cosine":
-        return floor + (p.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-    if p.decay == "wsd":
-        decay_start = 1 - WSD_DECAY_FRACTION
-        return p.lr if frac < decay_start else p.lr - (p.lr - floor) * (frac - decay_start) / WSD_DECAY_FRACTION
-    raise ValueError(f"unknown decay {p.decay!r}")
+    return DECAYS[p.decay](p.lr, p.lr * p.min_lr_ratio, (t - p.warmup_steps) / span)
 
 
 def _end_lr(p: StagePlan) -> float:
-    return p.lr if p.decay == "constant" else p.lr * p.min_lr_ratio
+    return end_lr(p.decay, p.lr, p.min_lr_ratio)
 
 
 def format_plan(plans: List[StagePlan], world_size: int) -> str:

@@ -1,4 +1,4 @@
-"""Sequence parallelism by state passing (ARCHITECTURE §5).
+"""Sequence parallelism by state passing (docs/ARCHITECTURE.md §5).
 
 Each sequence is split into R contiguous segments, one per rank of a sequence-parallel
 (SP) group. Per layer, a rank needs from the ranks before it only
@@ -17,7 +17,7 @@ a replica of the parameters, ZeRO partitions over all ranks), so a stage may cha
 SP degree without a new engine. A rank's gradient is only its segment's share of the
 sequence's gradient, so the loss each rank backpropagates is multiplied by the SP degree:
 DeepSpeed's world average then equals the sum over the SP group averaged over the
-data-parallel replicas (`sequence_loss`).
+data-parallel replicas (`longctx.pipeline.training.loss.sequence_loss`).
 
 State normalization rescales by the norm of the whole state, which makes the incoming
 state a non-affine function of every earlier rank: it would have to run rank after rank.
@@ -32,12 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import kernels
-from kernels.common import compute_dtype, document_ids, heads_of_groups, log_decays
+from longctx import kernels
+from longctx.kernels.common import compute_dtype, document_ids, heads_of_groups, log_decays
 
-STATE_NORM_UNSUPPORTED = ("mitigations.state_norm is not supported with seq_parallel > 1: the rescaling depends on "
-                          "the norm of the whole state, so the segments cannot be scanned in parallel. Train stages "
-                          "with state norm at seq_parallel: 1, or use decay_scale / input_scale / window")
+from ..model.mitigations import STATE_NORM_UNSUPPORTED
+from ..model.ops import SSDArguments
 
 
 class SequenceParallel:
@@ -83,8 +82,9 @@ class SequenceParallel:
         out, _ = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=self._halo_docs(seq_idx, k))
         return out[:, k:]
 
-    def scan(self, x, dt, A, B, C, z, seq_idx, kw: Dict):
+    def scan(self, x, dt, A, B, C, z, seq_idx, arguments: SSDArguments):
         """kernels.ssd over the whole sequence (zero initial state), for this segment's positions."""
+        kw = arguments(0)
         if kw.get("state_norm") is not None:
             raise ValueError(STATE_NORM_UNSUPPORTED)
         if kw.get("window"):
@@ -186,12 +186,12 @@ class StatePass(torch.autograd.Function):
         return (g * incoming).sum((-2, -1)), g, None
 
 
-# ----------------------------------------------------------------------------- groups and loss
+# ----------------------------------------------------------------------------- groups
 
 class Groups:
     """Sequence-parallel groups per SP degree, built once and reused across stages.
 
-    Ranks dp*R .. dp*R+R-1 form SP group dp (the layout `data.stream.rank_share` slices by).
+    Ranks dp*R .. dp*R+R-1 form SP group dp (the layout `longctx.data.stream.rank_share` slices by).
     Every rank must create every group, in the same order (torch.distributed.new_group)."""
 
     def __init__(self, world: int, rank: int):
@@ -208,20 +208,3 @@ class Groups:
             groups = [dist.new_group(list(range(d * degree, (d + 1) * degree))) for d in range(self.world // degree)]
             self._by_degree[degree] = SequenceParallel(groups[self.rank // degree], self.rank % degree, degree)
         return self._by_degree[degree]
-
-
-def sequence_loss(logits, labels, sp: Optional[SequenceParallel], ignore_index: int = -100):
-    """(loss to backpropagate, the sequence's mean token loss as a float).
-
-    The mean is over the valid labels of the whole micro-batch (every segment of it), so it
-    equals the single-process loss; the backpropagated loss is this rank's share times the
-    SP degree (see the module docstring)."""
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
-                            reduction="sum")
-    if sp is None:
-        share = total / (labels != ignore_index).sum()
-        return share, float(share.detach())
-    counts = torch.stack([(labels != ignore_index).sum().to(total.dtype), total.detach()])
-    sp.all_reduce(counts)
-    share = total / counts[0]
-    return share * sp.size, float(counts[1] / counts[0])

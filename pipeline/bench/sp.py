@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .model import Mamba2Config, Mamba2LM
-from .parallel import Groups, sequence_loss
+from ..model import Mamba2Config, Mamba2LM
+from ..parallel import Groups
+from ..training.loss import sequence_loss
 
 SHAPE = dict(d_model=128, n_layer=2, vocab_size=257, d_state=64, headdim=32, chunk_size=256)
 
@@ -71,7 +72,8 @@ def run_sp_bench(lengths: List[int], nproc: int = 2, repeats: int = 3) -> List[d
     import tempfile
     for length in lengths:
         if length % (nproc * SHAPE["chunk_size"]):
-            raise ValueError(f"length {length} must be a multiple of nproc x chunk_size ({nproc} x {SHAPE['chunk_size']})")
+            raise ValueError(f"length {length} must be a multiple of nproc x chunk_size "
+                             f"({nproc} x {SHAPE['chunk_size']})")
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(nproc, lengths, repeats, f"{tmp}/init", tmp), nprocs=nproc,
                            start_method="spawn")

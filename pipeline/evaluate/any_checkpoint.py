@@ -1,0 +1,69 @@
+"""Evaluate any checkpoint (ours, mamba_ssm or Hugging Face): what `longctx eval passkey|length|states CKPT` runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from longctx.data.stream import DocumentSource, PackedStream
+
+from ..mitigations import MitigationsConfig, merge_overrides, resolve
+from ..model.load import find_checkpoint, load_any
+from ..model.mitigations import calibrate_state_norm
+from .passkey import build_prompt
+from .run import comparison_table, run_eval, tokenizer_for
+
+DEFAULT_LENGTHS = {"passkey": [1024, 4096], "length": [16384], "states": [16384]}
+
+
+def training_length(source: Path):
+    """The sequence length the checkpoint was trained at (our checkpoints), else None."""
+    found = find_checkpoint(source)
+    if found is None:
+        return None
+    root, tag = found
+    return json.loads((root / tag / "trainer_state.json").read_text()).get("seq_len")
+
+
+def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int]] = None,
+                        depths: Optional[Sequence[float]] = None, samples: int = 2, out=None,
+                        tokenizer: Optional[str] = None, mitigations: Sequence[str] = (), compare: bool = False,
+                        data: Optional[str] = None, buckets: int = 16, margin: float = 0.5, min_position: int = 64,
+                        prefill_chunk: int = 4096, calibration_length: Optional[int] = None, seed: int = 0) -> dict:
+    """One evaluation (passkey | length | states) of any checkpoint; with `mitigations` (KEY=VAL, the
+    mitigations section's keys) the model runs with them, with `compare` also without. Writes its
+    files into `out` (default eval-KIND/), prints the comparison table, returns the results."""
+    source = Path(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_any(source).to(device).eval()
+    tok = tokenizer_for(source, tokenizer, model.config.padded_vocab_size)
+    train_length = training_length(source)
+    lengths = list(lengths) if lengths else DEFAULT_LENGTHS[kind]
+    depths = list(depths) if depths else [0.0, 0.5, 1.0]
+
+    variants = None
+    if mitigations or compare:
+        overrides = OmegaConf.to_container(OmegaConf.from_dotlist(list(mitigations)))
+        mit = merge_overrides(MitigationsConfig(), overrides, "--mitigations")
+        calibrated = None
+        if mit.state_norm.every and not mit.state_norm.thresholds:
+            L = calibration_length or train_length or 2048
+            prompt = torch.as_tensor(build_prompt(tok, L, 0.5, "12345")[None], device=device)
+            calibrated = calibrate_state_norm(model, prompt, mit.state_norm.multiplier, chunk_len=prefill_chunk)
+        layers = resolve(mit, model.config.n_layer, model.config.nheads, calibrated=calibrated)
+        variants = {"with mitigations": layers}
+        if compare:
+            variants = {"without": None, "with mitigations": layers}
+    stream = None
+    if data and kind != "passkey":
+        stream = PackedStream(DocumentSource(data, str(Path(out or ".") / ".cache")), tok.eos_id, seed=seed)
+    out = Path(out or f"eval-{kind}")
+    results = run_eval(kind, model, tok, out, lengths=lengths, depths=depths, samples=samples, seed=seed,
+                       prefill_chunk=prefill_chunk, buckets=buckets, margin=margin, min_position=min_position,
+                       train_length=train_length, variants=variants, stream=stream)
+    print(comparison_table(kind, results))
+    print(f"wrote {out}")
+    return results

@@ -1,0 +1,28 @@
+"""The mixer's two sequence-wide operations, the causal conv and the SSD scan, over whole
+sequences in one process.
+
+Every provider of these operations has the same two methods, so the mixer has one path:
+`LocalOps` (here), `longctx.pipeline.parallel.SequenceParallel` (the sequence split over
+ranks) and `longctx.pipeline.model.inference.LayerCache` (decoding, continuing a state).
+`arguments(offset)` gives the layer's SSD keyword arguments, mitigations included, with
+state-norm positions counted from `offset` tokens before the call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from longctx import kernels
+
+SSDArguments = Callable[[int], Dict]
+
+
+class LocalOps:
+    def conv(self, xBC, weight, bias, seq_idx):
+        out, _ = kernels.causal_conv1d(xBC, weight, bias, seq_idx=seq_idx)
+        return out
+
+    def scan(self, x, dt, A, B, C, z, seq_idx, arguments: SSDArguments):
+        return kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, **arguments(0))
+
+
+LOCAL = LocalOps()

@@ -1,0 +1,115 @@
+"""The evaluation at each training checkpoint: held-out loss at the stage's length, passkey
+retrieval, loss against position and state norms, into eval/step_XXXXXXX/, the step's
+metrics record and TensorBoard.
+
+Every rank runs it on the same prompts (ZeRO-3 needs all ranks in each forward); rank 0
+writes. Evaluations run in a fixed order, since several read the held-out stream one
+after another."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longctx.data.stream import rank_share
+
+from ..evaluate.run import run_eval
+from ..mitigations import merge_overrides
+from .checkpoint import tag_of
+from .loss import sequence_loss
+
+
+class Evaluator:
+    def __init__(self, cfg, model, tok, eval_stream, stage_mitigations, documents, device, write: bool):
+        self.cfg, self.model, self.tok, self.stream = cfg, model, tok, eval_stream
+        self.mitigations, self.documents, self.device, self.write = stage_mitigations, documents, device, write
+        # name -> (method, reads whole sequences). Whole-sequence evaluations decode recurrently (memory
+        # independent of length) on every rank, with sequence parallelism off.
+        self.kinds = {"heldout": (self.heldout, False), "passkey": (self.passkey, True),
+                      "length": (self.length, True), "states": (self.states, True)}
+
+    def evaluate(self, p, step: int, record: dict, metrics) -> None:
+        ev = self.cfg.eval
+        if not ev.every_checkpoint:
+            return
+        t0 = time.perf_counter()
+        out = Path(self.cfg.run.dir) / "eval" / tag_of(step)
+        for name, (run, whole) in self.kinds.items():
+            if name in ev.kinds:
+                with self._whole_sequences() if whole else contextlib.nullcontext():
+                    run(p, step, record, metrics, out)
+        self.model.train()
+        record["eval_seconds"] = time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def _whole_sequences(self):
+        sp = self.model.sequence_parallel
+        self.model.set_sequence_parallel(None)
+        try:
+            yield
+        finally:
+            self.model.set_sequence_parallel(sp)
+
+    @torch.no_grad()
+    def heldout_loss(self, p) -> float:
+        """Loss on sequences of the held-out stream at the stage's length; under sequence
+        parallelism each rank reads its segment (the group sums)."""
+        n = max(1, self.cfg.eval.heldout_sequences)
+        sp = self.model.sequence_parallel
+        batch = self.stream.next_batch(n, p.seq_len)
+        if sp is not None:
+            batch = rank_share(batch, 0, 1, sp.rank, sp.size)
+        was_training = self.model.training
+        self.model.eval()
+        _, mean = sequence_loss(self.model(torch.as_tensor(batch.input_ids, device=self.device),
+                                           seq_idx=self.documents(batch)).logits,
+                                torch.as_tensor(batch.labels, device=self.device), sp)
+        self.model.train(was_training)
+        return float(mean)
+
+    def heldout(self, p, step, record, metrics, out) -> None:
+        loss = self.heldout_loss(p)
+        record["eval_loss"] = loss if math.isfinite(loss) else None
+        if self.write:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "heldout.json").write_text(json.dumps({"step": step, "seq_len": p.seq_len,
+                                                          "heldout_loss": record["eval_loss"]}))
+
+    def _common(self, p) -> dict:
+        ev = self.cfg.eval
+        return dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=self.write, seed=self.cfg.run.seed)
+
+    def passkey(self, p, step, record, metrics, out) -> None:
+        ev = self.cfg.eval
+        res = run_eval("passkey", self.model, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
+                       samples=ev.passkey_samples, **self._common(p))["model"]
+        record["passkey_accuracy"] = res["mean_accuracy"]
+        for L, acc in res["per_length"].items():
+            metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
+        metrics.image("eval/passkey", out / "passkey.png", step)
+
+    def length(self, p, step, record, metrics, out) -> None:
+        ev = self.cfg.eval
+        variants = None
+        if ev.compare_mitigations:     # the same text with the stage's mitigations and with these on top
+            mitigated = self.mitigations.resolve(merge_overrides(self.mitigations.stage_config(p),
+                                                                 ev.compare_mitigations, "eval.compare_mitigations"), p)
+            self.model.set_mitigations(self.mitigations.of(p))
+            variants = {"as trained": "as is", "with mitigations": mitigated}
+        results = run_eval("length", self.model, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
+                           margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(p))
+        res = results["as trained" if variants else "model"]
+        record["collapse_point"] = res["collapse_point"]
+        if variants:
+            record["collapse_point_mitigated"] = results["with mitigations"]["collapse_point"]
+        metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
+
+    def states(self, p, step, record, metrics, out) -> None:
+        res = run_eval("states", self.model, self.tok, out, lengths=[self.cfg.eval.length_max], stream=self.stream,
+                       **self._common(p))["model"]
+        record["max_state_norm"] = float(np.max(res["norms"][-1]))

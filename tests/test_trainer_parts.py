@@ -1,0 +1,106 @@
+"""The trainer's parts in-process, each with what it is handed (an engine that writes a file per
+rank's share, a real tiny model): the checkpointer, the stage's mitigations, the evaluator."""
+import json
+
+import pytest
+import torch
+
+from longctx.data.tokenizer import ByteTokenizer
+from longctx.pipeline.config import ConfigError, load_config
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.training.checkpoint import Checkpointer
+from longctx.pipeline.training.curriculum import plan
+from longctx.pipeline.training.evaluator import Evaluator
+from longctx.pipeline.training.metrics import MetricsLogger
+from longctx.pipeline.training.stage_mitigations import StageMitigations
+
+MODEL = Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=16)
+
+
+class FileEngine:
+    """Saves like a DeepSpeed engine of one rank: its files under root/tag, the client state inside."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        d = f"{root}/{tag}"
+        import os
+        os.makedirs(d, exist_ok=True)
+        torch.save(client_state, f"{d}/mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
+        self.loaded.append(tag)
+        return f"{root}/{tag}", torch.load(f"{root}/{tag}/mp_rank_00_model_states.pt", weights_only=False)
+
+
+def _config(tmp_path, extra=""):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""
+run: {{dir: {tmp_path / 'run'}}}
+model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
+data: {{shards: {tmp_path / 'mds'}}}
+curriculum:
+  stages:
+    - {{name: a, seq_len: 64, steps: 2, global_batch_tokens: 128}}
+    - {{name: b, seq_len: 128, steps: 2, global_batch_tokens: 128, mitigations: {{state_norm: {{every: 32}}}}}}
+{extra}""")
+    return load_config(str(path))
+
+
+def test_checkpointer_saves_prunes_finds_and_loads(tmp_path):
+    engine = FileEngine()
+    ck = Checkpointer(engine, tmp_path / "checkpoints", is_rank0=True, barrier=lambda: None, keep_last=2,
+                      model_config=MODEL, tokenizer_identity={"kind": "byte", "eos_id": 256})
+    assert ck.to_resume("auto") is None
+    for step in (2, 4, 6):
+        ck.save(step, {"step": step})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000004", "step_0000006"]
+    root, tag = ck.to_resume("auto")
+    assert tag == "step_0000006" and ck.load(root, tag) == {"step": 6}
+    d = tmp_path / "checkpoints" / "step_0000006"
+    assert json.loads((d / "model_config.json").read_text())["d_model"] == 32
+    assert json.loads((d / "trainer_state.json").read_text()) == {"step": 6}
+    assert ck.to_resume("never") is None
+    assert ck.to_resume(str(tmp_path / "checkpoints" / "step_0000004")) == (tmp_path / "checkpoints", "step_0000004")
+    with pytest.raises(ConfigError, match="run.resume: .* is not a checkpoint directory"):
+        ck.to_resume(str(tmp_path / "nowhere"))
+
+
+def test_stage_mitigations_calibrate_once_and_survive_a_checkpoint(tmp_path):
+    cfg = _config(tmp_path)
+    torch.manual_seed(0)
+    model = Mamba2LM(MODEL)
+    prompts = []
+
+    def prompt(seq_len):
+        prompts.append(seq_len)
+        return torch.randint(0, 256, (1, seq_len))
+
+    mit = StageMitigations(cfg, model, prompt)
+    plans = plan(cfg, 1, MODEL.chunk_size)
+    assert mit.of(plans[0]) is None                                  # stage a: nothing configured
+    layers = mit.of(plans[1])
+    assert prompts == [128] and len(layers) == 2                      # calibrated at the stage's length, once
+    assert all(m.state_norm_every == 32 and len(m.state_norm_threshold) == MODEL.nheads for m in layers)
+    assert mit.of(plans[1]) is layers and prompts == [128]
+    again = StageMitigations(cfg, model, prompt)
+    again.load_state_dict(json.loads(json.dumps(mit.state_dict())))   # through trainer_state.json
+    assert again.of(plans[1]) == layers and prompts == [128]          # the resumed run does not recalibrate
+
+
+def test_evaluator_runs_the_configured_kinds_and_writes_them(tmp_path):
+    cfg = _config(tmp_path, "eval: {kinds: [states, passkey, length], passkey_lengths: [256], passkey_samples: 1, "
+                            "passkey_depths: [0.5], length_max: 256, length_buckets: 4}")
+    torch.manual_seed(0)
+    model = Mamba2LM(MODEL).train()
+    mit = StageMitigations(cfg, model, lambda n: torch.randint(0, 256, (1, n)))
+    ev = Evaluator(cfg, model, ByteTokenizer(), None, mit, lambda batch: None, torch.device("cpu"), write=True)
+    record = {}
+    p = plan(cfg, 1, MODEL.chunk_size)[0]
+    ev.evaluate(p, 5, record, MetricsLogger(tmp_path / "run", active=False))
+    out = tmp_path / "run" / "eval" / "step_0000005"
+    assert {"passkey_accuracy", "collapse_point", "max_state_norm", "eval_seconds"} <= set(record)
+    assert "eval_loss" not in record                                   # heldout was not asked for
+    assert {"passkey.json", "loss_vs_position.json", "state_stats.json"} <= {f.name for f in out.iterdir()}
+    assert model.training and model.sequence_parallel is None
