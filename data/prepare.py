@@ -31,7 +31,7 @@ from .tokenizer import identity, load_tokenizer, token_dtype
 MANIFEST = "manifest.json"
 DONE = "DONE"
 STATS = "stats.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: manifest.max_token_id
 EXAMPLES_PER_REASON = 5
 
 
@@ -62,7 +62,7 @@ class Settings:
 
 
 def _empty_stats() -> dict:
-    return {"records": 0, "documents": 0, "tokens": 0, "rejected": {}, "examples": {}}
+    return {"records": 0, "documents": 0, "tokens": 0, "rejected": {}, "examples": {}, "max_token_id": -1}
 
 
 def _reject(stats: dict, reason: str, location: str) -> None:
@@ -99,6 +99,7 @@ def process_item(item: WorkItem, settings: Settings) -> dict:
                             writer.write({"tokens": ids[piece:piece + step], "source": item.url, "doc": rec.index})
                             stats["documents"] += 1
                         stats["tokens"] += len(ids)
+                        stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()))
                     batch.clear()
 
                 for rec in iter_records(item, settings.text_field, settings.max_line_bytes, scratch):
@@ -345,6 +346,7 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
         for target in (total, per_input.setdefault(st["url"], _empty_stats())):
             for k in ("records", "documents", "tokens"):
                 target[k] += st[k]
+            target["max_token_id"] = max(target["max_token_id"], st["max_token_id"])
             for reason, n in st["rejected"].items():
                 target["rejected"][reason] = target["rejected"].get(reason, 0) + n
             for reason, locs in st["examples"].items():
@@ -358,6 +360,7 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
         "rejected": dict(sorted(total["rejected"].items())),
         "rejected_examples": dict(sorted(total["examples"].items())),
         "tokenizer": identity(tok),
+        "max_token_id": total["max_token_id"],     # below the model's vocabulary, or the shards do not fit it
         "columns": {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"},
         "text_field": settings.text_field,
         "min_doc_tokens": settings.min_doc_tokens,

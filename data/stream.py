@@ -14,7 +14,9 @@ each sequence-parallel rank its contiguous segment of those rows.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
@@ -56,6 +58,13 @@ class DocumentSource:
         if remote and not cache_dir:
             raise ValueError("reading s3:// shards needs a local cache directory (data.cache_dir)")
         self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+        self.index_path = Path(local) / "index.json"     # a remote dataset's index is downloaded there
+
+    @property
+    def identity(self) -> str:
+        """Which shards these are: the hash of their MDS index (shard names, sizes, sample counts), so
+        re-prepared data with other documents or another tokenizer reads as another dataset."""
+        return f"{self.ds.num_samples}:{hashlib.sha256(self.index_path.read_bytes()).hexdigest()[:16]}"
 
     def __len__(self) -> int:
         return self.ds.num_samples       # all documents (len() of a distributed StreamingDataset is per rank)
@@ -76,12 +85,20 @@ class PackedStream:
         self._cached = (None, None)
 
     # -- position ----------------------------------------------------------------------------
+    def _dataset(self) -> Optional[str]:
+        return getattr(self.source, "identity", None)
+
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset, "seed": self.seed}
+        return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset, "seed": self.seed,
+                "dataset": self._dataset()}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
+        if state.get("dataset") != self._dataset():
+            raise ValueError(f"loader state was saved on the dataset {state.get('dataset')}, the shards now are "
+                             f"{self._dataset()}: the data was re-prepared or moved to other shards; its position "
+                             "means nothing there. Use the original shards, or start a new run")
         self.epoch, self.doc, self.offset = int(state["epoch"]), int(state["doc"]), int(state["offset"])
 
     def _order_of(self, epoch: int) -> np.ndarray:
@@ -122,6 +139,10 @@ class PackedStream:
                     self.epoch, self.doc, self.offset = epoch, doc, 0
                 continue
             passed = 0
+            if offset >= len(toks):          # only a position from other data can point past a document's end
+                raise ValueError(f"loader position (epoch {epoch}, document {doc}, offset {offset}) lies past the "
+                                 f"end of that document ({len(toks)} tokens): the dataset is not the one the "
+                                 "position was recorded in")
             if got <= advance < got + len(toks) - offset:
                 self.epoch, self.doc, self.offset = epoch, doc, offset + (advance - got)
             piece = toks[offset: offset + (n - got)]

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the stage table and exit")
 
     p = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
-    p.add_argument("kind", choices=["passkey", "length", "states"])    # pipeline.evaluate.run.KINDS
+    p.add_argument("kind", choices=["passkey", "length", "states"])
     p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
     p.add_argument("--lengths", default="", help="comma-separated context lengths, e.g. 4096,65536")
     p.add_argument("--depths", default="", help="comma-separated depths in [0, 1]")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
-    p.add_argument("target", choices=["slurm", "deepspeed", "ray"])   # launch.render.TARGETS
+    p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
     _add_config_args(p)
     p.add_argument("--nodes", type=int, default=None, help="default launch.nodes")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default launch.gpus_per_node")

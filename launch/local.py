@@ -2,12 +2,15 @@
 write the report."""
 from __future__ import annotations
 
+import base64
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from longctx.pipeline.config import Config
 
@@ -35,28 +38,56 @@ def ensure_data(cfg: Config) -> None:
     prepare(cfg.data, cfg.tokenizer)
 
 
-def launch_command(config: str, overrides: List[str], nproc: int, port: int) -> List[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(nproc),
-            "--master_port", str(port),
+def launch_command(config: str, overrides: List[str], nproc: int, port: int, hosts: Optional[List[str]] = None,
+                   node_rank: int = 0, master_addr: str = "127.0.0.1") -> List[str]:
+    """DeepSpeed's per-node launcher (deepspeed.launcher.launch): it starts this node's `nproc` ranks and,
+    on SIGTERM, passes it on to them (SIGKILL 30 s later). Started directly, without DeepSpeed's runner in
+    between: the runner dies on SIGTERM and would leave the ranks running. `hosts` (one name per node,
+    in node-rank order) makes a multi-node world; every node runs this command with its own `node_rank`."""
+    hosts = hosts or ["localhost"]
+    world = {h: list(range(nproc)) for h in hosts}
+    world_info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={port}", "--no_local_rank",
             "--module", "longctx.launch.cli", "train", config, *overrides]
 
 
 def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_text: str) -> int:
     import torch
+
+    from longctx.pipeline.training.preflight import preflight
     ensure_data(cfg)
+    preflight(cfg, config)           # before any process starts: a mismatch costs seconds here, days later
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     from streaming.base.util import clean_stale_shared_memory
+
+    from longctx.pipeline.parallel.shm import release_shm_buffers, release_stale_shm_buffers
     clean_stale_shared_memory()     # a killed run leaves the shards' shared memory registered; once, before the ranks
+    stale = release_stale_shm_buffers()
+    if stale:
+        print(f"removed {len(stale)} DeepSpeed buffer(s) in /dev/shm left by killed runs", flush=True)
+    from longctx.pipeline.training.checkpoint import EXIT_STOPPED, STOPPED
+    stopped = Path(cfg.run.dir) / STOPPED
+    stopped.unlink(missing_ok=True)
     port = free_port()
     cmd = launch_command(config, overrides, nproc, port)
     print("launch:", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=env)
-    from longctx.pipeline.parallel.shm import release_shm_buffers
+    # SIGTERM to this process group (pre-emption) reaches the launcher and the ranks too: they stop at a
+    # checkpoint; this process waits for them instead of dying first, then reports how the run ended.
+    previous = signal.signal(signal.SIGTERM, lambda *_: print("longctx run: SIGTERM; waiting for the ranks to "
+                                                              "checkpoint", flush=True))
+    try:
+        rc = subprocess.call(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     release_shm_buffers("127.0.0.1", str(port))     # also those of ranks that were killed
     from longctx.pipeline.training.report import write_report
     report = write_report(Path(cfg.run.dir), plan_text)
     print(f"report: {report}")
+    if stopped.exists():
+        print(f"longctx run: stopped at a checkpoint ({stopped}); run the same command to resume", flush=True)
+        return EXIT_STOPPED
     return rc

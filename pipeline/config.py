@@ -15,11 +15,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 from longctx.data.config import DataConfig, TokenizerConfig
 
-from .mitigations import MitigationsConfig, merge_overrides, resolve
+from .mitigations import MitigationsConfig, check_scales, merge_overrides, resolve
 from .model.config import Mamba2Config
 from .training.schedule import DECAYS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+EVAL_KINDS = ("heldout", "passkey", "length", "states")   # training.evaluator runs them, in this order
+
+# DeepSpeed keys the run plans itself (from the stage plan and `train`): setting them under
+# train.deepspeed would silently change what the plan says. Each names the key to set instead.
+PLANNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "curriculum.stages[].global_batch_tokens",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "curriculum.stages[].global_batch_tokens",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16": "train.precision", "bf16.enabled": "train.precision",
+    "fp16": "train.precision", "fp16.enabled": "train.precision", "amp.enabled": "train.precision",
+    "gradient_clipping": "train.grad_clip",
+}
 
 
 class ConfigError(ValueError):
@@ -36,8 +49,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig(Mamba2Config):
-    from_pretrained: str = ""       # a mamba_ssm or Hugging Face Mamba2 directory; overrides the fields above
-    dtype: str = "fp32"             # parameter dtype: fp32 | bf16 | fp16
+    from_pretrained: str = ""       # a mamba_ssm or Hugging Face Mamba2 directory; fields above must agree with it
 
 
 @dataclass
@@ -80,7 +92,7 @@ class CurriculumConfig:
 @dataclass
 class EvalConfig:
     every_checkpoint: bool = True   # evaluate at every checkpoint during training
-    kinds: List[str] = field(default_factory=lambda: ["heldout", "passkey", "length", "states"])   # which evaluations
+    kinds: List[str] = field(default_factory=lambda: list(EVAL_KINDS))   # any of heldout passkey length states
     collapse_margin: float = 0.5    # nats above the running minimum that mark the collapse point
     heldout_sequences: int = 4      # sequences of the stage's length for the held-out loss
     passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])   # prompt lengths in tokens
@@ -96,7 +108,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0            # 0: only at stage ends
-    keep_last: int = 2              # older checkpoints are deleted
+    keep_last: int = 2              # older checkpoints are deleted; 0 keeps every checkpoint
 
 
 @dataclass
@@ -170,17 +182,30 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     def fail(key, msg):
         raise ConfigError(f"{where}: {key}: {msg}")
 
-    if cfg.model.dtype not in PRECISIONS:
-        fail("model.dtype", f"must be one of {PRECISIONS}, got {cfg.model.dtype!r}")
     if cfg.train.precision not in PRECISIONS:
         fail("train.precision", f"must be one of {PRECISIONS}, got {cfg.train.precision!r}")
     if cfg.tokenizer.kind not in ("byte", "hf"):
         fail("tokenizer.kind", f"must be 'byte' or 'hf', got {cfg.tokenizer.kind!r}")
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
         fail("tokenizer.path", "tokenizer.kind=hf needs the path of a tokenizer.json")
+    for key in _leaves(cfg.train.deepspeed):
+        if key in PLANNED_DEEPSPEED_KEYS:
+            fail(f"train.deepspeed.{key}", f"the run plans this itself; set {PLANNED_DEEPSPEED_KEYS[key]} instead")
+    _validate_eval(cfg.eval, fail)
+    if cfg.checkpoint.every_steps < 0:
+        fail("checkpoint.every_steps", f"must be >= 0 (0: only at stage ends), got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.keep_last < 0:
+        fail("checkpoint.keep_last", f"must be >= 0 (0 keeps every checkpoint), got {cfg.checkpoint.keep_last}")
     try:
-        stage_mitigations = [merge_overrides(cfg.mitigations, st.mitigations, f"curriculum.stages[{i}] ({st.name})")
-                             for i, st in enumerate(cfg.curriculum.stages)]
+        check_scales(cfg.mitigations, "mitigations")
+        stage_mitigations = []
+        for i, st in enumerate(cfg.curriculum.stages):
+            key = f"curriculum.stages[{i}] ({st.name})"
+            stage_mitigations.append(merge_overrides(cfg.mitigations, st.mitigations, key))
+            check_scales(stage_mitigations[-1], f"{key}.mitigations")
+        if cfg.eval.compare_mitigations:
+            check_scales(merge_overrides(cfg.mitigations, cfg.eval.compare_mitigations, "eval.compare_mitigations"),
+                         "eval.compare_mitigations")
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     if not cfg.model.from_pretrained:
@@ -205,6 +230,26 @@ def validate(cfg: Config, where: str = "<config>") -> None:
                  f"{st.global_batch_tokens} must be a positive multiple of seq_len {st.seq_len}")
 
 
+def _leaves(d: dict, prefix: str = ""):
+    """Dotted keys of a nested dict's leaves (a dict value is walked, anything else is a leaf)."""
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _validate_eval(ev: EvalConfig, fail) -> None:
+    unknown = [k for k in ev.kinds if k not in EVAL_KINDS]
+    if unknown:
+        fail("eval.kinds", f"unknown evaluation {unknown[0]!r}: choose from {', '.join(EVAL_KINDS)}")
+    for d in ev.passkey_depths:
+        if not 0 <= d <= 1:
+            fail("eval.passkey_depths", f"{d} is outside [0, 1] (0: needle at the start of the filler, 1: at its end)")
+    if ev.heldout_sequences < 1:
+        fail("eval.heldout_sequences", f"must be >= 1, got {ev.heldout_sequences}")
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -218,6 +263,6 @@ def model_chunk_size(cfg: Config) -> int:
     """The scan chunk of the model to be trained (read from `model.from_pretrained` when set),
     which every stage's seq_len must respect; no weights are loaded."""
     if cfg.model.from_pretrained:
-        from .checkpoint_io import read_config
+        from .model.formats import read_config
         return read_config(cfg.model.from_pretrained).chunk_size
     return model_config(cfg).chunk_size

@@ -62,18 +62,31 @@ def _per_layer_head(value, n_layer: int, nheads: int, key: str) -> Optional[List
                      f"{n_layer} lists of {nheads} (per layer x head), got {value!r}")
 
 
+def _check_scale(value, key: str) -> None:
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_scale(v, f"{key}[{i}]")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):     # YAML's yes/true is not a scale
+        raise ValueError(f"{key}: {value!r} is not a number")
+    if not 0 < value <= 1:
+        raise ValueError(f"{key}: {value!r} is outside (0, 1]: a scale only forgets more or writes less")
+
+
+def check_scales(cfg: MitigationsConfig, where: str) -> None:
+    """decay_scale and input_scale are numbers in (0, 1], scalar or per layer (x head); `where` prefixes the key."""
+    for name in ("decay_scale", "input_scale"):
+        value = getattr(cfg, name)
+        _check_scale(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, f"{where}.{name}")
+
+
 def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
             calibrated: Optional[torch.Tensor] = None) -> List[LayerMitigations]:
     """One LayerMitigations per layer. `calibrated` (n_layer, nheads) thresholds are used when the
     config gives none."""
+    check_scales(cfg, "mitigations")
     decay = _per_layer_head(cfg.decay_scale, n_layer, nheads, "decay_scale")
     inp = _per_layer_head(cfg.input_scale, n_layer, nheads, "input_scale")
-    for name, rows in (("decay_scale", decay), ("input_scale", inp)):
-        bad = [v for row in rows for v in row if not (0 < v <= 1)] if name == "decay_scale" else \
-            [v for row in rows for v in row if v < 0]
-        if bad:
-            bounds = "(0, 1]" if name == "decay_scale" else "[0, inf)"
-            raise ValueError(f"mitigations.{name}: values must lie in {bounds}, got {bad[:4]}")
     sn = cfg.state_norm
     if sn.every < 0:
         raise ValueError(f"mitigations.state_norm.every must be >= 0, got {sn.every}")

@@ -5,7 +5,7 @@ from longctx.pipeline.config import Config, ConfigError, load_config, to_yaml
 GOOD = """
 run: {name: demo}
 model: {d_model: 64, n_layer: 2, vocab_size: 256, d_state: 16, headdim: 16}
-train: {micro_batch_size: 2, deepspeed: {zero_optimization: {stage: 2}}}
+train: {micro_batch_size: 2, zero_stage: 2, deepspeed: {zero_optimization: {overlap_comm: true}}}
 curriculum:
   stages:
     - {name: short, seq_len: 256, steps: 10, global_batch_tokens: 1024}
@@ -24,7 +24,7 @@ def test_loads_yaml_with_overrides_and_interpolation(tmp_path):
     assert isinstance(cfg, Config)
     assert cfg.run.dir == "runs/demo"
     assert cfg.train.micro_batch_size == 4 and cfg.model.n_layer == 3
-    assert cfg.train.deepspeed == {"zero_optimization": {"stage": 2}}
+    assert cfg.train.deepspeed == {"zero_optimization": {"overlap_comm": True}} and cfg.train.zero_stage == 2
     assert [s.name for s in cfg.curriculum.stages] == ["short", "long"]
     assert cfg.curriculum.stages[1].tokens == 20480
     assert "seq_len: 1024" in to_yaml(cfg)
@@ -84,3 +84,46 @@ def test_readme_configuration_reference_is_generated_from_the_dataclasses():
     assert body == reference(), "README's configuration reference is stale: run python -m longctx.pipeline.config_reference"
     for key in ("curriculum.stages", "eval.compare_mitigations", "mitigations.state_norm.every", "`seq_parallel`"):
         assert key in body
+
+
+STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_tokens: 256}]}\n"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("eval: {kinds: [heldout, passkeys]}\n", r"eval.kinds: unknown evaluation 'passkeys'.*heldout, passkey, length, states"),
+    ("eval: {passkey_depths: [0.0, 1.5]}\n", r"eval.passkey_depths: 1.5 is outside \[0, 1\]"),
+    ("eval: {passkey_depths: [-0.1]}\n", r"eval.passkey_depths: -0.1 is outside \[0, 1\]"),
+    ("mitigations: {decay_scale: 1.5}\n", r"mitigations.decay_scale: 1.5 is outside \(0, 1\]"),
+    ("mitigations: {decay_scale: 0}\n", r"mitigations.decay_scale: 0 is outside \(0, 1\]"),
+    ("mitigations: {input_scale: 2.0}\n", r"mitigations.input_scale: 2.0 is outside \(0, 1\]"),
+    ("mitigations: {input_scale: true}\n", r"mitigations.input_scale: True is not a number"),
+    ("mitigations: {decay_scale: [0.9, yes]}\n", r"mitigations.decay_scale\[1\]: True is not a number"),
+    ("mitigations: {decay_scale: fast}\n", r"mitigations.decay_scale: 'fast' is not a number"),
+    ("eval: {compare_mitigations: {decay_scale: 3}}\n", r"eval.compare_mitigations.decay_scale: 3 is outside"),
+    ("curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_tokens: 256, "
+     "mitigations: {input_scale: 0}}]}\n", r"stages\[0\] \(a\).mitigations.input_scale: 0 is outside"),
+    ("checkpoint: {every_steps: -1}\n", r"checkpoint.every_steps: must be >= 0 \(0: only at stage ends\), got -1"),
+    ("checkpoint: {keep_last: -2}\n", r"checkpoint.keep_last: must be >= 0 \(0 keeps every checkpoint\), got -2"),
+    ("eval: {heldout_sequences: 0}\n", r"eval.heldout_sequences: must be >= 1, got 0"),
+    ("model: {dtype: bf16}\n", r"key 'model.dtype'"),
+])
+def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text + (STAGE if "curriculum" not in text else "")))
+
+
+@pytest.mark.parametrize("key,value,reported,use", [
+    ("train_batch_size", 64, "train_batch_size", r"curriculum.stages\[\].global_batch_tokens"),
+    ("train_micro_batch_size_per_gpu", 2, "train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ("gradient_accumulation_steps", 4, "gradient_accumulation_steps", r"curriculum.stages\[\].global_batch_tokens"),
+    ("zero_optimization.stage", 3, "zero_optimization.stage", "train.zero_stage"),
+    ("bf16.enabled", True, "bf16.enabled", "train.precision"),
+    ("fp16", {"enabled": True}, "fp16.enabled", "train.precision"),
+    ("gradient_clipping", 0.5, "gradient_clipping", "train.grad_clip"),
+])
+def test_deepspeed_keys_that_override_the_plan_are_refused(tmp_path, key, value, reported, use):
+    import json
+    with pytest.raises(ConfigError, match=rf"train.deepspeed.{reported}: .* set {use} instead"):
+        load_config(write(tmp_path, STAGE), [f"train.deepspeed.{key}={json.dumps(value)}"])
+    cfg = load_config(write(tmp_path, STAGE), ['train.deepspeed.zero_optimization.overlap_comm=true'])
+    assert cfg.train.deepspeed == {"zero_optimization": {"overlap_comm": True}}

@@ -168,6 +168,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+def test_eval_refuses_to_decode_a_non_byte_vocabulary_as_bytes(tmp_path):
+    Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=400, d_state=16, headdim=16)).save_pretrained(
+        tmp_path / "model")
+    r = subprocess.run([sys.executable, "-m", "longctx", "eval", "passkey", str(tmp_path / "model"), "--lengths",
+                        "256", "--out", str(tmp_path / "pk")], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "vocabulary (400 ids) is not the byte vocabulary (257)" in r.stderr and "--tokenizer" in r.stderr
+    assert not (tmp_path / "pk").exists()
+
+
 def test_decoding_memory_does_not_grow_with_the_context():
     """Peak RSS of a whole passkey evaluation at 64K tokens within 1.3x of the same at 4K."""
     peak = {}

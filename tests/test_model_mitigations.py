@@ -68,7 +68,7 @@ def test_resolve_shapes_and_errors():
     assert layers[0].decay_scale == [0.9] * NHEADS and layers[0].input_scale is None
     assert layers[1].input_scale == [0.5] * NHEADS and layers[1].window == 4
     assert not any(m.active for m in resolve(MitigationsConfig(), N_LAYER, NHEADS))
-    with pytest.raises(ValueError, match=r"mitigations.decay_scale: values must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"mitigations.decay_scale: 1.2 is outside \(0, 1\]"):
         resolve(MitigationsConfig(decay_scale=1.2), N_LAYER, NHEADS)
     with pytest.raises(ValueError, match=r"mitigations.input_scale\[1\]: expected a number or a list of 8"):
         resolve(MitigationsConfig(input_scale=[1.0, [0.5, 0.5]]), N_LAYER, NHEADS)

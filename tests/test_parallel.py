@@ -117,7 +117,7 @@ def test_state_norm_under_sequence_parallelism_is_refused_by_name():
     x = torch.zeros(1, 8, 2, 4)
     with pytest.raises(ValueError, match="mitigations.state_norm is not supported with seq_parallel > 1"):
         sp.scan(x, torch.zeros(1, 8, 2), -torch.ones(2), torch.zeros(1, 8, 1, 4), torch.zeros(1, 8, 1, 4), None, None,
-                {"state_norm": kernels.StateNorm(8, 1.0)})
+                lambda offset: {"state_norm": kernels.StateNorm(8, 1.0)})
     assert "seq_parallel: 1" in STATE_NORM_UNSUPPORTED
 
 

@@ -112,3 +112,24 @@ def test_max_doc_tokens_passes_over_long_documents_exactly_and_resumes(shards):
     assert np.array_equal(again.next_batch(1, 63, max_doc_tokens=limit).input_ids, batches[2].input_ids)
     with pytest.raises(ValueError, match="no document has at most 3 tokens"):
         PackedStream(DocumentSource(shards), EOS).next_batch(1, 16, max_doc_tokens=3)
+
+
+def test_a_position_from_re_prepared_shards_is_refused_not_looped_on(shards, tmp_path):
+    """Re-preparing the data (here: other documents) under a run's checkpoint: its loader position names
+    the old shards; resuming on the new ones stops with a message instead of looping in next_batch."""
+    ps = PackedStream(DocumentSource(shards), EOS, seed=2)
+    ps.next_batch(2, 50)
+    state = json.loads(json.dumps(ps.state_dict()))
+    assert state["dataset"] == DocumentSource(shards).identity
+    with open(tmp_path / "other.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"other {i}"}) + "\n")          # every document shorter than before
+    prepare(DataConfig(prepare=PrepareConfig(inputs=[str(tmp_path / "other.jsonl")], output=str(tmp_path / "mds"),
+                                             num_workers=2)), TokenizerConfig())
+    other = PackedStream(DocumentSource(str(tmp_path / "mds")), EOS, seed=2)
+    with pytest.raises(ValueError, match="loader state was saved on the dataset .* re-prepared"):
+        other.load_state_dict(state)
+    # an offset past the document's end (what a changed dataset gives) is an error, never an endless loop
+    other.epoch, other.doc, other.offset = state["epoch"], state["doc"], 10_000
+    with pytest.raises(ValueError, match="lies past the end of that document"):
+        other.next_batch(1, 16)

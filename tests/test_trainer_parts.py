@@ -104,3 +104,90 @@ def test_evaluator_runs_the_configured_kinds_and_writes_them(tmp_path):
     assert "eval_loss" not in record                                   # heldout was not asked for
     assert {"passkey.json", "loss_vs_position.json", "state_stats.json"} <= {f.name for f in out.iterdir()}
     assert model.training and model.sequence_parallel is None
+
+
+def test_registries_agree_with_the_config_and_the_command_line():
+    """Each name the config or the CLI accepts is defined once, where it is looked up."""
+    from longctx.launch.cli import build_parser
+    from longctx.launch.render import TARGETS
+    from longctx.pipeline.config import EVAL_KINDS
+    from longctx.pipeline.evaluate.run import KINDS
+    ev = Evaluator(None, None, None, None, None, None, None, write=False)
+    assert tuple(ev.kinds) == EVAL_KINDS
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(next(a for a in sub["eval"]._actions if a.dest == "kind").choices) == set(KINDS)
+    assert set(next(a for a in sub["launch"]._actions if a.dest == "target").choices) == set(TARGETS)
+
+
+def _checkpointer(tmp_path, engine=None, keep_last=0):
+    return Checkpointer(engine or FileEngine(), tmp_path / "checkpoints", is_rank0=True, barrier=lambda: None,
+                        keep_last=keep_last, model_config=MODEL, tokenizer_identity={"kind": "byte", "eos_id": 256},
+                        metrics_file=tmp_path / "metrics.jsonl")
+
+
+def _saved(tmp_path, steps=(2, 4)):
+    ck = _checkpointer(tmp_path)
+    for step in steps:
+        ck.save(step, {"step": step})
+    return ck, tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncate", r"step_0000004: mp_rank_00_model_states.pt is \d+ bytes, the marker says \d+"),
+    ("delete", r"step_0000004: mp_rank_00_model_states.pt is missing"),
+    ("no_marker", r"step_0000004: no COMPLETE.json \(the save did not finish\)"),
+    ("torn_marker", r"step_0000004: COMPLETE.json is unreadable"),
+    ("latest_missing", None),
+    ("latest_garbage", r"latest names 'no such thing'"),
+])
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path, capsys, damage, reason):
+    ck, root = _saved(tmp_path)
+    d = root / "step_0000004"
+    shard = d / "mp_rank_00_model_states.pt"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "no_marker":
+        (d / "COMPLETE.json").unlink()
+    elif damage == "torn_marker":
+        (d / "COMPLETE.json").write_text('{"files": {"mp_rank')
+    elif damage == "latest_missing":
+        (root / "latest").unlink()
+    else:
+        (root / "latest").write_text("no such thing")
+    found = ck.to_resume("auto")
+    warned = capsys.readouterr().out
+    if damage.startswith("latest"):
+        assert found == (root, "step_0000004")             # the newest complete one, found without `latest`
+    else:
+        assert found == (root, "step_0000002")
+    if reason:
+        import re
+        assert re.search(reason, warned), warned
+        assert "skipped" in warned
+
+
+def test_no_complete_checkpoint_but_metrics_refuses_to_start_over(tmp_path):
+    ck, root = _saved(tmp_path, steps=(2,))
+    (root / "step_0000002" / "COMPLETE.json").unlink()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2}\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl .*2 steps.* no complete checkpoint.*run.resume=never"):
+        ck.to_resume("auto")
+    assert ck.to_resume("never") is None
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'         # never erased by the refusal
+
+
+def test_failed_pruning_is_reported(tmp_path, capsys, monkeypatch):
+    import shutil
+    ck = _checkpointer(tmp_path, keep_last=1)
+    ck.save(2, {"step": 2})
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    ck.save(4, {"step": 4})
+    out = capsys.readouterr().out
+    assert "could not remove old checkpoint" in out and "step_0000002" in out and "Permission denied" in out
+    assert ck.to_resume("auto") == (tmp_path / "checkpoints", "step_0000004")

@@ -39,7 +39,7 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
     source = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any(source).to(device).eval()
-    tok = tokenizer_for(source, tokenizer, model.config.padded_vocab_size)
+    tok = tokenizer_for(source, tokenizer, model.config.vocab_size)
     train_length = training_length(source)
     lengths = list(lengths) if lengths else DEFAULT_LENGTHS[kind]
     depths = list(depths) if depths else [0.0, 0.5, 1.0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,10 @@ def extract_key(text: str) -> str:
 
 @torch.no_grad()
 def evaluate_passkey(model, tok, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int = 0,
-                     prefill_chunk: int = 4096, batch_size: int = 8, max_new_tokens: int = 8) -> dict:
-    """Accuracy per (length, depth) and every sample's output."""
+                     prefill_chunk: int = 4096, batch_size: int = 8, max_new_tokens: int = 8,
+                     between_batches: Optional[Callable[[], None]] = None) -> dict:
+    """Accuracy per (length, depth) and every sample's output. `between_batches` is called before each
+    batch of prompts (the trainer's stop check; it may raise)."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
     cases = [(L, d, str(rng.randint(10000, 99999))) for L in lengths for d in depths for _ in range(samples)]
@@ -52,6 +54,8 @@ def evaluate_passkey(model, tok, lengths: Sequence[int], depths: Sequence[float]
     model.eval()
     try:
         for i in range(0, len(cases), batch_size):
+            if between_batches is not None:
+                between_batches()
             group = cases[i:i + batch_size]
             by_len = {}
             for c in group:

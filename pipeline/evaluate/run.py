@@ -26,7 +26,7 @@ from .states import evaluate_states
 
 
 def tokenizer_for(source: Path, choice: Optional[str], vocab_size: int):
-    """--tokenizer byte|PATH, else the one saved with our checkpoint, else bytes when the vocabulary fits."""
+    """--tokenizer byte|PATH, else the one saved with our checkpoint, else bytes for a byte-vocabulary model."""
     if choice == "byte":
         return ByteTokenizer()
     if choice:
@@ -38,10 +38,11 @@ def tokenizer_for(source: Path, choice: Optional[str], vocab_size: int):
         if meta["kind"] == "hf":
             return HFTokenizer(str(info.parent / checkpoint.TOKENIZER_FILE), meta["eos_id"])
         return ByteTokenizer(meta["eos_id"])
-    if vocab_size >= ByteTokenizer.vocab_size:
+    if vocab_size == ByteTokenizer.vocab_size:
         return ByteTokenizer()
-    raise ValueError(f"{source}: no tokenizer saved with it and the vocabulary ({vocab_size}) is too small for "
-                     "bytes; pass --tokenizer PATH/tokenizer.json")
+    raise ValueError(f"{source}: no tokenizer saved with it, and its vocabulary ({vocab_size:,} ids) is not the byte "
+                     f"vocabulary ({ByteTokenizer.vocab_size}): decoding its ids as bytes would be meaningless. Pass "
+                     "--tokenizer PATH/tokenizer.json (or --tokenizer byte if it really is a byte model)")
 
 
 def long_text_row(tok, length: int, seed: int = 0, stream=None):
@@ -58,7 +59,8 @@ def long_text_row(tok, length: int, seed: int = 0, stream=None):
 
 
 def _passkey(model, tok, row, o) -> dict:
-    return evaluate_passkey(model, tok, o["lengths"], o["depths"], o["samples"], o["seed"], o["prefill_chunk"])
+    return evaluate_passkey(model, tok, o["lengths"], o["depths"], o["samples"], o["seed"], o["prefill_chunk"],
+                            between_batches=o["should_stop"])
 
 
 def _length(model, tok, row, o) -> dict:
@@ -109,14 +111,16 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
              min_position: int = MIN_POSITION,
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
-             write: bool = True) -> dict:
+             write: bool = True, should_stop: Optional[Callable[[], None]] = None) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list or None) and write its files.
-    Without variants the model runs as it is."""
+    Without variants the model runs as it is. `should_stop` is called between passkey batches (it may
+    raise to end the evaluation)."""
     if kind not in KINDS:
         raise ValueError(f"unknown evaluation {kind!r}: one of {', '.join(KINDS)}")
     spec = KINDS[kind]
     options = dict(lengths=lengths, depths=depths, samples=samples, seed=seed, prefill_chunk=prefill_chunk,
-                   buckets=buckets, margin=margin, min_position=min_position, train_length=train_length)
+                   buckets=buckets, margin=margin, min_position=min_position, train_length=train_length,
+                   should_stop=should_stop)
     out = Path(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,18 @@ from .mitigations import LayerMitigations
 
 
 def find_checkpoint(path: Path):
-    """(checkpoints root, tag) when `path` is a checkpoint or a checkpoints/ root or a run dir, else None."""
+    """(checkpoints root, tag) when `path` is a checkpoint, a checkpoints/ root or a run dir (its newest
+    complete checkpoint), else None. Checkpoints that are there but incomplete are an error, not None."""
     for root in (path, path / "checkpoints"):
-        tag = checkpoint.latest_tag(root)
+        tag, skipped = checkpoint.newest_complete(root)
         if tag is not None:
             return root, tag
+        if skipped:
+            raise ValueError(f"{root}: no complete checkpoint ({'; '.join(skipped)})")
     if (path / "model_config.json").exists() and (path / "trainer_state.json").exists():
+        reason = checkpoint.incomplete_reason(path)
+        if reason is not None:
+            raise ValueError(f"{path}: not a complete checkpoint ({reason})")
         return path.parent, path.name
     return None
 

@@ -12,3 +12,28 @@ def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
         with contextlib.suppress(FileNotFoundError):    # another process of the run removed it first
             os.unlink(path)
+
+
+def _mapped_paths() -> set:
+    """Files under /dev/shm that some live process maps (every /proc/PID/maps we may read)."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line)
+        except (OSError, IndexError):      # the process ended meanwhile, or a line without a path
+            continue
+    return mapped
+
+
+def release_stale_shm_buffers() -> list:
+    """Unlink this user's DeepSpeed buffers that no live process maps: those of runs killed before they
+    could clean up (SIGKILL, a lost node). Returns the paths removed. Buffers of runs still going are kept."""
+    buffers = set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    if not buffers:
+        return []
+    stale = sorted(buffers - _mapped_paths())
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return stale

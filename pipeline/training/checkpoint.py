@@ -1,9 +1,14 @@
-"""Training checkpoints: DeepSpeed state + trainer state, atomic `latest`, keep_last pruning.
+"""Training checkpoints: DeepSpeed state + trainer state, a completeness marker, `latest`, keep_last pruning.
 
 Layout (docs/ARCHITECTURE.md §6): checkpoints/step_XXXXXXX/ (DeepSpeed files, trainer_state.json,
-model_config.json, tokenizer_info.json and, for a Hugging Face tokenizer, tokenizer.json),
-checkpoints/latest (the tag of the newest complete
-checkpoint, replaced atomically after every rank has written its part).
+model_config.json, tokenizer_info.json and, for a Hugging Face tokenizer, tokenizer.json, then
+COMPLETE.json last), checkpoints/latest (the tag of the newest complete checkpoint).
+
+A checkpoint counts only when its COMPLETE.json exists and every file it lists has the size it
+records: the marker is written after every rank has written its part, so a save cut short (a
+kill, a full disk, a lost node) leaves a directory without one, and a file truncated or removed
+later no longer matches. Resuming takes the newest complete checkpoint and says what it skipped.
+The checkpoints directory must be one filesystem all ranks write to (as DeepSpeed requires).
 """
 from __future__ import annotations
 
@@ -12,52 +17,122 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..config import ConfigError
 
 LATEST = "latest"
+MARKER = "COMPLETE.json"
+TOKENIZER_INFO = "tokenizer_info.json"
+TOKENIZER_FILE = "tokenizer.json"
+PREFIX = "step_"
+STOPPED = "stopped.json"     # in the run directory: the run stopped at a checkpoint on SIGTERM
+EXIT_STOPPED = 143           # 128 + SIGTERM: stopped at a checkpoint, resume to continue (SLURM RequeueExit)
 
 
 def tag_of(step: int) -> str:
-    return f"step_{step:07d}"
+    return f"{PREFIX}{step:07d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _files(d: Path) -> Dict[str, int]:
+    return {p.relative_to(d).as_posix(): p.stat().st_size for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+
+
+def incomplete_reason(d: Path) -> Optional[str]:
+    """None when the checkpoint directory `d` is complete, else why not (for the warning)."""
+    marker = d / MARKER
+    if not marker.exists():
+        return f"{d.name}: no {MARKER} (the save did not finish)"
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{d.name}: {MARKER} is unreadable ({e})"
+    for name, size in listed.items():
+        path = d / name
+        if not path.is_file():
+            return f"{d.name}: {name} is missing"
+        if path.stat().st_size != size:
+            return f"{d.name}: {name} is {path.stat().st_size} bytes, the marker says {size}"
+    return None
+
+
+def _step_dirs(root: Path) -> List[Path]:
+    """step_* directories, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
+
+
+def newest_complete(root: Path) -> Tuple[Optional[str], List[str]]:
+    """(tag of the newest complete checkpoint or None, what was skipped and why)."""
+    root = Path(root)
+    skipped = []
+    latest = root / LATEST
+    if latest.exists():
+        named = latest.read_text().strip()
+        if not (root / named).is_dir() or not named.startswith(PREFIX):
+            skipped.append(f"{LATEST} names {named!r}, which is not a checkpoint here")
+    for d in _step_dirs(root):
+        reason = incomplete_reason(d)
+        if reason is None:
+            return d.name, skipped
+        skipped.append(reason)
+    return None, skipped
 
 
 def latest_tag(ckpt_root: Path) -> Optional[str]:
-    p = Path(ckpt_root) / LATEST
-    if not p.exists():
-        return None
-    tag = p.read_text().strip()
-    return tag if (Path(ckpt_root) / tag).is_dir() else None
-
-
-TOKENIZER_INFO = "tokenizer_info.json"
-TOKENIZER_FILE = "tokenizer.json"
+    """The newest complete checkpoint's tag (what `latest` should name), or None."""
+    return newest_complete(Path(ckpt_root))[0]
 
 
 def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, tokenizer_identity: dict,
          keep_last: int, is_rank0: bool, barrier, tokenizer_file: Optional[str] = None) -> str:
     tag = tag_of(step)
     ckpt_root = Path(ckpt_root)
+    d = ckpt_root / tag
+    if is_rank0 and (d / MARKER).exists():       # saving this step again (a resumed stop): it is incomplete until done
+        (d / MARKER).unlink()
+    barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
     if is_rank0:
-        d = ckpt_root / tag
         (d / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (d / "model_config.json").write_text(json.dumps(asdict(model_config), indent=1))
         (d / TOKENIZER_INFO).write_text(json.dumps(tokenizer_identity, indent=1))
         if tokenizer_file:                       # the run's tokenizer travels with its checkpoints
             shutil.copyfile(tokenizer_file, d / TOKENIZER_FILE)
-    barrier()                                    # every rank's shard is on disk before `latest` moves
+    barrier()                                    # every rank's part is on disk before the marker says so
     if is_rank0:
-        tmp = ckpt_root / f"{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_root / LATEST)
-        steps = sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in steps[:-keep_last] if keep_last > 0 else []:
-            if old != tag:
-                shutil.rmtree(ckpt_root / old, ignore_errors=True)
+        _write_atomic(d / MARKER, json.dumps({"step": step, "files": _files(d)}, indent=1))
+        _write_atomic(ckpt_root / LATEST, tag)
+        _prune(ckpt_root, keep_last, tag)
     barrier()
     return tag
+
+
+def _prune(root: Path, keep_last: int, current: str) -> None:
+    """Keep the newest `keep_last` checkpoints (0: all). A directory that cannot be removed is reported:
+    it keeps its disk space, and the operator should know."""
+    if keep_last <= 0:
+        return
+    for old in _step_dirs(root)[keep_last:]:
+        if old.name == current:
+            continue
+        try:
+            shutil.rmtree(old)
+        except OSError as e:
+            print(f"warning: could not remove old checkpoint {old}: {e}; it still takes disk space", flush=True)
+
+
+def write_stop_marker(run_dir: Path, step: int) -> None:
+    """Tells the launcher (`longctx run`) that the run stopped at a checkpoint rather than failed."""
+    _write_atomic(Path(run_dir) / STOPPED, json.dumps({"step": step, "checkpoint": tag_of(step)}))
 
 
 def load(engine, ckpt_root: Path, tag: str) -> dict:
@@ -68,28 +143,50 @@ def load(engine, ckpt_root: Path, tag: str) -> dict:
     return client["trainer"]
 
 
+def _recorded_steps(metrics_file: Optional[Path]) -> int:
+    if metrics_file is None or not metrics_file.exists():
+        return 0
+    return sum(1 for line in metrics_file.read_text().splitlines() if line.strip())
+
+
 class Checkpointer:
     """This run's checkpoints: where they are, which one to resume from, saving and loading them
     through the engine. Everything the trainer knows about checkpoints goes through here."""
 
     def __init__(self, engine, root: Path, *, is_rank0: bool, barrier, keep_last: int, model_config,
-                 tokenizer_identity: dict, tokenizer_file: Optional[str] = None):
+                 tokenizer_identity: dict, tokenizer_file: Optional[str] = None, metrics_file: Optional[Path] = None):
         self.engine, self.root = engine, Path(root)
         self.is_rank0, self.barrier, self.keep_last = is_rank0, barrier, keep_last
         self.model_config, self.tokenizer_identity = model_config, tokenizer_identity
-        self.tokenizer_file = tokenizer_file
+        self.tokenizer_file, self.metrics_file = tokenizer_file, metrics_file
 
     def to_resume(self, resume: str) -> Optional[tuple]:
-        """(root, tag) of the checkpoint `run.resume` names: never | auto (the latest here) | a directory."""
+        """(root, tag) of the checkpoint `run.resume` names: never | auto (the newest complete one here) |
+        a checkpoint directory. With `auto`, a run that recorded steps but has no complete checkpoint is
+        refused: starting over would overwrite its metrics."""
         if resume == "never":
             return None
-        if resume == "auto":
-            tag = latest_tag(self.root)
-            return None if tag is None else (self.root, tag)
-        path = Path(resume)
-        if not path.is_dir():
-            raise ConfigError(f"run.resume: {resume} is not a checkpoint directory")
-        return path.parent, path.name
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_dir():
+                raise ConfigError(f"run.resume: {resume} is not a checkpoint directory")
+            reason = incomplete_reason(path)
+            if reason is not None:
+                raise ConfigError(f"run.resume: {resume} is not a complete checkpoint ({reason})")
+            return path.parent, path.name
+        tag, skipped = newest_complete(self.root)
+        if skipped and self.is_rank0:
+            print(f"warning: resuming from {tag or 'nothing'}; skipped: " + "; ".join(skipped), flush=True)
+        if tag is None:
+            recorded = _recorded_steps(self.metrics_file)
+            if recorded:
+                raise ConfigError(
+                    f"{self.metrics_file} records {recorded} steps but there is no complete checkpoint in "
+                    f"{self.root}{' (skipped: ' + '; '.join(skipped) + ')' if skipped else ''}: refusing to start "
+                    "over. Set run.resume=never to start a new run (the old metrics are kept beside it), "
+                    "or run.resume=PATH to a checkpoint")
+            return None
+        return self.root, tag
 
     def save(self, step: int, trainer_state: dict) -> str:
         return save(self.engine, self.root, step, trainer_state, self.model_config, self.tokenizer_identity,

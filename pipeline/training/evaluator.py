@@ -4,7 +4,9 @@ metrics record and TensorBoard.
 
 Every rank runs it on the same prompts (ZeRO-3 needs all ranks in each forward); rank 0
 writes. Evaluations run in a fixed order, since several read the held-out stream one
-after another."""
+after another. A stop request (SIGTERM) is checked, on every rank together, before each kind
+and between passkey batches: the evaluation then ends with `EvaluationInterrupted`, so that the
+checkpoint is written within the launcher's grace and the evaluation runs after resuming."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,10 +27,16 @@ from .checkpoint import tag_of
 from .loss import sequence_loss
 
 
+class EvaluationInterrupted(Exception):
+    """A stop was requested during the evaluation (on every rank alike)."""
+
+
 class Evaluator:
-    def __init__(self, cfg, model, tok, eval_stream, stage_mitigations, documents, device, write: bool):
+    def __init__(self, cfg, model, tok, eval_stream, stage_mitigations, documents, device, write: bool,
+                 should_stop: Callable[[], bool] = lambda: False):
         self.cfg, self.model, self.tok, self.stream = cfg, model, tok, eval_stream
         self.mitigations, self.documents, self.device, self.write = stage_mitigations, documents, device, write
+        self.should_stop = should_stop        # collective: every rank calls it at the same points
         # name -> (method, reads whole sequences). Whole-sequence evaluations decode recurrently (memory
         # independent of length) on every rank, with sequence parallelism off.
         self.kinds = {"heldout": (self.heldout, False), "passkey": (self.passkey, True),
@@ -39,11 +48,15 @@ class Evaluator:
             return
         t0 = time.perf_counter()
         out = Path(self.cfg.run.dir) / "eval" / tag_of(step)
-        for name, (run, whole) in self.kinds.items():
-            if name in ev.kinds:
-                with self._whole_sequences() if whole else contextlib.nullcontext():
-                    run(p, step, record, metrics, out)
-        self.model.train()
+        try:
+            for name, (run, whole) in self.kinds.items():
+                if name in ev.kinds:
+                    if self.should_stop():
+                        raise EvaluationInterrupted(name)
+                    with self._whole_sequences() if whole else contextlib.nullcontext():
+                        run(p, step, record, metrics, out)
+        finally:
+            self.model.train()
         record["eval_seconds"] = time.perf_counter() - t0
 
     @contextlib.contextmanager
@@ -59,7 +72,7 @@ class Evaluator:
     def heldout_loss(self, p) -> float:
         """Loss on sequences of the held-out stream at the stage's length; under sequence
         parallelism each rank reads its segment (the group sums)."""
-        n = max(1, self.cfg.eval.heldout_sequences)
+        n = self.cfg.eval.heldout_sequences
         sp = self.model.sequence_parallel
         batch = self.stream.next_batch(n, p.seq_len)
         if sp is not None:
@@ -82,7 +95,12 @@ class Evaluator:
 
     def _common(self, p) -> dict:
         ev = self.cfg.eval
-        return dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=self.write, seed=self.cfg.run.seed)
+        return dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=self.write, seed=self.cfg.run.seed,
+                    should_stop=self._check_stop)
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise EvaluationInterrupted("passkey")
 
     def passkey(self, p, step, record, metrics, out) -> None:
         ev = self.cfg.eval

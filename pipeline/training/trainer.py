@@ -8,11 +8,13 @@ run killed at any point resumes to the losses of an uninterrupted run.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,11 +27,13 @@ from ..evaluate.passkey import build_prompt
 from ..model import Mamba2LM
 from ..parallel import Groups
 from ..parallel.shm import release_shm_buffers
-from .checkpoint import Checkpointer
+from .checkpoint import EXIT_STOPPED, Checkpointer, write_stop_marker
+from .compatibility import check_resume, run_identity
 from .curriculum import learning_rate, plan, stage_at
-from .evaluator import Evaluator
+from .evaluator import EvaluationInterrupted, Evaluator
 from .loss import sequence_loss
 from .metrics import MetricsLogger
+from .preflight import preflight
 from .stage_mitigations import StageMitigations
 
 EVAL_SEED_OFFSET = 1_000_003      # the held-out stream is another seeded order of the documents
@@ -103,6 +107,7 @@ class Trainer:
             raise ConfigError(f"{where}: model.vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tok.vocab_size})")
         self.plans = plan(cfg, self.world, model.config.chunk_size, where)
+        preflight(cfg, where)                 # shards, tokenizer and model belong together
         if cfg.eval.every_checkpoint and "passkey" in cfg.eval.kinds:
             for L in cfg.eval.passkey_lengths:     # fail now, not at the first checkpoint
                 try:
@@ -122,20 +127,28 @@ class Trainer:
         self.stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed)
         self.eval_stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
 
+        self.identity = run_identity(cfg, model.config, identity(self.tok), source.identity, self.world, self.plans)
+        self.checkpoints = Checkpointer(
+            None, self.run_dir / "checkpoints", is_rank0=self.rank == 0, barrier=dist.barrier,
+            keep_last=cfg.checkpoint.keep_last, model_config=model.config, tokenizer_identity=identity(self.tok),
+            tokenizer_file=cfg.tokenizer.path if cfg.tokenizer.kind == "hf" else None,
+            metrics_file=self.run_dir / "metrics.jsonl")
+        self.to_resume = self.checkpoints.to_resume(cfg.run.resume)
+        if self.to_resume is not None:        # refuse what the checkpoint cannot continue under before DeepSpeed starts
+            self._check_resume(*self.to_resume, where)
+
         first = self.plans[0]
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=first.lr,
                                       betas=tuple(cfg.train.betas))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, first.micro_batch, first.grad_accum))
+        self.checkpoints.engine = self.engine
         self.sp_groups = Groups(self.world, self.rank)
         self.state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_micro_batches": 0}
-        self.checkpoints = Checkpointer(
-            self.engine, self.run_dir / "checkpoints", is_rank0=self.rank == 0, barrier=dist.barrier,
-            keep_last=cfg.checkpoint.keep_last, model_config=model.config, tokenizer_identity=identity(self.tok),
-            tokenizer_file=cfg.tokenizer.path if cfg.tokenizer.kind == "hf" else None)
+        self.pending = None              # a stop checkpoint's step record whose evaluation is still to run
         self.mitigations = StageMitigations(cfg, model, self.calibration_prompt)
         self.evaluator = Evaluator(cfg, model, self.tok, self.eval_stream, self.mitigations, self.documents,
-                                   self.device, write=self.rank == 0)
+                                   self.device, write=self.rank == 0, should_stop=self.stop_agreed)
         self.stop_requested = False
 
     def _local_world_size(self) -> int:
@@ -146,8 +159,17 @@ class Trainer:
         return hosts.count(socket.gethostname())
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def _check_resume(self, root: Path, tag: str, where: str) -> None:
+        saved = json.loads((root / tag / "trainer_state.json").read_text())
+        if "identity" not in saved:
+            raise ConfigError(f"{root / tag}: the checkpoint records no run identity (written by an older longctx); "
+                              "it cannot be checked against this run: start a new run with run.resume=never")
+        for note in check_resume(saved["identity"], self.identity, saved["step"], where):
+            if self.rank == 0:
+                print(f"resume: changed since {tag}: {note}", flush=True)
+
     def resume(self) -> int:
-        found = self.checkpoints.to_resume(self.cfg.run.resume)
+        found = self.to_resume
         if found is None:
             return 0
         trainer = self.checkpoints.load(*found)
@@ -156,15 +178,16 @@ class Trainer:
         self.eval_stream.load_state_dict(trainer["eval_loader"])
         self.mitigations.load_state_dict(trainer.get("mitigations", {}))
         _set_rng_state(trainer["rng"])
+        self.pending = trainer.get("pending")
         if self.rank == 0:
             print(f"resumed from {found[0] / found[1]} at step {self.state['step']}", flush=True)
         return self.state["step"]
 
-    def trainer_state(self, stage) -> dict:
+    def trainer_state(self, stage, pending: Optional[dict] = None) -> dict:
         return {**self.state, "stage": stage.index, "stage_name": stage.name, "seq_len": stage.seq_len,
                 "loader": self.stream.state_dict(),
                 "eval_loader": self.eval_stream.state_dict(), "rng": _rng_state(),
-                "mitigations": self.mitigations.state_dict()}
+                "mitigations": self.mitigations.state_dict(), "identity": self.identity, "pending": pending}
 
     def enter_stage(self, p) -> None:
         # DeepSpeed's data-parallel world is every rank (longctx.pipeline.parallel): it counts each SP rank's
@@ -235,12 +258,20 @@ class Trainer:
 
     def run(self) -> int:
         start = self.resume()
-        metrics = MetricsLogger(self.run_dir, self.rank == 0, resume_step=start)
+        # a pending record (stopped before its due evaluation) is logged again once evaluated
+        metrics = MetricsLogger(self.run_dir, self.rank == 0, resume_step=start - (self.pending is not None))
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
         total = self.plans[-1].last_step
         every = self.cfg.checkpoint.every_steps
         current = None
         try:
+            if self.pending is not None:      # the evaluation a stop checkpoint put off
+                p = stage_at(self.plans, start - 1)
+                self.enter_stage(p)
+                current = p.index
+                if not self.evaluate(p, start, self.pending, metrics):
+                    return self.stop(p, self.pending, metrics, evaluation_due=True)
+                metrics.log(self.pending)
             while self.state["step"] < total:
                 p = stage_at(self.plans, self.state["step"])
                 if current != p.index:
@@ -248,9 +279,11 @@ class Trainer:
                     current = p.index
                 record, stop = self.train_step(p)
                 step = self.state["step"]
-                due = stop or step == p.last_step or (every and step % every == 0)
-                if due:
-                    self.evaluator.evaluate(p, step, record, metrics)
+                due = step == p.last_step or bool(every and step % every == 0)
+                if stop:
+                    return self.stop(p, record, metrics, evaluation_due=due and self.cfg.eval.every_checkpoint)
+                if due and not self.evaluate(p, step, record, metrics):
+                    return self.stop(p, record, metrics, evaluation_due=True)
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
                     self.checkpoints.save(step, self.trainer_state(p))
@@ -258,13 +291,42 @@ class Trainer:
                     raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
                                        f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); lower the LR or "
                                        "check the data; the last checkpoint is intact")
-                if stop:
-                    if self.rank == 0:
-                        print(f"SIGTERM: checkpoint written at step {step}; exiting", flush=True)
-                    return 0
         finally:
             metrics.close()
         return 0
+
+    def evaluate(self, p, step: int, record: dict, metrics) -> bool:
+        """The checkpoint's evaluation into `record`; False when a stop interrupted it, with the held-out
+        stream and RNG put back as they were before it (the evaluation reruns from there after resuming)."""
+        before = self.eval_stream.state_dict(), _rng_state()
+        evaluated = dict(record)
+        try:
+            self.evaluator.evaluate(p, step, evaluated, metrics)
+        except EvaluationInterrupted:
+            self.eval_stream.load_state_dict(before[0])
+            _set_rng_state(before[1])
+            return False
+        record.update(evaluated)
+        return True
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        t = torch.tensor([float(self.stop_requested)], device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def stop(self, p, record: dict, metrics, evaluation_due: bool) -> int:
+        """SIGTERM (pre-emption, a time limit): the checkpoint first, since the grace before SIGKILL is
+        short; an evaluation this step was due for runs when the run resumes, and its record is logged then."""
+        step = self.state["step"]
+        if not evaluation_due:
+            metrics.log(record)
+        self.checkpoints.save(step, self.trainer_state(p, pending=record if evaluation_due else None))
+        if self.rank == 0:
+            write_stop_marker(self.run_dir, step)
+            print(f"SIGTERM: checkpoint written at step {step}; exiting with {EXIT_STOPPED} (resume to continue"
+                  f"{', evaluation of this step included' if evaluation_due else ''})", flush=True)
+        return EXIT_STOPPED
 
     def close(self) -> None:
         if self.dist.is_initialized():

@@ -1,0 +1,102 @@
+"""What a resumed run must share with the checkpoint it continues, and what it may change.
+
+Each checkpoint records the run's identity (`run_identity`): the model architecture, the
+tokenizer, the shards, the world size, ZeRO stage and precision, the stage plan and the whole
+config. On resume, `check_resume` refuses a change that would make the continuation a different
+run than the one checkpointed, naming the field with its old and new value; every other change
+(later stages, the evaluation grid, checkpoint cadence, learning rates of stages not yet done, ...)
+is allowed and returned as a note, which the trainer logs.
+
+Refused:
+- model.*: any architecture field (the weights would not fit, or mean something else);
+- tokenizer: another tokenizer (token ids would mean other text);
+- data: other shards than the loader's position was recorded in (re-prepared data shifts it);
+- train.zero_stage, train.precision: DeepSpeed's optimizer state is laid out by them;
+- the world size, under ZeRO 1-3 (the optimizer state is partitioned over the ranks);
+- a stage already started: its name, seq_len, global_batch_tokens; a finished stage's steps;
+  the current stage's steps below those already done.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import List
+
+from omegaconf import OmegaConf
+
+from ..config import Config, ConfigError
+
+STAGE_KEYS = ("name", "seq_len", "global_batch_tokens")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
+            for i, e in enumerate(v):
+                out.update(_flat(e, f"{prefix}{k}.{i}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_identity(cfg: Config, model_config, tokenizer_identity: dict, dataset_identity: str, world_size: int,
+                 plans) -> dict:
+    """The record a checkpoint keeps of the run it belongs to (JSON-ready)."""
+    identity = {"model": asdict(model_config), "tokenizer": tokenizer_identity, "dataset": dataset_identity,
+                "world_size": world_size, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
+                "stages": [{"name": p.name, "seq_len": p.seq_len, "global_batch_tokens": p.global_batch_tokens,
+                            "steps": p.steps, "first_step": p.first_step} for p in plans],
+                "config": _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))}
+    return json.loads(json.dumps(identity))          # tuples become lists, as they come back from the file
+
+
+def check_resume(saved: dict, now: dict, step: int, where: str) -> List[str]:
+    """Raise ConfigError on a change the checkpoint at `step` cannot continue under; return the allowed
+    changes as notes."""
+    def refuse(field, old, new, why):
+        raise ConfigError(f"{where}: cannot resume: {field} changed since the checkpoint (it has {old!r}, this run "
+                          f"{new!r}): {why}. Undo the change, or start a new run with run.resume=never")
+
+    for k, old in saved["model"].items():
+        if now["model"].get(k) != old:
+            refuse(f"model.{k}", old, now["model"].get(k), "the weights belong to the architecture they were made in")
+    if saved["tokenizer"] != now["tokenizer"]:
+        refuse("tokenizer", saved["tokenizer"], now["tokenizer"], "token ids would stand for other text")
+    if saved["dataset"] != now["dataset"]:
+        refuse("data (the shards)", saved["dataset"], now["dataset"],
+               "the loader's position was recorded in other shards (data re-prepared?); point data.shards at the "
+               "shards the run started on")
+    for key, why in (("zero_stage", "DeepSpeed's optimizer state is laid out by the ZeRO stage"),
+                     ("precision", "DeepSpeed's optimizer state is laid out by the precision")):
+        if saved[key] != now[key]:
+            refuse(f"train.{key}", saved[key], now[key], why)
+    if saved["world_size"] != now["world_size"] and saved["zero_stage"] > 0:
+        refuse("the world size", saved["world_size"], now["world_size"],
+               f"ZeRO stage {saved['zero_stage']} partitions the optimizer state over the ranks")
+    for i, old in enumerate(saved["stages"]):
+        if old["first_step"] >= step:
+            break                                            # not started: free to change
+        key = f"curriculum.stages[{i}]"
+        if i >= len(now["stages"]):
+            refuse(key, old["name"], None, "the stage was already trained")
+        new = now["stages"][i]
+        for k in STAGE_KEYS:
+            if new[k] != old[k]:
+                refuse(f"{key}.{k}", old[k], new[k], "the stage was already trained on it")
+        done = step - old["first_step"]
+        if old["first_step"] + old["steps"] <= step and new["steps"] != old["steps"]:
+            refuse(f"{key}.steps", old["steps"], new["steps"], "the stage is finished")
+        if new["steps"] < done:
+            refuse(f"{key}.steps", old["steps"], new["steps"], f"{done} of its steps are done")
+    notes = []
+    if saved["world_size"] != now["world_size"]:
+        notes.append(f"world size {saved['world_size']} -> {now['world_size']}")
+    old_cfg, new_cfg = saved["config"], now["config"]
+    for k in sorted(set(old_cfg) | set(new_cfg)):
+        if k.startswith(("run.", "model.", "tokenizer.")) or old_cfg.get(k) == new_cfg.get(k):
+            continue
+        notes.append(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}")
+    return notes

@@ -1,0 +1,79 @@
+"""Checks that the shards, the tokenizer and the model belong together, run before DeepSpeed starts
+(by the trainer, and by `longctx run` before it launches anything): a mismatch found here costs
+seconds; found after days of training, or never, it costs the run.
+
+- the shards are complete (their DONE marker) and were tokenized by this run's tokenizer;
+- no token id in them reaches past the model's vocabulary (`max_token_id` of the manifest);
+- `model.from_pretrained`: the `model:` fields set in the config agree with the checkpoint, and the
+  byte tokenizer is used only with a model whose vocabulary is the byte vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+from longctx.data import storage
+from longctx.data.prepare import DONE, MANIFEST
+from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
+
+from ..config import Config, ConfigError, model_config
+from ..model.config import Mamba2Config
+from ..model.formats import read_config
+
+
+def _describe(tok: dict) -> str:
+    return f"{tok.get('name')} (sha256 {str(tok.get('sha256'))[:12]}, vocabulary {tok.get('vocab_size')})"
+
+
+def check_pretrained(cfg: Config, where: str) -> Mamba2Config:
+    """The architecture of `model.from_pretrained`; refuses `model:` fields that contradict it and the byte
+    tokenizer for a model with another vocabulary."""
+    path = cfg.model.from_pretrained
+    saved = read_config(path)
+    defaults = Mamba2Config()
+    norm = lambda v: json.loads(json.dumps(v))      # tuples and lists compare alike
+    for f in fields(Mamba2Config):
+        given = getattr(cfg.model, f.name)
+        if norm(given) != norm(getattr(defaults, f.name)) and norm(given) != norm(getattr(saved, f.name)):
+            raise ConfigError(f"{where}: model.{f.name}: {given!r} contradicts {path}, which has "
+                              f"{getattr(saved, f.name)!r}; remove it from the model section (the checkpoint "
+                              "decides the architecture)")
+    if cfg.tokenizer.kind == "byte" and saved.vocab_size != ByteTokenizer.vocab_size:
+        raise ConfigError(f"{where}: tokenizer.kind=byte, but {path} has a vocabulary of {saved.vocab_size:,} "
+                          f"ids, not the byte vocabulary ({ByteTokenizer.vocab_size}): give the model's own "
+                          "tokenizer (tokenizer.kind=hf, tokenizer.path=.../tokenizer.json)")
+    return saved
+
+
+def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: str) -> dict:
+    """The manifest of complete shards made by this tokenizer, whose token ids fit the vocabulary."""
+    if not storage.exists(storage.join(shards, DONE)):
+        raise ConfigError(f"{where}: data.shards {shards}: no {DONE} marker, so `longctx prepare` did not finish "
+                          "there; run it again (it continues where it stopped)")
+    text = storage.read_text(storage.join(shards, MANIFEST))
+    if text is None:
+        raise ConfigError(f"{where}: data.shards {shards}: no {MANIFEST}; these are not shards `longctx prepare` made")
+    manifest = json.loads(text)
+    made_by = manifest.get("tokenizer")
+    if made_by != tokenizer_identity:
+        raise ConfigError(f"{where}: data.shards {shards} were tokenized with {_describe(made_by or {})}, this run's "
+                          f"tokenizer is {_describe(tokenizer_identity)}: set the tokenizer section to the one the "
+                          "shards were made with, or prepare them again with this one")
+    max_id = manifest.get("max_token_id")
+    if max_id is None:
+        raise ConfigError(f"{where}: data.shards {shards}: {MANIFEST} records no max_token_id (an older longctx "
+                          "made it); prepare the shards again")
+    if max_id >= vocab_size:
+        raise ConfigError(f"{where}: data.shards {shards} hold token id {max_id:,}, but the model's vocabulary has "
+                          f"{vocab_size:,} ids (model.vocab_size): the embedding has no row for it")
+    return manifest
+
+
+def preflight(cfg: Config, where: str) -> None:
+    """Every check above, for this config."""
+    arch = check_pretrained(cfg, where) if cfg.model.from_pretrained else model_config(cfg)
+    tok = load_tokenizer(cfg.tokenizer)
+    shards = cfg.data.shards or cfg.data.prepare.output
+    if not shards:
+        raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
+    check_shards(shards, identity(tok), arch.vocab_size, where)

@@ -1,0 +1,104 @@
+"""Non-finite steps are exact: a micro-batch whose loss is not finite on one rank of a 2-process run is left
+out on every rank, and the step equals the step over the other micro-batches alone (checked against a
+plain PyTorch replay of that step from the checkpoint before it); a step whose every micro-batch was left
+out changes neither parameters nor optimizer state."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longctx.data.stream import DocumentSource, PackedStream, rank_share
+from longctx.pipeline.config import load_config
+from longctx.pipeline.model import Mamba2Config, Mamba2LM
+from longctx.pipeline.training.curriculum import learning_rate, plan
+from longctx.pipeline.training.loss import sequence_loss
+from longctx.pipeline.training.trainer import param_groups
+
+MARK = ord("#")          # the one byte whose embedding row is NaN: it appears in a single document
+
+
+def _setup(tmp_path, name, global_batch_tokens):
+    import random
+    rng = random.Random(0)
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(30):
+            text = "".join(rng.choice("abcdefgh ") for _ in range(50))
+            f.write(json.dumps({"text": text[:20] + "#" + text[20:] if i == 7 else text}) + "\n")
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=16,
+                                  tie_embeddings=False))
+    with torch.no_grad():
+        model.backbone.embedding.weight[MARK] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""
+run: {{name: {name}, dir: {tmp_path / name}, seed: 5}}
+model: {{from_pretrained: {tmp_path / 'model'}}}
+data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}}}}}
+train: {{micro_batch_size: 1, zero_stage: 0, max_bad_steps: 5}}
+curriculum: {{stages: [{{name: a, seq_len: 64, steps: 6, global_batch_tokens: {global_batch_tokens}, lr: 0.003}}]}}
+checkpoint: {{every_steps: 1, keep_last: 0}}
+eval: {{every_checkpoint: false}}
+""")
+    r = subprocess.run([sys.executable, "-m", "longctx", "run", str(cfg), "--nproc", "2"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in recs if r["skipped_micro_batches"]]
+    assert skipped, "no step met the marked document"
+    return cfg, tmp_path / name / "checkpoints", skipped[0], recs
+
+
+def _states(ckpts, step):
+    return torch.load(ckpts / f"step_{step:07d}" / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)
+
+
+@pytest.mark.timeout(900)
+def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
+    cfg_path, ckpts, step, recs = _setup(tmp_path, "partial", global_batch_tokens=384)   # 3 micro-batches per rank
+    assert recs[step - 1]["skipped_micro_batches"] == 1 and recs[step - 1]["loss"] is not None
+    cfg = load_config(str(cfg_path))
+    plans = plan(cfg, 2, 16)
+    p = plans[0]
+    assert p.grad_accum == 3 and p.data_parallel == 2
+    before = _states(ckpts, step - 1)
+    model = Mamba2LM.from_pretrained(cfg.model.from_pretrained)
+    model.load_state_dict(before["module"])
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=p.lr, betas=tuple(cfg.train.betas))
+    opt.load_state_dict(before["optimizer"])
+    for g in opt.param_groups:
+        g["lr"] = learning_rate(plans, step - 1)
+    trainer = json.loads((ckpts / f"step_{step - 1:07d}" / "trainer_state.json").read_text())
+    stream = PackedStream(DocumentSource(str(tmp_path / "mds")), 256, seed=5)
+    stream.load_state_dict(trainer["loader"])
+    batch = stream.next_batch(p.sequences_per_step, p.seq_len)
+    shares = [rank_share(batch, r, 2) for r in range(2)]
+    micro = [[s.rows(m, m + 1) for s in shares] for m in range(3)]        # [micro-batch][rank]
+    bad = [m for m in range(3) if any((torch.as_tensor(rows.input_ids) == MARK).any() for rows in micro[m])]
+    assert len(bad) == 1
+    kept = [m for m in range(3) if m not in bad]
+    for m in kept:                     # the world average of each rank's mean over the kept micro-batches
+        for rows in micro[m]:
+            loss, _ = sequence_loss(model(torch.as_tensor(rows.input_ids)).logits, torch.as_tensor(rows.labels),
+                                    None)
+            (loss / (len(kept) * 2)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.step()
+    after = _states(ckpts, step)["module"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+
+
+@pytest.mark.timeout(900)
+def test_a_step_whose_micro_batches_were_all_left_out_changes_nothing(tmp_path):
+    _, ckpts, step, recs = _setup(tmp_path, "all", global_batch_tokens=128)             # 1 micro-batch per rank
+    assert recs[step - 1]["loss"] is None and recs[step - 1]["grad_norm"] is None
+    before, after = _states(ckpts, step - 1), _states(ckpts, step)
+    for name, value in before["module"].items():
+        assert torch.equal(value.nan_to_num(), after["module"][name].nan_to_num()), name
+    for key, state in before["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["optimizer"]["state"][key][k])), (key, k)
+    assert recs[step]["loss"] is not None                      # and training goes on after it
