@@ -33,10 +33,10 @@ def _setup(tmp_path, name, global_batch_tokens):
     model.save_pretrained(tmp_path / "model")
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(f"""
-run: {{name: {name}, dir: {tmp_path / name}, seed: 5}}
+run: {{name: {name}, dir: {tmp_path / name}, seed: 9}}
 model: {{from_pretrained: {tmp_path / 'model'}}}
 data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}}}}}
-train: {{micro_batch_size: 1, zero_stage: 0, max_bad_steps: 5}}
+train: {{micro_batch_size: 1, zero_stage: 0, max_bad_steps: 5, grad_clip: 0}}
 curriculum: {{stages: [{{name: a, seq_len: 64, steps: 6, global_batch_tokens: {global_batch_tokens}, lr: 0.003}}]}}
 checkpoint: {{every_steps: 1, keep_last: 0}}
 eval: {{every_checkpoint: false}}
@@ -51,28 +51,35 @@ eval: {{every_checkpoint: false}}
 
 
 def _states(ckpts, step):
-    return torch.load(ckpts / f"step_{step:07d}" / "mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=False)
+    """Model and optimizer state after `step` (0: the pretrained model, a fresh optimizer), loader position."""
+    if step == 0:
+        model = Mamba2LM.from_pretrained(ckpts.parent.parent / "model")
+        return {"module": model.state_dict(), "optimizer": None}, None
+    d = ckpts / f"step_{step:07d}"
+    trainer = json.loads((d / "trainer_state.json").read_text())
+    return torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False), trainer["loader"]
 
 
 @pytest.mark.timeout(900)
 def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
     cfg_path, ckpts, step, recs = _setup(tmp_path, "partial", global_batch_tokens=384)   # 3 micro-batches per rank
     assert recs[step - 1]["skipped_micro_batches"] == 1 and recs[step - 1]["loss"] is not None
+    assert step >= 2, "the step must have optimizer history, or AdamW's first step hides the gradient's scale"
     cfg = load_config(str(cfg_path))
     plans = plan(cfg, 2, 16)
     p = plans[0]
     assert p.grad_accum == 3 and p.data_parallel == 2
-    before = _states(ckpts, step - 1)
+    before, loader = _states(ckpts, step - 1)
     model = Mamba2LM.from_pretrained(cfg.model.from_pretrained)
     model.load_state_dict(before["module"])
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=p.lr, betas=tuple(cfg.train.betas))
-    opt.load_state_dict(before["optimizer"])
+    if before["optimizer"] is not None:
+        opt.load_state_dict(before["optimizer"])
     for g in opt.param_groups:
         g["lr"] = learning_rate(plans, step - 1)
-    trainer = json.loads((ckpts / f"step_{step - 1:07d}" / "trainer_state.json").read_text())
-    stream = PackedStream(DocumentSource(str(tmp_path / "mds")), 256, seed=5)
-    stream.load_state_dict(trainer["loader"])
+    stream = PackedStream(DocumentSource(str(tmp_path / "mds")), 256, seed=9)
+    if loader is not None:
+        stream.load_state_dict(loader)
     batch = stream.next_batch(p.sequences_per_step, p.seq_len)
     shares = [rank_share(batch, r, 2) for r in range(2)]
     micro = [[s.rows(m, m + 1) for s in shares] for m in range(3)]        # [micro-batch][rank]
@@ -81,24 +88,29 @@ def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
     kept = [m for m in range(3) if m not in bad]
     for m in kept:                     # the world average of each rank's mean over the kept micro-batches
         for rows in micro[m]:
-            loss, _ = sequence_loss(model(torch.as_tensor(rows.input_ids)).logits, torch.as_tensor(rows.labels),
-                                    None)
+            logits = model(torch.as_tensor(rows.input_ids), seq_idx=torch.as_tensor(rows.seq_idx)).logits
+            loss, _ = sequence_loss(logits, torch.as_tensor(rows.labels), None)
             (loss / (len(kept) * 2)).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    assert cfg.train.grad_clip == 0      # no clipping, which would hide the gradient's scale too
     opt.step()
-    after = _states(ckpts, step)["module"]
+    after = _states(ckpts, step)[0]["module"]
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+        torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-7, equal_nan=True,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.timeout(900)
 def test_a_step_whose_micro_batches_were_all_left_out_changes_nothing(tmp_path):
     _, ckpts, step, recs = _setup(tmp_path, "all", global_batch_tokens=128)             # 1 micro-batch per rank
-    assert recs[step - 1]["loss"] is None and recs[step - 1]["grad_norm"] is None
-    before, after = _states(ckpts, step - 1), _states(ckpts, step)
+    assert step >= 2
+    assert recs[step - 1]["loss"] is None and recs[step - 1]["skipped_micro_batches"] == 1
+    (before, _), (after, _) = _states(ckpts, step - 1), _states(ckpts, step)
     for name, value in before["module"].items():
         assert torch.equal(value.nan_to_num(), after["module"][name].nan_to_num()), name
-    for key, state in before["optimizer"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["optimizer"]["state"][key][k])), (key, k)
+    if before["optimizer"] is None:                                 # the first step: AdamW never stepped
+        assert not after["optimizer"]["state"]
+    else:
+        for key, state in before["optimizer"]["state"].items():
+            for k, v in state.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["optimizer"]["state"][key][k])), (key, k)
     assert recs[step]["loss"] is not None                      # and training goes on after it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -207,30 +208,35 @@ class Trainer:
     def train_step(self, p) -> tuple:
         """One optimizer step. Returns its metrics record and whether any rank was asked to stop.
 
-        Host synchronisations: one per micro-batch (was its loss finite on every rank? a non-finite
-        one is left out everywhere before its backward) and one per step (loss, time, stop flag)."""
+        Host synchronisations: one per micro-batch (was its loss finite on every rank?) and one per step
+        (loss, time, stop flag). A micro-batch whose loss is not finite on some rank is left out on every
+        rank, and the step is the one its other micro-batches give alone: the engine is put back as the
+        step began (a snapshot taken when the first bad micro-batch shows) and the step retaken over the
+        kept ones. A step whose micro-batches were all bad changes neither parameters nor optimizer."""
         lr = learning_rate(self.plans, self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens)
         dp_rank = self.rank // p.seq_parallel
         share = rank_share(batch, dp_rank, p.data_parallel, self.rank % p.seq_parallel, p.seq_parallel)
-        t0, losses, bad = time.perf_counter(), [], 0
-        for m in range(p.grad_accum):
-            rows = share.rows(m * p.micro_batch, (m + 1) * p.micro_batch)
-            ids = torch.as_tensor(rows.input_ids, device=self.device)
-            labels = torch.as_tensor(rows.labels, device=self.device)
-            loss, mean = sequence_loss(self.engine(ids, seq_idx=self.documents(rows)).logits, labels,
-                                       self.model.sequence_parallel)
-            finite = (torch.isfinite(loss.detach()) & torch.isfinite(mean)).to(torch.float32).reshape(1)
-            self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
-            if finite.item() < 1:            # skip this micro-batch everywhere: a zero loss with zero gradients
-                bad += 1
-                loss = sum(p_.sum() for p_ in self.engine.module.parameters()) * 0.0
-            else:
+        t0 = time.perf_counter()
+        micro = [share.rows(m * p.micro_batch, (m + 1) * p.micro_batch) for m in range(p.grad_accum)]
+        losses, kept, snapshot = [], [], None
+        for m, rows in enumerate(micro):
+            loss, mean, finite = self._forward(rows)
+            if not finite and snapshot is None:
+                snapshot = self._snapshot()  # parameters and optimizer state as the step began
+            self._backward(loss if finite else self._zero_loss(), boundary=m == len(micro) - 1)
+            if finite:
+                kept.append(rows)
                 losses.append(mean)
-            self.engine.backward(loss)
-            self.engine.step()
+        bad = len(micro) - len(kept)
+        if snapshot is not None:            # undo the step DeepSpeed took on the partial gradient, retake it
+            self._restore(snapshot)
+            for i, rows in enumerate(kept):
+                loss, _, _ = self._forward(rows)
+                # the engine divides by the configured accumulation; the step averages over the kept ones
+                self._backward(loss * (len(micro) / len(kept)), boundary=i == len(kept) - 1)
         elapsed = time.perf_counter() - t0
         # null loss: every micro-batch skipped (on every rank alike, so the sum below is over all or none)
         local_loss = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
@@ -242,12 +248,43 @@ class Trainer:
         self.state["tokens"] += p.global_batch_tokens
         self.state["skipped_micro_batches"] += bad
         self.state["bad_steps"] = self.state["bad_steps"] + 1 if bad else 0
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if kept else None
         record = {"step": self.state["step"], "stage": p.index, "stage_name": p.name, "seq_len": p.seq_len,
                   "loss": mean_loss if losses else None, "skipped_micro_batches": bad, "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(mean_elapsed, 1e-9)}
         return record, stops > 0
+
+    def _forward(self, rows) -> tuple:
+        """(loss to backpropagate, mean token loss, finite on every rank) of one micro-batch."""
+        ids = torch.as_tensor(rows.input_ids, device=self.device)
+        labels = torch.as_tensor(rows.labels, device=self.device)
+        loss, mean = sequence_loss(self.engine(ids, seq_idx=self.documents(rows)).logits, labels,
+                                   self.model.sequence_parallel)
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(mean)).to(torch.float32).reshape(1)
+        self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
+        return loss, mean, bool(finite.item() >= 1)
+
+    def _backward(self, loss, boundary: bool) -> None:
+        # the boundary is set explicitly, so a retaken step may have fewer micro-batches than configured
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def _zero_loss(self):
+        """A loss with zero gradients for every parameter (DeepSpeed reduces every parameter's gradient)."""
+        return sum(p_.sum() for p_ in self.engine.module.parameters()) * 0.0
+
+    def _snapshot(self) -> Path:
+        path = self.run_dir / "checkpoints" / ".before-nonfinite"
+        self.engine.save_checkpoint(str(path), tag="step", client_state={}, save_latest=False)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        self.engine.load_checkpoint(str(path), tag="step", load_optimizer_states=True, load_lr_scheduler_states=False)
+        self.dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(path)
 
     def documents(self, batch):
         """seq_idx for the scan (state reset at each document start), or None when train.document_resets
