@@ -69,9 +69,11 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     stale = release_stale_shm_buffers()
     if stale:
         print(f"removed {len(stale)} DeepSpeed buffer(s) in /dev/shm left by killed runs", flush=True)
+    from longctx.pipeline.training import rank_status
     from longctx.pipeline.training.checkpoint import EXIT_STOPPED, STOPPED
     stopped = Path(cfg.run.dir) / STOPPED
     stopped.unlink(missing_ok=True)
+    rank_status.clear(Path(cfg.run.dir))
     port = free_port()
     cmd = launch_command(config, overrides, nproc, port)
     print("launch:", " ".join(cmd), flush=True)
@@ -90,4 +92,8 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     if stopped.exists():
         print(f"longctx run: stopped at a checkpoint ({stopped}); run the same command to resume", flush=True)
         return EXIT_STOPPED
+    if rc != 0:
+        lost = rank_status.failures(Path(cfg.run.dir))
+        print("longctx run: the run ended with status " + str(rc) + "".join(f"\n  {line}" for line in lost)
+              + "\n  run the same command to resume from the last complete checkpoint", file=sys.stderr, flush=True)
     return rc

@@ -62,6 +62,7 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])   # AdamW betas
     activation_checkpointing: bool = False   # recompute each block in backward (long sequences)
     max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss
+    collective_timeout_s: int = 900  # a collective waiting longer fails the run (a rank lost on another node)
     # reset the scan state at document starts (seq_idx); false: packed documents flow into each other,
     # as in mamba_ssm's pretraining, and the model must learn to forget at EOS by itself
     document_resets: bool = True
@@ -192,6 +193,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         if key in PLANNED_DEEPSPEED_KEYS:
             fail(f"train.deepspeed.{key}", f"the run plans this itself; set {PLANNED_DEEPSPEED_KEYS[key]} instead")
     _validate_eval(cfg.eval, fail)
+    if cfg.train.collective_timeout_s < 1:
+        fail("train.collective_timeout_s", f"must be >= 1, got {cfg.train.collective_timeout_s}")
     if cfg.checkpoint.every_steps < 0:
         fail("checkpoint.every_steps", f"must be >= 0 (0: only at stage ends), got {cfg.checkpoint.every_steps}")
     if cfg.checkpoint.keep_last < 0:

@@ -214,6 +214,34 @@ def test_preemption_checkpoints_first_and_resumes_to_the_uninterrupted_run(unint
     assert_same_run(records(tmp / name), full)
 
 
+def test_a_dead_rank_ends_the_run_naming_it_and_the_next_run_resumes(uninterrupted):
+    """SIGKILL to one rank (what the out-of-memory killer or a lost node does): the other rank and the
+    launcher end within a bounded time (gloo sees the closed connection; DeepSpeed's launcher terminates
+    the rest), `longctx run` exits non-zero naming the rank, and the same command resumes."""
+    tmp, full = uninterrupted
+    cfg = write_config(tmp, "dead")
+    proc = subprocess.Popen(run_cmd(cfg), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp / "dead" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    rank1 = [pid for pid in _session_pids(proc.pid, b"longctx.launch.cli")
+             if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    t0 = time.time()
+    out, err = proc.communicate(timeout=300)
+    ended = time.time() - t0
+    assert proc.returncode != 0
+    assert ended < 60, f"the run took {ended:.0f} s to end after a rank died"
+    assert f"rank 1 (pid {rank1[0]} on" in err and "died without finishing" in err, err[-3000:]
+    r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    assert_same_run(records(tmp / "dead"), full)
+
+
 def test_non_finite_losses_stop_the_run_with_a_clear_message(uninterrupted, tmp_path):
     tmp, _ = uninterrupted
     from longctx.pipeline.model import Mamba2Config

@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,7 @@ from ..evaluate.passkey import build_prompt
 from ..model import Mamba2LM
 from ..parallel import Groups
 from ..parallel.shm import release_shm_buffers
+from . import rank_status
 from .checkpoint import EXIT_STOPPED, Checkpointer, write_stop_marker
 from .compatibility import check_resume, run_identity
 from .curriculum import learning_rate, plan, stage_at
@@ -92,8 +94,12 @@ class Trainer:
         import torch.distributed as dist
         self.cfg, self.dist = cfg, dist
         cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        # a collective that waits longer than this fails: a rank lost on another node ends the run (NCCL does
+        # not always see a dead peer; gloo sees the closed connection at once)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        rank_status.write_status(Path(cfg.run.dir), self.rank, "running")
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
@@ -375,8 +381,17 @@ class Trainer:
 
 
 def train(cfg: Config, where: str = "<config>") -> int:
-    trainer = Trainer(cfg, where)
+    rank = int(os.environ.get("RANK", "0"))
+    trainer, state = None, "failed"
     try:
-        return trainer.run()
+        trainer = Trainer(cfg, where)
+        rc = trainer.run()
+        state = "stopped" if rc == EXIT_STOPPED else "finished"
+        return rc
+    except BaseException as e:
+        state = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise
     finally:
-        trainer.close()
+        rank_status.write_status(Path(cfg.run.dir), rank, state)
+        if trainer is not None:
+            trainer.close()
