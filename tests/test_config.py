@@ -106,6 +106,7 @@ STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_to
     ("checkpoint: {keep_last: -2}\n", r"checkpoint.keep_last: must be >= 0 \(0 keeps every checkpoint\), got -2"),
     ("eval: {heldout_sequences: 0}\n", r"eval.heldout_sequences: must be >= 1, got 0"),
     ("model: {dtype: bf16}\n", r"key 'model.dtype'"),
+    ("train: {precision: bf16, zero_stage: 0}\n", r"train.precision: bf16 with train.zero_stage=0: .* in bf16"),
 ])
 def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
