@@ -25,6 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # set by the DeepSpeed launcher
 
+    p = sub.add_parser("node", help="one node of a multi-node run: DeepSpeed's launcher for this node's ranks "
+                                    "(what launch/slurm/train.sbatch starts on each node through srun)")
+    _add_config_args(p)
+    p.add_argument("--hosts", required=True, help="comma-separated node names, in node-rank order")
+    p.add_argument("--node-rank", type=int, required=True, help="this node's index in --hosts")
+    p.add_argument("--nproc", type=int, required=True, help="ranks on this node (GPUs per node)")
+    p.add_argument("--master-addr", default=None, help="rendezvous host (default: the first of --hosts)")
+    p.add_argument("--master-port", type=int, default=29500)
+
     p = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None, help="local processes (DeepSpeed launcher); "
@@ -173,6 +182,21 @@ def cmd_train(args) -> int:
     os._exit(rc)
 
 
+def cmd_node(args) -> int:
+    """Replace this process by DeepSpeed's launcher for this node, so that the signals a scheduler sends
+    to the task (SIGTERM on pre-emption) reach the launcher, which passes them on to the ranks."""
+    import os
+
+    from longctx.launch.local import launch_command
+    hosts = [h for h in args.hosts.split(",") if h]
+    if not 0 <= args.node_rank < len(hosts):
+        raise ValueError(f"--node-rank {args.node_rank} is not an index of --hosts ({len(hosts)} nodes)")
+    cmd = launch_command(args.config, args.overrides, args.nproc, args.master_port, hosts=hosts,
+                         node_rank=args.node_rank, master_addr=args.master_addr or hosts[0])
+    print("node:", " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+
+
 def cmd_run(args) -> int:
     from longctx.launch.local import run_local
     from longctx.pipeline.config import load_config, model_chunk_size, model_config
@@ -254,7 +278,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
-            "run": cmd_run, "eval": cmd_eval, "launch": cmd_launch}
+            "node": cmd_node, "run": cmd_run, "eval": cmd_eval, "launch": cmd_launch}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -44,15 +44,19 @@ def _check_prepare(cfg: Config, o: dict) -> None:
 
 
 def _slurm(text: str, settings: dict, cfg: Config, o: dict) -> str:
-    settings.update(GPUS_PER_NODE=str(o["gpus_per_node"]), MASTER_PORT=str(cfg.launch.master_port))
+    settings.update(GPUS_PER_NODE=str(o["gpus_per_node"]), MASTER_PORT=str(cfg.launch.master_port),
+                    LONGCTX_RUN_DIR=str(Path(cfg.run.dir).resolve()))
     directives = {"--job-name": f"longctx-{cfg.run.name}", "--nodes": str(o["nodes"]),
                   "--gpus-per-node": str(o["gpus_per_node"]), "--time": o["time"] or cfg.launch.time,
+                  "--cpus-per-task": str(cfg.launch.cpus_per_task),
+                  "--signal": f"B:USR1@{cfg.launch.stop_seconds}",
                   "--output": str(Path(cfg.run.dir).resolve() / "slurm-%j.out")}
     for flag, value in directives.items():
         text = re.sub(rf"^#SBATCH {flag}=.*$", f"#SBATCH {flag}={value}", text, flags=re.M)
     partition = o["partition"] or cfg.launch.partition
     extra = [f"#SBATCH --partition={partition}"] if partition else []
     extra += [f"#SBATCH --account={cfg.launch.account}"] if cfg.launch.account else []
+    extra += [f"#SBATCH --mem={cfg.launch.mem}"] if cfg.launch.mem else []
     if extra:
         text = text.replace("#SBATCH --requeue", "\n".join(extra + ["#SBATCH --requeue"]))
     return text

@@ -119,6 +119,9 @@ class LaunchConfig:
     gpus_per_node: int = 1          # ranks per node
     partition: str = ""             # SLURM partition
     time: str = "24:00:00"          # SLURM time limit
+    cpus_per_task: int = 16         # SLURM --cpus-per-task (one task per node: the node's launcher and its ranks)
+    mem: str = ""                   # SLURM --mem per node, e.g. 480G ("": the partition's default)
+    stop_seconds: int = 300         # SLURM sends USR1 this long before the time limit: checkpoint, requeue
     account: str = ""               # SLURM account
     master_port: int = 29500        # rendezvous port of the launched job
 
@@ -199,6 +202,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     _validate_eval(cfg.eval, fail)
     if cfg.train.collective_timeout_s < 1:
         fail("train.collective_timeout_s", f"must be >= 1, got {cfg.train.collective_timeout_s}")
+    if cfg.launch.stop_seconds < 30:
+        fail("launch.stop_seconds", f"must be >= 30 (a training step and a checkpoint), got {cfg.launch.stop_seconds}")
     if cfg.checkpoint.every_steps < 0:
         fail("checkpoint.every_steps", f"must be >= 0 (0: only at stage ends), got {cfg.checkpoint.every_steps}")
     if cfg.checkpoint.keep_last < 0:

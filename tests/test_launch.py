@@ -68,7 +68,9 @@ def test_render_slurm(tmp_path, nodes, gpus):
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --requeue",
                  f"LONGCTX_CONFIG={cfg.resolve()}", "LONGCTX_OVERRIDES=train.zero_stage=3", f"GPUS_PER_NODE={gpus}"):
         assert line in text, line
-    assert "srun" in text and "--no_ssh" in text and "--node_rank" in text
+    assert "srun" in text and "-m longctx node" in text and '--node-rank "${SLURM_NODEID}"' in text
+    assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --cpus-per-task=16" in text
+    assert "LONGCTX_RUN_DIR=" in text
     out = tmp_path / "rendered.sbatch"
     out.write_text(text)
     shell_ok(out)

@@ -14,56 +14,7 @@ from longctx.data.stream import DocumentSource, PackedStream
 from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.training.loss import lm_loss
 from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
-
-STEPS = (6, 4)
-
-
-def write_config(tmp_path, name, zero=1, every=2):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"""
-run: {{name: {name}, dir: {tmp_path / name}, seed: 3}}
-model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
-tokenizer: {{kind: byte}}
-data:
-  prepare:
-    output: {tmp_path / 'mds'}
-    synthetic: {{documents: 60, min_tokens: 300, max_tokens: 1500, seed: 1}}
-train: {{micro_batch_size: 1, zero_stage: {zero}}}
-curriculum:
-  stages:
-    - {{name: short, seq_len: 64, steps: {STEPS[0]}, global_batch_tokens: 512, lr: 0.004, warmup_steps: 1}}
-    - {{name: long, seq_len: 128, steps: {STEPS[1]}, global_batch_tokens: 512, lr: 0.003, decay: linear,
-        mitigations: {{decay_scale: 0.99}}}}
-checkpoint: {{every_steps: {every}, keep_last: 2}}
-eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, length_max: 512, length_buckets: 6}}
-""")
-    return path
-
-
-def run_cmd(path, *extra):
-    return [sys.executable, "-m", "longctx", "run", str(path), "--nproc", "2", *extra]
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(recs):
-    return [{k: r.get(k) for k in ("step", "stage", "seq_len", "loss", "lr", "grad_norm", "tokens", "eval_loss")}
-            for r in recs]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    import glob
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = write_config(tmp, "full")
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are released when the run ends
-    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
-    return tmp, records(tmp / "full")
+from tests.training import STEPS, assert_same_run, records, run_cmd, session_pids, write_config
 
 
 def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupted):
@@ -147,31 +98,6 @@ def test_plan_flag_prints_the_stage_table(uninterrupted):
     assert not (tmp / "plan").exists()
 
 
-def _session_pids(session, marker: bytes):
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(pid)) != session:
-                continue
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except (OSError, ProcessLookupError):
-            continue
-        if marker in cmd:
-            pids.append(int(pid))
-    return pids
-
-
-def assert_same_run(got, expect):
-    got, expect = comparable(got), comparable(expect)
-    assert [x["step"] for x in got] == [x["step"] for x in expect]
-    for a, b in zip(got, expect):
-        for k in ("loss", "lr", "grad_norm", "eval_loss"):
-            if b[k] is None:
-                assert a[k] is None, (a["step"], k)
-            else:
-                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
-
-
 SLOW_EVAL = "eval.passkey_samples=300"     # ~1 minute of passkey decoding per checkpoint: longer than the grace
 
 
@@ -194,7 +120,7 @@ def test_preemption_checkpoints_first_and_resumes_to_the_uninterrupted_run(unint
     time.sleep(2)                    # step 2 is due for the slow evaluation: it is training it or evaluating it now
     t0 = time.time()
     if target == "launcher":
-        launchers = _session_pids(proc.pid, b"deepspeed.launcher.launch")
+        launchers = session_pids(proc.pid, b"deepspeed.launcher.launch")
         assert len(launchers) == 1
         os.kill(launchers[0], signal.SIGTERM)
     else:
@@ -226,7 +152,7 @@ def test_a_dead_rank_ends_the_run_naming_it_and_the_next_run_resumes(uninterrupt
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.02)
-    rank1 = [pid for pid in _session_pids(proc.pid, b"longctx.launch.cli")
+    rank1 = [pid for pid in session_pids(proc.pid, b"longctx.launch.cli")
              if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGKILL)

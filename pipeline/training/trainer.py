@@ -8,6 +8,7 @@ run killed at any point resumes to the losses of an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -128,9 +129,9 @@ class Trainer:
         shards = cfg.data.shards or cfg.data.prepare.output
         if not shards:
             raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
-        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE") or str(self._local_world_size()))
         cache = cfg.data.cache_dir or str(self.run_dir / "cache")
-        source = DocumentSource(shards, cache)
+        with self._host_local_world():
+            source = DocumentSource(shards, cache)
         self.stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed)
         self.eval_stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
 
@@ -158,12 +159,25 @@ class Trainer:
                                    self.device, write=self.rank == 0, should_stop=self.stop_agreed)
         self.stop_requested = False
 
-    def _local_world_size(self) -> int:
-        """Ranks on this host (mosaicml-streaming needs it to pick one local leader per node)."""
+    @contextlib.contextmanager
+    def _host_local_world(self):
+        """LOCAL_RANK / LOCAL_WORLD_SIZE as mosaicml-streaming needs them: the ranks that share this host
+        (and its /dev/shm) elect one leader. A launcher's own values count the ranks it started, which is
+        less when several launchers share a host (two SLURM nodes on one machine)."""
         import socket
         hosts = [None] * self.world
         self.dist.all_gather_object(hosts, socket.gethostname())
-        return hosts.count(socket.gethostname())
+        here = [r for r, h in enumerate(hosts) if h == socket.gethostname()]
+        saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        os.environ.update(LOCAL_RANK=str(here.index(self.rank)), LOCAL_WORLD_SIZE=str(len(here)))
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _check_resume(self, root: Path, tag: str, where: str) -> None:

@@ -1,0 +1,70 @@
+"""A small 2-stage training config and the helpers the training tests share (local and SLURM runs)."""
+import json
+import os
+import sys
+
+import pytest
+
+STEPS = (6, 4)
+
+
+def write_config(tmp_path, name, zero=1, every=2):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""
+run: {{name: {name}, dir: {tmp_path / name}, seed: 3}}
+model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
+tokenizer: {{kind: byte}}
+data:
+  prepare:
+    output: {tmp_path / 'mds'}
+    synthetic: {{documents: 60, min_tokens: 300, max_tokens: 1500, seed: 1}}
+train: {{micro_batch_size: 1, zero_stage: {zero}}}
+curriculum:
+  stages:
+    - {{name: short, seq_len: 64, steps: {STEPS[0]}, global_batch_tokens: 512, lr: 0.004, warmup_steps: 1}}
+    - {{name: long, seq_len: 128, steps: {STEPS[1]}, global_batch_tokens: 512, lr: 0.003, decay: linear,
+        mitigations: {{decay_scale: 0.99}}}}
+checkpoint: {{every_steps: {every}, keep_last: 2}}
+eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, length_max: 512, length_buckets: 6}}
+""")
+    return path
+
+
+def run_cmd(path, *extra):
+    return [sys.executable, "-m", "longctx", "run", str(path), "--nproc", "2", *extra]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(recs):
+    return [{k: r.get(k) for k in ("step", "stage", "seq_len", "loss", "lr", "grad_norm", "tokens", "eval_loss")}
+            for r in recs]
+
+
+def session_pids(session, marker: bytes):
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != session:
+                continue
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if marker in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def assert_same_run(got, expect):
+    got, expect = comparable(got), comparable(expect)
+    assert [x["step"] for x in got] == [x["step"] for x in expect]
+    for a, b in zip(got, expect):
+        for k in ("loss", "lr", "grad_norm", "eval_loss"):
+            if b[k] is None:
+                assert a[k] is None, (a["step"], k)
+            else:
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
