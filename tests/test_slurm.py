@@ -1,5 +1,6 @@
 """The SLURM scripts on a real two-node SLURM cluster (tests/slurm/cluster.sh: Debian's slurm-wlm, two
 slurmd on loopback addresses), run as an operator runs them: `longctx launch slurm ... --submit`."""
+import json
 import os
 import re
 import shutil
@@ -64,3 +65,57 @@ def test_two_node_training_equals_two_local_processes(slurm_cluster, uninterrupt
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "--node_rank=0" in log and "--node_rank=1" in log and "nodes node1,node2" in log
     assert_same_run(records(tmp / "slurm2"), full)
+
+
+def _metrics_lines(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.timeout(1200)
+def test_scontrol_requeue_checkpoints_first_and_the_requeued_job_finishes_the_run(slurm_cluster, uninterrupted):
+    """Pre-emption as SLURM does it (`scontrol requeuehold`: SIGTERM to the script and every task, SIGKILL
+    KillWait=30 s later) while the checkpoint's evaluation takes about a minute: the checkpoint of the step
+    reached exists before the job runs again, and the requeued job (with a quick evaluation: an allowed change)
+    ends with the losses of the uninterrupted run."""
+    tmp, full = uninterrupted
+    cfg = write_config(tmp, "slurm-pre")
+    fast = cfg.read_text()
+    cfg.write_text(fast.replace("passkey_samples: 1", "passkey_samples: 300"))
+    jid = submit(cfg, "--nodes", 2, "--gpus-per-node", 1, "--time", "00:15:00")
+    run_dir = tmp / "slurm-pre"
+    deadline = time.time() + 300
+    while time.time() < deadline and not _metrics_lines(run_dir):
+        time.sleep(0.1)
+    time.sleep(2)                           # step 2 is due for the slow evaluation: training or evaluating it
+    subprocess.run(["scontrol", "requeuehold", str(jid)], check=True, timeout=30)
+    info = wait_state(jid, {"PENDING", "REQUEUE_HOLD"}, timeout=120)
+    assert info["Reason"] in ("JobHeldAdmin", "JobHeldUser", "job_requeued_in_held_state"), info
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert (run_dir / "checkpoints" / latest / "COMPLETE.json").exists()
+    assert json.loads((run_dir / "stopped.json").read_text())["checkpoint"] == latest
+    cfg.write_text(fast)                    # the requeued job reads the config again
+    subprocess.run(["scontrol", "release", str(jid)], check=True, timeout=30)
+    info = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    log = (run_dir / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "SIGTERM: checkpoint written at step" in log and "resumed from" in log
+    assert_same_run(records(run_dir), full)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_until_the_run_is_done(slurm_cluster, tmp_path):
+    """`--time 2` minutes with `launch.stop_seconds=60`: SLURM sends USR1 before the limit, the script stops the
+    ranks at a checkpoint and requeues the job, and the chain of allocations finishes the run."""
+    cfg = write_config(tmp_path, "chain")
+    text = cfg.read_text().replace("steps: 6,", "steps: 700,").replace("every_steps: 2", "every_steps: 0")
+    cfg.write_text(text + "launch: {stop_seconds: 60}\n")
+    subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], check=True, timeout=300,
+                   capture_output=True)
+    jid = submit(cfg, "--nodes", 2, "--gpus-per-node", 1, "--time", "00:02:00")
+    info = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=1700)
+    log = (tmp_path / "chain" / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
+    assert "time limit near" in log
+    assert [r["step"] for r in records(tmp_path / "chain")] == list(range(1, 705))

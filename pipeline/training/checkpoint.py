@@ -132,7 +132,7 @@ def _prune(root: Path, keep_last: int, current: str) -> None:
 
 def write_stop_marker(run_dir: Path, step: int) -> None:
     """Tells the launcher (`longctx run`) that the run stopped at a checkpoint rather than failed."""
-    _write_atomic(Path(run_dir) / STOPPED, json.dumps({"step": step, "checkpoint": tag_of(step)}))
+    _write_atomic(Path(run_dir) / STOPPED, json.dumps({"step": step, "checkpoint": tag_of(step) if step else None}))
 
 
 def load(engine, ckpt_root: Path, tag: str) -> dict:

@@ -94,6 +94,8 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
         self.cfg, self.dist = cfg, dist
+        self.stop_requested = False        # SIGTERM from here on is a stop at a checkpoint, not a kill
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
         cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
         # a collective that waits longer than this fails: a rank lost on another node ends the run (NCCL does
         # not always see a dead peer; gloo sees the closed connection at once)
@@ -157,7 +159,6 @@ class Trainer:
         self.mitigations = StageMitigations(cfg, model, self.calibration_prompt)
         self.evaluator = Evaluator(cfg, model, self.tok, self.eval_stream, self.mitigations, self.documents,
                                    self.device, write=self.rank == 0, should_stop=self.stop_agreed)
-        self.stop_requested = False
 
     @contextlib.contextmanager
     def _host_local_world(self):
@@ -317,11 +318,16 @@ class Trainer:
         start = self.resume()
         # a pending record (stopped before its due evaluation) is logged again once evaluated
         metrics = MetricsLogger(self.run_dir, self.rank == 0, resume_step=start - (self.pending is not None))
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
         total = self.plans[-1].last_step
         every = self.cfg.checkpoint.every_steps
         current = None
         try:
+            if self.stop_agreed():            # asked to stop while starting: nothing new to save
+                if self.rank == 0:
+                    write_stop_marker(self.run_dir, start)
+                    print(f"SIGTERM while starting: exiting with {EXIT_STOPPED}; resume continues from step {start}",
+                          flush=True)
+                return EXIT_STOPPED
             if self.pending is not None:      # the evaluation a stop checkpoint put off
                 p = stage_at(self.plans, start - 1)
                 self.enter_stage(p)
