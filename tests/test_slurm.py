@@ -109,7 +109,7 @@ def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_until_the_run_i
     """`--time 2` minutes with `launch.stop_seconds=60`: SLURM sends USR1 before the limit, the script stops the
     ranks at a checkpoint and requeues the job, and the chain of allocations finishes the run."""
     cfg = write_config(tmp_path, "chain")
-    text = cfg.read_text().replace("steps: 6,", "steps: 700,").replace("every_steps: 2", "every_steps: 0")
+    text = cfg.read_text().replace("steps: 6,", "steps: 200,").replace("every_steps: 2", "every_steps: 0")
     cfg.write_text(text + "launch: {stop_seconds: 60}\n")
     subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], check=True, timeout=300,
                    capture_output=True)
@@ -118,4 +118,4 @@ def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_until_the_run_i
     log = (tmp_path / "chain" / f"slurm-{jid}.out").read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
     assert "time limit near" in log
-    assert [r["step"] for r in records(tmp_path / "chain")] == list(range(1, 705))
+    assert [r["step"] for r in records(tmp_path / "chain")] == list(range(1, 205))

@@ -168,6 +168,17 @@ def test_a_dead_rank_ends_the_run_naming_it_and_the_next_run_resumes(uninterrupt
     assert_same_run(records(tmp / "dead"), full)
 
 
+def test_resume_with_another_architecture_is_refused_naming_the_field(uninterrupted):
+    import shutil
+    tmp, _ = uninterrupted
+    shutil.copytree(tmp / "full", tmp / "changed")
+    cfg = write_config(tmp, "changed")
+    r = subprocess.run(run_cmd(cfg, "model.d_state=32"), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "cannot resume: model.d_state changed since the checkpoint (it has 16, this run 32)" in r.stdout + r.stderr
+    assert "rank 0" in r.stderr and "failed: ConfigError" in r.stderr
+
+
 def test_non_finite_losses_stop_the_run_with_a_clear_message(uninterrupted, tmp_path):
     tmp, _ = uninterrupted
     from longctx.pipeline.model import Mamba2Config

@@ -191,3 +191,43 @@ def test_failed_pruning_is_reported(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "could not remove old checkpoint" in out and "step_0000002" in out and "Permission denied" in out
     assert ck.to_resume("auto") == (tmp_path / "checkpoints", "step_0000004")
+
+
+def _identity(tmp_path, *overrides, world=2):
+    from longctx.pipeline.training.compatibility import run_identity
+    cfg = _config(tmp_path, "eval: {passkey_lengths: [256]}")
+    from longctx.pipeline.config import load_config as load
+    cfg = load(str(tmp_path / "c.yaml"), ["curriculum.stages.0.global_batch_tokens=512",
+                                          "curriculum.stages.1.global_batch_tokens=512", *overrides])
+    from longctx.pipeline.config import model_config
+    return run_identity(cfg, model_config(cfg), {"name": "byte", "sha256": "x"}, "60:abc", world,
+                        plan(cfg, world, MODEL.chunk_size))
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["model.d_state=32", "model.headdim=16"], 2, r"model.d_state changed since the checkpoint \(it has 16, this run 32\)"),
+    (["train.zero_stage=2"], 2, r"train.zero_stage changed .*it has 1, this run 2"),
+    (["train.precision=bf16"], 2, r"train.precision changed"),
+    ([], 4, r"the world size changed .*it has 2, this run 4.*ZeRO stage 1 partitions"),
+    (["curriculum.stages.0.seq_len=32"], 2, r"curriculum.stages\[0\].seq_len changed .*it has 64, this run 32"),
+    (["curriculum.stages.0.steps=3"], 2, r"curriculum.stages\[0\].steps changed .*the stage is finished"),
+])
+def test_resume_refuses_what_the_checkpoint_cannot_continue_under(tmp_path, overrides, world, match):
+    from longctx.pipeline.training.compatibility import check_resume
+    saved = _identity(tmp_path, "train.zero_stage=1")
+    with pytest.raises(ConfigError, match=match):
+        check_resume(saved, _identity(tmp_path, "train.zero_stage=1", *overrides, world=world), 3, "c.yaml")
+
+
+def test_resume_allows_and_reports_other_changes(tmp_path):
+    from longctx.pipeline.training.compatibility import check_resume
+    saved = _identity(tmp_path)
+    now = _identity(tmp_path, "eval.passkey_samples=7", "curriculum.stages.1.seq_len=256",
+                    "curriculum.stages.1.global_batch_tokens=1024", "checkpoint.every_steps=5", world=4)
+    notes = check_resume(saved, now, 2, "c.yaml")                        # stage b not started: free to change
+    assert "eval.passkey_samples: 2 -> 7" in notes and "checkpoint.every_steps: 0 -> 5" in notes
+    assert "curriculum.stages.1.seq_len: 128 -> 256" in notes and "world size 2 -> 4" in notes
+    with pytest.raises(ConfigError, match=r"tokenizer changed"):
+        check_resume(saved, {**saved, "tokenizer": {"name": "other"}}, 2, "c.yaml")
+    with pytest.raises(ConfigError, match=r"the shards\) changed .*data re-prepared"):
+        check_resume(saved, {**saved, "dataset": "60:def"}, 2, "c.yaml")
