@@ -111,7 +111,7 @@ def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_until_the_run_i
     finishes the run. (With `--time 2`, USR1 can come before the ranks have started, and no allocation
     gets a step done.)"""
     cfg = write_config(tmp_path, "chain")
-    text = cfg.read_text().replace("steps: 6,", "steps: 150,").replace("every_steps: 2", "every_steps: 0")
+    text = cfg.read_text().replace("steps: 6,", "steps: 450,").replace("every_steps: 2", "every_steps: 0")
     cfg.write_text(text + "launch: {stop_seconds: 60}\n")
     subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], check=True, timeout=300,
                    capture_output=True)
@@ -120,4 +120,4 @@ def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_until_the_run_i
     log = (tmp_path / "chain" / f"slurm-{jid}.out").read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
     assert "time limit near" in log
-    assert [r["step"] for r in records(tmp_path / "chain")] == list(range(1, 155))
+    assert [r["step"] for r in records(tmp_path / "chain")] == list(range(1, 455))
