@@ -196,7 +196,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("tokenizer.kind", f"must be 'byte' or 'hf', got {cfg.tokenizer.kind!r}")
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
         fail("tokenizer.path", "tokenizer.kind=hf needs the path of a tokenizer.json")
-    for key in _leaves(cfg.train.deepspeed):
+    for key in flatten(cfg.train.deepspeed):
         if key in PLANNED_DEEPSPEED_KEYS:
             fail(f"train.deepspeed.{key}", f"the run plans this itself; set {PLANNED_DEEPSPEED_KEYS[key]} instead")
     _validate_eval(cfg.eval, fail)
@@ -242,13 +242,18 @@ def validate(cfg: Config, where: str = "<config>") -> None:
                  f"{st.global_batch_tokens} must be a positive multiple of seq_len {st.seq_len}")
 
 
-def _leaves(d: dict, prefix: str = ""):
-    """Dotted keys of a nested dict's leaves (a dict value is walked, anything else is a leaf)."""
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {dotted key: leaf value}; dicts and lists of dicts are walked (list items by index)."""
+    out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            yield from _leaves(v, f"{prefix}{k}.")
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
+            for i, e in enumerate(v):
+                out.update(flatten(e, f"{prefix}{k}.{i}."))
         else:
-            yield f"{prefix}{k}"
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _validate_eval(ev: EvalConfig, fail) -> None:

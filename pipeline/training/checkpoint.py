@@ -87,11 +87,6 @@ def newest_complete(root: Path) -> Tuple[Optional[str], List[str]]:
     return None, skipped
 
 
-def latest_tag(ckpt_root: Path) -> Optional[str]:
-    """The newest complete checkpoint's tag (what `latest` should name), or None."""
-    return newest_complete(Path(ckpt_root))[0]
-
-
 def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, tokenizer_identity: dict,
          keep_last: int, is_rank0: bool, barrier, tokenizer_file: Optional[str] = None) -> str:
     tag = tag_of(step)

@@ -24,22 +24,9 @@ from typing import List
 
 from omegaconf import OmegaConf
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, flatten
 
 STAGE_KEYS = ("name", "seq_len", "global_batch_tokens")
-
-
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
-            for i, e in enumerate(v):
-                out.update(_flat(e, f"{prefix}{k}.{i}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run_identity(cfg: Config, model_config, tokenizer_identity: dict, dataset_identity: str, world_size: int,
@@ -49,7 +36,7 @@ def run_identity(cfg: Config, model_config, tokenizer_identity: dict, dataset_id
                 "world_size": world_size, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
                 "stages": [{"name": p.name, "seq_len": p.seq_len, "global_batch_tokens": p.global_batch_tokens,
                             "steps": p.steps, "first_step": p.first_step} for p in plans],
-                "config": _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))}
+                "config": flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))}
     return json.loads(json.dumps(identity))          # tuples become lists, as they come back from the file
 
 

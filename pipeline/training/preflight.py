@@ -69,11 +69,12 @@ def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: 
     return manifest
 
 
-def preflight(cfg: Config, where: str) -> None:
-    """Every check above, for this config."""
+def preflight(cfg: Config, where: str, tok=None) -> str:
+    """Every check above, for this config (`tok`: its tokenizer, when already loaded). Returns the shards."""
     arch = check_pretrained(cfg, where) if cfg.model.from_pretrained else model_config(cfg)
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = tok or load_tokenizer(cfg.tokenizer)
     shards = cfg.data.shards or cfg.data.prepare.output
     if not shards:
         raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
     check_shards(shards, identity(tok), arch.vocab_size, where)
+    return shards

@@ -117,7 +117,7 @@ class Trainer:
             raise ConfigError(f"{where}: model.vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tok.vocab_size})")
         self.plans = plan(cfg, self.world, model.config.chunk_size, where)
-        preflight(cfg, where)                 # shards, tokenizer and model belong together
+        shards = preflight(cfg, where, self.tok)   # shards, tokenizer and model belong together
         if cfg.eval.every_checkpoint and "passkey" in cfg.eval.kinds:
             for L in cfg.eval.passkey_lengths:     # fail now, not at the first checkpoint
                 try:
@@ -128,9 +128,6 @@ class Trainer:
             model.enable_gradient_checkpointing()
         self.model = model
 
-        shards = cfg.data.shards or cfg.data.prepare.output
-        if not shards:
-            raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
         cache = cfg.data.cache_dir or str(self.run_dir / "cache")
         with self._host_local_world():
             source = DocumentSource(shards, cache)
