@@ -26,12 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # set by the DeepSpeed launcher
 
     p = sub.add_parser("node", help="one node of a multi-node run: DeepSpeed's launcher for this node's ranks "
-                                    "(what launch/slurm/train.sbatch starts on each node through srun)")
+                                    "(what launch/slurm/train.sbatch starts on each node through srun, and "
+                                    "launch/deepspeed/train.sh on each host of a hostfile when NODE_RANK is set)")
     _add_config_args(p)
-    p.add_argument("--hosts", required=True, help="comma-separated node names, in node-rank order")
-    p.add_argument("--node-rank", type=int, required=True, help="this node's index in --hosts")
-    p.add_argument("--nproc", type=int, required=True, help="ranks on this node (GPUs per node)")
-    p.add_argument("--master-addr", default=None, help="rendezvous host (default: the first of --hosts)")
+    nodes = p.add_mutually_exclusive_group(required=True)
+    nodes.add_argument("--hosts", help="comma-separated node names, in node-rank order (with --nproc)")
+    nodes.add_argument("--hostfile", help="a DeepSpeed hostfile ('host slots=N' per line, in node-rank order)")
+    p.add_argument("--node-rank", type=int, required=True, help="this node's index among the hosts")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per node (GPUs per node), with --hosts")
+    p.add_argument("--master-addr", default=None, help="rendezvous host (default: the first host)")
     p.add_argument("--master-port", type=int, default=29500)
 
     p = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
@@ -187,13 +190,23 @@ def cmd_node(args) -> int:
     to the task (SIGTERM on pre-emption) reach the launcher, which passes them on to the ranks."""
     import os
 
+    from longctx.launch.hostfile import read_hostfile, uniform_slots
     from longctx.launch.local import launch_command
-    hosts = [h for h in args.hosts.split(",") if h]
+    if args.hostfile:
+        if args.nproc is not None:
+            raise ValueError("--nproc goes with --hosts; with --hostfile the ranks per node are its slots")
+        world = read_hostfile(args.hostfile)
+        uniform_slots(args.hostfile, world)
+    else:
+        if args.nproc is None or args.nproc < 1:
+            raise ValueError("--hosts needs --nproc N (ranks per node, N >= 1)")
+        world = {h: args.nproc for h in args.hosts.split(",") if h}
+    hosts = list(world)
     if not 0 <= args.node_rank < len(hosts):
-        raise ValueError(f"--node-rank {args.node_rank} is not an index of --hosts ({len(hosts)} nodes)")
-    cmd = launch_command(args.config, args.overrides, args.nproc, args.master_port, hosts=hosts,
-                         node_rank=args.node_rank, master_addr=args.master_addr or hosts[0])
-    print("node:", " ".join(cmd), flush=True)
+        raise ValueError(f"--node-rank {args.node_rank} is not an index of the {len(hosts)} hosts {hosts}")
+    cmd = launch_command(args.config, args.overrides, world, args.master_port, node_rank=args.node_rank,
+                         master_addr=args.master_addr or hosts[0])
+    print(f"node {args.node_rank} ({hosts[args.node_rank]}) of {hosts}:", " ".join(cmd), flush=True)
     os.execv(cmd[0], cmd)
 
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List
 
 from longctx.pipeline.config import Config
 
@@ -38,16 +38,14 @@ def ensure_data(cfg: Config) -> None:
     prepare(cfg.data, cfg.tokenizer)
 
 
-def launch_command(config: str, overrides: List[str], nproc: int, port: int, hosts: Optional[List[str]] = None,
-                   node_rank: int = 0, master_addr: str = "127.0.0.1") -> List[str]:
-    """DeepSpeed's per-node launcher (deepspeed.launcher.launch): it starts this node's `nproc` ranks and,
-    on SIGTERM, passes it on to them (SIGKILL 30 s later). Started directly, without DeepSpeed's runner in
-    between: the runner dies on SIGTERM and would leave the ranks running. `hosts` (one name per node,
-    in node-rank order) makes a multi-node world; every node runs this command with its own `node_rank`."""
-    hosts = hosts or ["localhost"]
-    world = {h: list(range(nproc)) for h in hosts}
-    world_info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+def launch_command(config: str, overrides: List[str], world: Dict[str, int], port: int, node_rank: int = 0,
+                   master_addr: str = "127.0.0.1") -> List[str]:
+    """DeepSpeed's per-node launcher (deepspeed.launcher.launch): it starts this node's ranks and, on SIGTERM,
+    passes it on to them (SIGKILL 30 s later). Started directly, without DeepSpeed's runner in between: the
+    runner dies on SIGTERM and would leave the ranks running. `world` is {host: ranks} for every node, in
+    node-rank order; every node runs this command with its own `node_rank`."""
+    world_info = base64.urlsafe_b64encode(json.dumps({h: list(range(n)) for h, n in world.items()}).encode())
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info.decode()}",
             f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={port}", "--no_local_rank",
             "--module", "longctx.launch.cli", "train", config, *overrides]
 
@@ -75,7 +73,7 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     stopped.unlink(missing_ok=True)
     rank_status.clear(Path(cfg.run.dir))
     port = free_port()
-    cmd = launch_command(config, overrides, nproc, port)
+    cmd = launch_command(config, overrides, {"localhost": nproc}, port)
     print("launch:", " ".join(cmd), flush=True)
     # SIGTERM to this process group (pre-emption) reaches the launcher and the ranks too: they stop at a
     # checkpoint; this process waits for them instead of dying first, then reports how the run ended.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from longctx.launch.hostfile import read_hostfile
 from longctx.pipeline.config import Config, ConfigError, model_chunk_size
 from longctx.pipeline.training.curriculum import plan
 
@@ -15,24 +16,11 @@ HERE = Path(__file__).parent
 SETTINGS_MARK = "# --- settings"
 
 
-def hostfile_slots(path: str) -> List[tuple]:
-    hosts = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
-        if not m:
-            raise ConfigError(f"{path}:{i}: expected 'host slots=N', got {line!r}")
-        hosts.append((m.group(1), int(m.group(2))))
-    return hosts
-
-
 def _check_training(cfg: Config, o: dict) -> None:
     if o["hostfile"]:
-        hosts = hostfile_slots(o["hostfile"])
-        if len(hosts) != o["nodes"] or any(s != o["gpus_per_node"] for _, s in hosts):
-            raise ConfigError(f"{o['hostfile']}: {len(hosts)} hosts with slots {[s for _, s in hosts]}, but "
+        hosts = read_hostfile(o["hostfile"])
+        if len(hosts) != o["nodes"] or any(s != o["gpus_per_node"] for s in hosts.values()):
+            raise ConfigError(f"{o['hostfile']}: {len(hosts)} hosts with slots {list(hosts.values())}, but "
                               f"--nodes {o['nodes']} --gpus-per-node {o['gpus_per_node']} were asked for")
     plan(cfg, o["nodes"] * o["gpus_per_node"], model_chunk_size(cfg), o["where"])   # raises naming the stage and field
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from longctx.launch.local import free_port
 from tests.training import assert_same_run, records, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,27 @@ def test_two_node_training_equals_two_local_processes(slurm_cluster, uninterrupt
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "--node_rank=0" in log and "--node_rank=1" in log and "nodes node1,node2" in log
     assert_same_run(records(tmp / "slurm2"), full)
+
+
+@pytest.mark.timeout(900)
+def test_hostfile_script_without_ssh_on_two_hosts_equals_two_local_processes(slurm_cluster, uninterrupted):
+    """launch/deepspeed/train.sh with a two-host hostfile (the cluster's loopback names), started on each
+    host with its NODE_RANK: one DeepSpeed launcher per host, no ssh, rendezvous at the first host."""
+    tmp, full = uninterrupted
+    cfg = write_config(tmp, "hostfile2")
+    (tmp / "hostfile2.hosts").write_text("# two hosts\nnode1 slots=1\nnode2 slots=1\n")
+    env = {**job_env(), "HOSTFILE": str(tmp / "hostfile2.hosts"), "LONGCTX_CONFIG": str(cfg),
+           "MASTER_PORT": str(free_port())}
+    hosts = [subprocess.Popen(["bash", str(ROOT / "launch/deepspeed/train.sh")], env={**env, "NODE_RANK": str(i)},
+                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        logs = [h.communicate(timeout=600)[0] for h in hosts]
+    finally:
+        for h in hosts:
+            h.kill()
+    assert [h.returncode for h in hosts] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "node 0 (node1) of ['node1', 'node2']" in logs[0] and "--master_addr=node1" in logs[1]
+    assert_same_run(records(tmp / "hostfile2"), full)
 
 
 def _metrics_lines(run_dir) -> int:

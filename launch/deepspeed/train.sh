@@ -4,9 +4,13 @@
 #   HOSTFILE=hostfile LONGCTX_CONFIG=cfg.yaml launch/deepspeed/train.sh [key=value ...]
 #   longctx launch deepspeed CONFIG --nodes 2 --gpus-per-node 8 --dry-run   (renders this with checked values)
 #
-# Remote nodes are reached with pdsh/ssh by DeepSpeed; the variables listed in LONGCTX_ENV_VARS
-# are written to ./.deepspeed_env, which DeepSpeed exports on every node. A hostfile with only
-# "localhost slots=N" runs N local processes without ssh (how the tests run it, on CPU).
+# Two ways to reach the nodes:
+# - ssh (default): run this once, on the first host; DeepSpeed reaches the others with pdsh/ssh, and
+#   exports the variables listed in LONGCTX_ENV_VARS (written to ./.deepspeed_env) on every node.
+# - no ssh: run this on every host with NODE_RANK set to that host's line in the hostfile (0, 1, ...):
+#   each becomes the DeepSpeed launcher of its own ranks (`longctx node`), and they meet at MASTER_ADDR
+#   (default: the first host). The environment is each host's own. This is how the SLURM script runs.
+# A hostfile with one host runs its processes there without ssh (NODE_RANK 0).
 set -euo pipefail
 
 : "${LONGCTX_CONFIG:?set LONGCTX_CONFIG to the YAML config of the run}"
@@ -21,6 +25,13 @@ if [ ! -f "${HOSTFILE}" ]; then
   exit 2
 fi
 
+read -r -a overrides <<< "${LONGCTX_OVERRIDES}"
+hosts="$(grep -cvE '^[[:space:]]*(#|$)' "${HOSTFILE}" || true)"
+if [ -n "${NODE_RANK:-}" ] || [ "${hosts}" -eq 1 ]; then
+  exec "${PYTHON}" -m longctx node "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" --hostfile "${HOSTFILE}" \
+    --node-rank "${NODE_RANK:-0}" ${MASTER_ADDR:+--master-addr "${MASTER_ADDR}"} --master-port "${MASTER_PORT}" < /dev/null
+fi
+
 # .deepspeed_env: one NAME=value per line, exported by DeepSpeed on every node.
 : > .deepspeed_env
 for name in ${LONGCTX_ENV_VARS}; do
@@ -29,17 +40,10 @@ for name in ${LONGCTX_ENV_VARS}; do
   fi
 done
 
-# One host: DeepSpeed's local mode, which needs no ssh (it would otherwise probe ssh to that host).
 extra=()
-hosts="$(grep -cvE '^[[:space:]]*(#|$)' "${HOSTFILE}" || true)"
-if [ "${hosts}" -eq 1 ]; then
-  extra+=(--no_ssh_check)
-  MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-fi
 if [ -n "${MASTER_ADDR:-}" ]; then        # otherwise DeepSpeed asks the first host over ssh
   extra+=(--master_addr "${MASTER_ADDR}")
 fi
 
-read -r -a overrides <<< "${LONGCTX_OVERRIDES}"
 exec "${PYTHON}" -m deepspeed.launcher.runner --hostfile "${HOSTFILE}" --master_port "${MASTER_PORT}" \
   "${extra[@]}" --no_local_rank --module longctx.launch.cli train "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" < /dev/null
