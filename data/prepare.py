@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
@@ -112,6 +113,7 @@ def process_item(item: WorkItem, settings: Settings) -> dict:
                         flush()
                 flush()
             stats["seconds"] = time.perf_counter() - t0      # worker time, for throughput reports
+            stats["node"] = _node_address()
             with open(os.path.join(tmp, STATS), "w") as f:
                 json.dump(stats, f)
             open(os.path.join(tmp, DONE), "w").close()
@@ -130,6 +132,12 @@ def process_item(item: WorkItem, settings: Settings) -> dict:
         storage.write_text(storage.join(remote_part, DONE), "")      # last: marks the remote part complete
     with open(os.path.join(final, STATS)) as f:
         return json.load(f)
+
+
+def _node_address() -> str:
+    """The Ray node this task runs on (the manifest shows where the work went)."""
+    import ray
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "local"
 
 
 # ----------------------------------------------------------------------------- planning
@@ -180,7 +188,20 @@ def _fetch_remote_part_meta(remote: str, staging: str, pid: str) -> None:
 
 # ----------------------------------------------------------------------------- Ray
 
+def ray_auth_as_ray_start() -> None:
+    """`ray start --head` turns token authentication on when a token exists (~/.ray/auth_token or
+    RAY_AUTH_TOKEN[_PATH]), but a client given an explicit address does not, and is refused. Do as `ray start`
+    does, unless RAY_AUTH_MODE says otherwise. Call before Ray is imported: it reads the mode once."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _ray_init(address: str, num_workers: int):
+    if address:
+        ray_auth_as_ray_start()            # before Ray is imported: it reads the mode once
     import ray
     if ray.is_initialized():
         return False
@@ -225,9 +246,10 @@ class Progress:
 
 
 def _run_tasks(fn, args_list, num_workers, progress=None, items=None):
-    """Run `fn` as Ray tasks with at most num_workers in flight; results in input order."""
+    """Run `fn` as Ray tasks with at most num_workers in flight; results in input order. SPREAD: on a
+    cluster every node takes work from the start (Ray would otherwise fill the driver's node first)."""
     import ray
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(fn)
     limit = num_workers if num_workers > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
     results, pending, next_i = [None] * len(args_list), {}, 0
     while next_i < len(args_list) or pending:
@@ -372,6 +394,7 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
                     "tokens": per_input.get(f.url, _empty_stats())["tokens"],
                     "rejected": per_input.get(f.url, _empty_stats())["rejected"]} for f in files],
         "parts": [f"part-{pid}" for pid in ids],
+        "tokenized_on": dict(sorted(Counter(st.get("node", "unknown") for st in part_stats).items())),
     }
     text = json.dumps(manifest, indent=2)
     storage.write_text(os.path.join(staging, MANIFEST), text)

@@ -154,3 +154,49 @@ def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself(slurm_cluster, 
     assert resumes[0] == stops[0] and stops[1] > stops[0]      # the second allocation went on from the first
     steps = [r["step"] for r in records(run_dir)]
     assert steps[:stops[1]] == list(range(1, stops[1] + 1))
+
+
+def _prepare_config(tmp, name, inputs):
+    path = tmp / f"{name}.yaml"
+    path.write_text(f"""
+run: {{name: {name}, dir: {tmp / name}}}
+tokenizer: {{kind: byte}}
+data: {{prepare: {{inputs: ["{inputs}"], output: {tmp / name / 'mds'}, chunk_bytes: 40000, num_workers: 0}}}}
+""")
+    return path
+
+
+@pytest.mark.timeout(900)
+def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prepare(slurm_cluster, tmp_path):
+    """launch/slurm/prepare.sbatch on two nodes: a Ray head on node1 and a worker on node2, joined by polling;
+    `longctx prepare` tokenizes on both (the manifest says where each part was done), its shards equal a local
+    prepare byte for byte, and no Ray process of the job is left afterwards."""
+    from longctx.data.synthetic import SyntheticConfig, write_jsonl
+    inputs = write_jsonl(SyntheticConfig(documents=120, min_tokens=500, max_tokens=3000, seed=5), str(tmp_path))
+    port = free_port()
+    cfg = _prepare_config(tmp_path, "cluster", inputs)
+    out = tmp_path / "prepare-%j.out"
+    r = subprocess.run(["sbatch", "--nodes=2", "--cpus-per-task=2", f"--output={out}",
+                        str(ROOT / "launch/slurm/prepare.sbatch")], capture_output=True, text=True, timeout=60,
+                       env={**job_env(), "LONGCTX_CONFIG": str(cfg), "RAY_PORT": str(port)})
+    assert r.returncode == 0, r.stderr
+    jid = int(re.search(r"Submitted batch job (\d+)", r.stdout).group(1))
+    info = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=600)
+    log = (tmp_path / f"prepare-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "ray_wait: 2 nodes alive" in log
+    cluster = json.loads((tmp_path / "cluster" / "mds" / "manifest.json").read_text())
+    assert set(cluster["tokenized_on"]) == {"127.0.0.2", "127.0.0.3"}, cluster["tokenized_on"]
+    left = subprocess.run(["pgrep", "-f", f"ray.*{port}"], capture_output=True, text=True).stdout
+    assert not left, f"Ray processes of the job are still running: {left}"
+
+    local = _prepare_config(tmp_path, "local", inputs)
+    subprocess.run([sys.executable, "-m", "longctx", "prepare", str(local)], check=True, timeout=300,
+                   capture_output=True)
+    here = json.loads((tmp_path / "local" / "mds" / "manifest.json").read_text())
+    assert {**cluster, "tokenized_on": None} == {**here, "tokenized_on": None}
+    assert len(cluster["parts"]) >= 4
+    for part in cluster["parts"]:
+        for f in sorted((tmp_path / "local" / "mds" / part).iterdir()):
+            if f.name != "stats.json":                  # stats.json records the node and the task's time
+                assert f.read_bytes() == (tmp_path / "cluster" / "mds" / part / f.name).read_bytes(), f
