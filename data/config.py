@@ -21,6 +21,7 @@ class PrepareConfig:
     inputs: List[str] = field(default_factory=list)   # globs: local paths or s3://bucket/prefix/*.jsonl
     text_field: str = "text"                           # the jsonl/parquet field holding the text
     output: str = ""                                   # local dir or s3://bucket/prefix
+    heldout_fraction: float = 0.02                     # documents held out from training, by their text's hash
     min_doc_tokens: int = 1                            # shorter documents are rejected (too_short)
     max_doc_tokens: int = 0                            # 0: never split long documents
     ray_address: str = ""                              # empty: local ray.init()
@@ -37,5 +38,5 @@ class PrepareConfig:
 @dataclass
 class DataConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    shards: str = ""          # where training reads MDS shards; empty: prepare.output
+    shards: str = ""          # a `longctx prepare` output (train/ and heldout/ under it); empty: prepare.output
     cache_dir: str = ""       # local cache of StreamingDataset; empty: inside the run directory

@@ -1,9 +1,11 @@
 """`longctx prepare`: raw text (local or s3://) -> MDS shards, tokenized by Ray tasks.
 
 Flow: expand the input globs -> work items (jsonl byte ranges, other files whole) ->
-one Ray task per item writes its own MDS part `part-<id>/` (zstd; columns tokens,
-source, doc) plus `stats.json`, atomically (temp dir renamed; on S3 a DONE object
-uploaded last) -> `merge_index` over the parts -> `manifest.json` -> `DONE`.
+one Ray task per item writes its documents into two MDS parts, `train/part-<id>/` and
+`heldout/part-<id>/` (zstd; columns tokens, source, doc; the split by the text's hash,
+data/splits.py), then `parts/part-<id>.json` (its counts) last: the item is complete
+(on S3 that object is uploaded last) -> one merged index per split -> `manifest.json`
+-> `DONE`.
 
 A part's id hashes everything that decides its content (input identity, byte range,
 tokenizer, settings), so a re-run skips finished parts, new inputs add only their parts,
@@ -26,13 +28,13 @@ from typing import Dict, List, Optional
 from . import storage
 from .config import DataConfig, TokenizerConfig
 from .records import SPLITTABLE, WorkItem, count_records, detect_format, iter_records
+from .splits import PARTS, SPLITS, is_heldout
 from .synthetic import write_jsonl
 from .tokenizer import identity, load_tokenizer, token_dtype
 
 MANIFEST = "manifest.json"
 DONE = "DONE"
-STATS = "stats.json"
-FORMAT_VERSION = 2          # 2: manifest.max_token_id
+FORMAT_VERSION = 3          # 2: manifest.max_token_id; 3: train/ and heldout/ splits
 EXAMPLES_PER_REASON = 5
 
 
@@ -47,6 +49,7 @@ class Settings:
     tokenizer: TokenizerConfig
     tokenizer_sha256: str
     text_field: str
+    heldout_fraction: float
     min_doc_tokens: int
     max_doc_tokens: int
     max_line_bytes: int
@@ -58,12 +61,17 @@ class Settings:
     def part_id(self, item: WorkItem) -> str:
         key = [FORMAT_VERSION, item.url, item.size, item.version, item.fmt, item.start, item.end,
                self.tokenizer_sha256, self.text_field, self.min_doc_tokens, self.max_doc_tokens,
-               self.max_line_bytes]
+               self.max_line_bytes, self.heldout_fraction]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def _empty_stats() -> dict:
-    return {"records": 0, "documents": 0, "tokens": 0, "rejected": {}, "examples": {}, "max_token_id": -1}
+    return {"records": 0, "documents": 0, "tokens": 0, "rejected": {}, "examples": {}, "max_token_id": -1,
+            "splits": {s: {"documents": 0, "tokens": 0} for s in SPLITS}}
+
+
+def part_marker(staging: str, pid: str) -> str:
+    return os.path.join(staging, PARTS, f"part-{pid}.json")
 
 
 def _reject(stats: dict, reason: str, location: str) -> None:
@@ -74,64 +82,75 @@ def _reject(stats: dict, reason: str, location: str) -> None:
 
 
 def process_item(item: WorkItem, settings: Settings) -> dict:
-    """Tokenize one work item into its MDS part. Runs inside a Ray task."""
+    """Tokenize one work item into its two MDS parts. Runs inside a Ray task."""
+    pid = settings.part_id(item)
+    marker = part_marker(settings.staging, pid)
+    if not os.path.exists(marker):
+        _write_part(item, settings, pid, marker)
+    if settings.remote:
+        for split in SPLITS:
+            local = os.path.join(settings.staging, split, f"part-{pid}")
+            storage.upload_dir_files(local, storage.join(settings.remote, split, f"part-{pid}"),
+                                     sorted(os.listdir(local)))
+        with open(marker) as f:      # last: marks the remote part complete
+            storage.write_text(storage.join(settings.remote, PARTS, f"part-{pid}.json"), f.read())
+    with open(marker) as f:
+        return json.load(f)
+
+
+def _write_part(item: WorkItem, settings: Settings, pid: str, marker: str) -> None:
     from streaming import MDSWriter
 
-    pid = settings.part_id(item)
-    final = os.path.join(settings.staging, f"part-{pid}")
-    if not os.path.exists(os.path.join(final, DONE)):
-        t0 = time.perf_counter()
-        tok = load_tokenizer(settings.tokenizer)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        stats = {**_empty_stats(), "url": item.url, "start": item.start, "end": item.end}
-        columns = {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"}
-        scratch = tempfile.mkdtemp(prefix="longctx-prepare-")
-        try:
-            with MDSWriter(out=tmp, columns=columns, compression="zstd", size_limit=settings.shard_bytes) as writer:
-                batch = []
+    t0 = time.perf_counter()
+    tok = load_tokenizer(settings.tokenizer)
+    tmp = os.path.join(settings.staging, PARTS, f"part-{pid}.tmp-{uuid.uuid4().hex[:8]}")
+    stats = {**_empty_stats(), "url": item.url, "start": item.start, "end": item.end}
+    columns = {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"}
+    scratch = tempfile.mkdtemp(prefix="longctx-prepare-")
+    try:
+        with MDSWriter(out=os.path.join(tmp, "train"), columns=columns, compression="zstd",
+                       size_limit=settings.shard_bytes) as train, \
+             MDSWriter(out=os.path.join(tmp, "heldout"), columns=columns, compression="zstd",
+                       size_limit=settings.shard_bytes) as heldout:
+            batch = []
 
-                def flush():
-                    for rec, ids in zip(batch, tok.encode_batch([r.text for r in batch])):
-                        if len(ids) < max(1, settings.min_doc_tokens):
-                            _reject(stats, "too_short", rec.location)
-                            continue
-                        step = settings.max_doc_tokens or len(ids)
-                        for piece in range(0, len(ids), step):
-                            writer.write({"tokens": ids[piece:piece + step], "source": item.url, "doc": rec.index})
-                            stats["documents"] += 1
-                        stats["tokens"] += len(ids)
-                        stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()))
-                    batch.clear()
-
-                for rec in iter_records(item, settings.text_field, settings.max_line_bytes, scratch):
-                    stats["records"] += 1
-                    if rec.reason is not None:
-                        _reject(stats, rec.reason, rec.location)
+            def flush():
+                for rec, ids in zip(batch, tok.encode_batch([r.text for r in batch])):
+                    if len(ids) < max(1, settings.min_doc_tokens):
+                        _reject(stats, "too_short", rec.location)
                         continue
-                    batch.append(rec)
-                    if len(batch) >= settings.batch_records:
-                        flush()
-                flush()
-            stats["seconds"] = time.perf_counter() - t0      # worker time, for throughput reports
-            stats["node"] = _node_address()
-            with open(os.path.join(tmp, STATS), "w") as f:
-                json.dump(stats, f)
-            open(os.path.join(tmp, DONE), "w").close()
-            try:
-                os.replace(tmp, final)           # atomic: a part is complete or absent
-            except OSError:                      # another run finished the same part first
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-    if settings.remote:
-        remote_part = storage.join(settings.remote, f"part-{pid}")
-        files = [f for f in sorted(os.listdir(final)) if f != DONE]
-        storage.upload_dir_files(final, remote_part, files)
-        storage.write_text(storage.join(remote_part, DONE), "")      # last: marks the remote part complete
-    with open(os.path.join(final, STATS)) as f:
-        return json.load(f)
+                    split = "heldout" if is_heldout(rec.text, settings.heldout_fraction) else "train"
+                    writer = heldout if split == "heldout" else train
+                    step = settings.max_doc_tokens or len(ids)
+                    for piece in range(0, len(ids), step):     # every piece of a document in its one split
+                        writer.write({"tokens": ids[piece:piece + step], "source": item.url, "doc": rec.index})
+                        stats["documents"] += 1
+                        stats["splits"][split]["documents"] += 1
+                    stats["tokens"] += len(ids)
+                    stats["splits"][split]["tokens"] += len(ids)
+                    stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()))
+                batch.clear()
+
+            for rec in iter_records(item, settings.text_field, settings.max_line_bytes, scratch):
+                stats["records"] += 1
+                if rec.reason is not None:
+                    _reject(stats, rec.reason, rec.location)
+                    continue
+                batch.append(rec)
+                if len(batch) >= settings.batch_records:
+                    flush()
+            flush()
+        stats["seconds"] = time.perf_counter() - t0      # worker time, for throughput reports
+        stats["node"] = _node_address()
+        for split in SPLITS:       # a killed run may have left a split's part without its marker: replace it
+            final = os.path.join(settings.staging, split, f"part-{pid}")
+            shutil.rmtree(final, ignore_errors=True)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(os.path.join(tmp, split), final)
+        storage.write_text(marker, json.dumps(stats))      # atomic, and last: the part is complete
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _node_address() -> str:
@@ -167,23 +186,22 @@ def _default_staging(output: str) -> str:
 
 
 def _remote_done_parts(remote: str) -> set:
-    return {key.split("/")[0][len("part-"):] for key in storage.list_prefix(remote)
-            if key.startswith("part-") and key.endswith("/" + DONE)}
+    return {key[len("part-"):-len(".json")] for key in storage.list_prefix(storage.join(remote, PARTS))
+            if key.startswith("part-") and key.endswith(".json") and "/" not in key}
 
 
 def _fetch_remote_part_meta(remote: str, staging: str, pid: str) -> None:
-    """Parts finished by an earlier run elsewhere: bring their index and stats for the merge."""
-    local = os.path.join(staging, f"part-{pid}")
-    if os.path.exists(os.path.join(local, DONE)):
+    """Parts finished by an earlier run elsewhere: bring their indexes and counts for the merge."""
+    marker = part_marker(staging, pid)
+    if os.path.exists(marker):
         return
-    os.makedirs(local, exist_ok=True)
-    for name in ("index.json", STATS):
-        text = storage.read_text(storage.join(remote, f"part-{pid}", name))
+    for split in SPLITS:
+        text = storage.read_text(storage.join(remote, split, f"part-{pid}", "index.json"))
         if text is None:
-            raise PrepareError(f"{remote}/part-{pid}: marked DONE but {name} is missing; delete the part and re-run")
-        with open(os.path.join(local, name), "w") as f:
-            f.write(text)
-    open(os.path.join(local, DONE), "w").close()
+            raise PrepareError(f"{remote}/{split}/part-{pid}: marked complete ({PARTS}/part-{pid}.json) but its "
+                               "index.json is missing; delete that marker and re-run")
+        storage.write_text(os.path.join(staging, split, f"part-{pid}", "index.json"), text)
+    storage.write_text(marker, storage.read_text(storage.join(remote, PARTS, f"part-{pid}.json")))
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -217,28 +235,38 @@ def _ray_init(address: str, num_workers: int):
     return True
 
 
-class Progress:
-    """records/s, tokens/s and ETA: a live line on a TTY, a log line every few seconds otherwise."""
+def _item_bytes(item: WorkItem) -> int:
+    return (item.end - item.start) if item.fmt in SPLITTABLE else item.size
 
-    def __init__(self, total_bytes: int, total_items: int, stream=None):
+
+class Progress:
+    """Records, tokens, input bytes, rejected records, rates and ETA: a live line on a TTY, a log line every
+    few seconds otherwise (also when the tasks run on a Ray cluster: the driver counts finished items)."""
+
+    def __init__(self, total_bytes: int, total_items: int, stream=None, every_s: float = 5.0):
         stream = stream or sys.stderr
-        self.total_bytes, self.total_items, self.stream = max(total_bytes, 1), total_items, stream
+        self.total_bytes, self.total_items = max(total_bytes, 1), total_items
+        self.stream, self.every_s = stream, every_s
         self.t0 = self.last = time.time()
-        self.bytes = self.items = self.records = self.tokens = 0
+        self.bytes = self.items = self.records = self.tokens = self.rejected = 0
         self.tty = stream.isatty()
 
     def update(self, item: WorkItem, stats: dict) -> None:
         self.items += 1
-        self.bytes += (item.end - item.start) if item.fmt in SPLITTABLE else item.size
+        self.bytes += _item_bytes(item)
         self.records += stats["records"]
         self.tokens += stats["tokens"]
+        self.rejected += sum(stats["rejected"].values())
         now = time.time()
-        if self.tty or now - self.last >= 5 or self.items == self.total_items:
+        if self.tty or now - self.last >= self.every_s or self.items == self.total_items:
             self.last = now
             dt = max(now - self.t0, 1e-6)
             eta = (self.total_bytes - self.bytes) / max(self.bytes / dt, 1e-9)
-            line = (f"prepare: {self.items}/{self.total_items} items, {self.records / dt:,.0f} records/s, "
-                    f"{self.tokens / dt:,.0f} tokens/s, ETA {eta:,.0f}s")
+            line = (f"prepare: {self.items}/{self.total_items} items, {self.records:,} records, "
+                    f"{self.tokens:,} tokens, {self.bytes / 2**20:,.1f}/{self.total_bytes / 2**20:,.1f} MiB, "
+                    f"{self.rejected:,} rejected; {self.records / dt:,.0f} records/s, "
+                    f"{self.tokens / dt:,.0f} tokens/s, "
+                    f"{self.bytes / 2**20 / dt:,.2f} MiB/s, ETA {eta:,.0f}s")
             self.stream.write(("\r" + line) if self.tty else line + "\n")
             if self.tty and self.items == self.total_items:
                 self.stream.write("\n")
@@ -281,6 +309,9 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
         raise PrepareError("data.prepare.inputs is empty (and no data.prepare.synthetic documents): nothing to do")
     if p.min_doc_tokens < 0 or p.max_doc_tokens < 0:
         raise PrepareError("data.prepare.min_doc_tokens and max_doc_tokens must be >= 0")
+    if not 0.0 <= p.heldout_fraction < 1.0:
+        raise PrepareError(f"data.prepare.heldout_fraction must lie in [0, 1), got {p.heldout_fraction}")
+    t0 = time.time()
     tok = load_tokenizer(tokenizer)                                   # a bad tokenizer fails before any work
     remote = p.output.rstrip("/") if storage.is_s3(p.output) else None
     staging = (p.staging or _default_staging(p.output)) if remote else p.output
@@ -297,11 +328,15 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
         detect_format(f.url)                                          # unsupported suffix: error before work
     items = plan_items(files, p.chunk_bytes)
     settings = Settings(tokenizer=tokenizer, tokenizer_sha256=tok.sha256, text_field=p.text_field,
-                        min_doc_tokens=p.min_doc_tokens, max_doc_tokens=p.max_doc_tokens,
+                        heldout_fraction=p.heldout_fraction, min_doc_tokens=p.min_doc_tokens,
+                        max_doc_tokens=p.max_doc_tokens,
                         max_line_bytes=p.max_line_bytes, shard_bytes=p.shard_bytes,
                         batch_records=p.batch_records, staging=staging, remote=remote)
 
     previous = json.loads(storage.read_text(storage.join(p.output, MANIFEST)) or "{}")
+    if previous and previous.get("format") != f"longctx-mds-v{FORMAT_VERSION}":
+        raise PrepareError(f"data.prepare.output {p.output} holds shards of an older longctx ({previous.get('format')},"
+                           " without the train/heldout splits); prepare into a new output, or delete this one first")
     known_sha = {(i["path"], i["size"], i.get("version")): i["sha256"] for i in previous.get("inputs", [])}
     remote_done = _remote_done_parts(remote) if remote else set()
     ids = [settings.part_id(it) for it in items]
@@ -309,12 +344,13 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
         if pid in remote_done:
             _fetch_remote_part_meta(remote, staging, pid)
     todo = [i for i, pid in enumerate(ids)
-            if not (os.path.exists(os.path.join(staging, f"part-{pid}", DONE)) and (not remote or pid in remote_done))]
+            if not (os.path.exists(part_marker(staging, pid)) and (not remote or pid in remote_done))]
     need_sha = [f for f in files if (f.url, f.size, f.version) not in known_sha]
 
     started = False
     if todo and not remote and os.path.exists(os.path.join(p.output, DONE)):
         os.remove(os.path.join(p.output, DONE))      # the output is incomplete until this run finishes
+    work_bytes = 0
     if todo or need_sha:
         started = _ray_init(p.ray_address, p.num_workers)
         try:
@@ -332,8 +368,8 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                     first += counts.get(i, 0)
             log(f"prepare: {len(items)} work items over {len(files)} files; {len(todo)} to do, "
                 f"{len(items) - len(todo)} already done")
-            progress = Progress(sum(items[i].end - items[i].start if items[i].fmt in SPLITTABLE else items[i].size
-                                    for i in todo), len(todo))
+            work_bytes = sum(_item_bytes(items[i]) for i in todo)
+            progress = Progress(work_bytes, len(todo))
             _run_tasks(process_item, [(items[i], settings) for i in todo], p.num_workers, progress,
                        [items[i] for i in todo])
             shas = _run_tasks(_sha256, [(f.url,) for f in need_sha], p.num_workers)
@@ -345,40 +381,65 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
     else:
         log(f"prepare: all {len(items)} work items already done; nothing to tokenize")
 
-    return _finish(p.output, staging, remote, items, ids, files, known_sha, tok, settings, log)
+    return _finish(p.output, staging, remote, items, ids, files, known_sha, tok, settings, log,
+                   {"todo": [ids[i] for i in todo], "bytes": work_bytes, "t0": t0})
 
 
-def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings, log) -> dict:
+def _merge_split(staging: str, split: str, ids: List[str]) -> None:
+    """One index over the split's parts (paths `part-<id>/...` relative to the split's directory)."""
     from streaming.base.util import merge_index
 
-    part_stats = []
-    for pid in ids:
-        with open(os.path.join(staging, f"part-{pid}", STATS)) as f:
-            part_stats.append(json.load(f))
+    root = os.path.join(staging, split)
     merged = tempfile.mkdtemp(prefix="longctx-index-")
     try:   # merge_index refuses to overwrite: merge aside, then replace atomically
-        merge_index([os.path.join(staging, f"part-{pid}", "index.json") for pid in ids], merged)
-        shutil.copyfile(os.path.join(merged, "index.json"), os.path.join(staging, "index.json.tmp"))
-        os.replace(os.path.join(staging, "index.json.tmp"), os.path.join(staging, "index.json"))
+        merge_index([os.path.join(root, f"part-{pid}", "index.json") for pid in ids], merged)
+        shutil.copyfile(os.path.join(merged, "index.json"), os.path.join(root, "index.json.tmp"))
+        os.replace(os.path.join(root, "index.json.tmp"), os.path.join(root, "index.json"))
     finally:
         shutil.rmtree(merged, ignore_errors=True)
+
+
+def _add_counts(target: dict, st: dict) -> None:
+    for k in ("records", "documents", "tokens"):
+        target[k] += st[k]
+    target["max_token_id"] = max(target["max_token_id"], st["max_token_id"])
+    for split in SPLITS:
+        for k in ("documents", "tokens"):
+            target["splits"][split][k] += st["splits"][split][k]
+    for reason, n in st["rejected"].items():
+        target["rejected"][reason] = target["rejected"].get(reason, 0) + n
+    for reason, locs in st["examples"].items():
+        ex = target["examples"].setdefault(reason, [])
+        ex += locs[:EXAMPLES_PER_REASON - len(ex)]
+
+
+def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings, log, run) -> dict:
+    part_stats = []
+    for pid in ids:
+        with open(part_marker(staging, pid)) as f:
+            part_stats.append(json.load(f))
     total = _empty_stats()
     per_input: Dict[str, dict] = {}
     for st in part_stats:
-        for target in (total, per_input.setdefault(st["url"], _empty_stats())):
-            for k in ("records", "documents", "tokens"):
-                target[k] += st[k]
-            target["max_token_id"] = max(target["max_token_id"], st["max_token_id"])
-            for reason, n in st["rejected"].items():
-                target["rejected"][reason] = target["rejected"].get(reason, 0) + n
-            for reason, locs in st["examples"].items():
-                ex = target["examples"].setdefault(reason, [])
-                ex += locs[:EXAMPLES_PER_REASON - len(ex)]
+        _add_counts(total, st)
+        _add_counts(per_input.setdefault(st["url"], _empty_stats()), st)
+    if total["documents"] == 0:
+        raise PrepareError(f"prepare: no document was produced from {len(files)} input file(s) "
+                           f"({total['records']:,} records, rejected: {total['rejected'] or 'none'}; examples: "
+                           f"{total['examples']}); check data.prepare.text_field ({settings.text_field!r}) and the "
+                           "inputs. Nothing is marked DONE")
+    for split in SPLITS:
+        _merge_split(staging, split, ids)
+    seconds = time.time() - run["t0"]
+    done_now = set(run["todo"])
+    made_now = [st for pid, st in zip(ids, part_stats) if pid in done_now]
     manifest = {
         "format": f"longctx-mds-v{FORMAT_VERSION}",
         "documents": total["documents"],
         "tokens": total["tokens"],
         "records": total["records"],
+        "splits": total["splits"],                   # train: what training reads; heldout: never trained on
+        "heldout_fraction": settings.heldout_fraction,
         "rejected": dict(sorted(total["rejected"].items())),
         "rejected_examples": dict(sorted(total["examples"].items())),
         "tokenizer": identity(tok),
@@ -389,22 +450,30 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
         "max_doc_tokens": settings.max_doc_tokens,
         "inputs": [{"path": f.url, "size": f.size, "version": f.version,
                     "sha256": known_sha[(f.url, f.size, f.version)],
-                    "records": per_input.get(f.url, _empty_stats())["records"],
-                    "documents": per_input.get(f.url, _empty_stats())["documents"],
-                    "tokens": per_input.get(f.url, _empty_stats())["tokens"],
-                    "rejected": per_input.get(f.url, _empty_stats())["rejected"]} for f in files],
+                    **{k: per_input.get(f.url, _empty_stats())[k] for k in ("records", "documents", "tokens",
+                                                                             "rejected")}} for f in files],
         "parts": [f"part-{pid}" for pid in ids],
-        "tokenized_on": dict(sorted(Counter(st.get("node", "unknown") for st in part_stats).items())),
+        "run": {                                     # this invocation (the rest describes the data)
+            "wall_seconds": round(seconds, 3),
+            "parts_tokenized": len(made_now),
+            "input_bytes": run["bytes"],
+            "tokens_per_second": round(sum(st["tokens"] for st in made_now) / max(seconds, 1e-9), 1),
+            "mib_per_second": round(run["bytes"] / 2**20 / max(seconds, 1e-9), 3),
+            "tokenized_on": dict(sorted(Counter(st.get("node", "unknown") for st in part_stats).items())),
+        },
     }
     text = json.dumps(manifest, indent=2)
     storage.write_text(os.path.join(staging, MANIFEST), text)
     if remote:
-        storage.upload_dir_files(staging, remote, ["index.json"])
+        for split in SPLITS:
+            storage.upload_dir_files(os.path.join(staging, split), storage.join(remote, split), ["index.json"])
         storage.write_text(storage.join(remote, MANIFEST), text)
         storage.write_text(storage.join(remote, DONE), "")
     else:
         storage.write_text(os.path.join(output, DONE), "")
     rejected = sum(total["rejected"].values())
-    log(f"prepare: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens written to {output}; "
-        f"{rejected:,} records rejected" + (f" {manifest['rejected']}" if rejected else ""))
+    log(f"prepare: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens written to {output} "
+        f"(train {total['splits']['train']['documents']:,} documents, held out "
+        f"{total['splits']['heldout']['documents']:,}); {rejected:,} records rejected"
+        + (f" {manifest['rejected']}" if rejected else "") + f"; {seconds:,.1f}s")
     return manifest

@@ -4,19 +4,23 @@ Formats by suffix: .jsonl (split into byte ranges: a range owns the lines that s
 it), .jsonl.gz / .jsonl.zst (read whole), .parquet (read whole), .txt (one document per
 file). Bad records are reported with a reason, never raised and never dropped silently.
 Lines longer than `max_line_bytes` are skipped without being held in memory.
+
+A damaged file (a .jsonl.gz/.jsonl.zst cut short or corrupt, a .parquet that cannot be read)
+gives one `damaged_file` record naming the file and the damage: the records read before it are
+kept, the rest of the file is lost (a parquet file without its footer is rejected whole).
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
 from . import storage
 
 REASONS = ("invalid_json", "not_an_object", "missing_field", "not_text", "not_utf8", "empty_text",
-           "blank_line", "line_too_long", "too_short")
+           "blank_line", "line_too_long", "too_short", "damaged_file")
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".parquet": "parquet",
            ".txt": "txt"}
 SPLITTABLE = {"jsonl"}
@@ -45,6 +49,55 @@ class Record(NamedTuple):
     location: str              # "file:line" for people
     text: Optional[str]        # None when rejected
     reason: Optional[str]
+
+
+class DamagedFile(Exception):
+    """The compressed input ends inside a frame, or its data does not decompress."""
+
+
+class _Decompressed(io.RawIOBase):
+    """The bytes of a gzip or zstd stream (any number of members/frames), every good byte first: the
+    damage is raised only once everything before it has been read (a buffered reader over gzip.GzipFile
+    raises before handing out the lines it already decoded)."""
+
+    def __init__(self, raw, fmt: str):
+        self.raw, self.fmt, self.pending, self.fed = raw, fmt, b"", False
+        self.decoder = self._new_decoder()
+
+    def _new_decoder(self):
+        if self.fmt == "jsonl.gz":
+            return zlib.decompressobj(wbits=31)
+        import zstandard
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        import zstandard
+        while not self.pending:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.fed and not self.decoder.eof:
+                    raise DamagedFile("the file ends inside a compressed frame (truncated)")
+                return 0
+            self.fed = True
+            try:
+                out = self.decoder.decompress(data)
+                while self.decoder.eof and self.decoder.unused_data:     # another member/frame follows
+                    rest, self.decoder = self.decoder.unused_data, self._new_decoder()
+                    out += self.decoder.decompress(rest)
+            except (zlib.error, zstandard.ZstdError) as e:
+                raise DamagedFile(f"corrupt compressed data ({e})") from None
+            self.pending = out
+        n = min(len(buf), len(self.pending))
+        buf[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+
+def _damaged(url: str, records_before: int, what: str) -> Record:
+    return Record(records_before, f"{url}: {what}; the {records_before} records before it are kept, the rest of "
+                                  "the file is lost", None, "damaged_file")
 
 
 def _skip_rest_of_line(f) -> int:
@@ -136,14 +189,14 @@ def iter_records(item: WorkItem, text_field: str, max_line_bytes: int, scratch_d
             if budget > 0:
                 yield from _jsonl_lines(f, item.url, item.first_record, max_line_bytes, text_field, budget)
     elif item.fmt in ("jsonl.gz", "jsonl.zst"):
-        raw = storage.open_read(item.url)
-        if item.fmt == "jsonl.gz":
-            stream = gzip.GzipFile(fileobj=raw)
-        else:
-            import zstandard
-            stream = zstandard.ZstdDecompressor().stream_reader(raw)
-        with io.BufferedReader(stream, buffer_size=1 << 20) as f:
-            yield from _jsonl_lines(f, item.url, 0, max_line_bytes, text_field)
+        read = 0
+        with io.BufferedReader(_Decompressed(storage.open_read(item.url), item.fmt), buffer_size=1 << 20) as f:
+            try:
+                for rec in _jsonl_lines(f, item.url, 0, max_line_bytes, text_field):
+                    read += 1
+                    yield rec
+            except DamagedFile as e:
+                yield _damaged(item.url, read, str(e))
     elif item.fmt == "txt":
         with storage.open_read(item.url) as f:
             data = f.read()
@@ -153,17 +206,25 @@ def iter_records(item: WorkItem, text_field: str, max_line_bytes: int, scratch_d
             text, reason = None, "not_utf8"
         yield Record(0, f"{item.url}:1", text, reason)
     elif item.fmt == "parquet":
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(storage.local_copy(item.url, scratch_dir))
+        yield from _parquet_records(item.url, text_field, scratch_dir)
+    else:
+        raise ValueError(f"{item.url}: unknown format {item.fmt}")
+
+
+def _parquet_records(url: str, text_field: str, scratch_dir: str) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    index, path = 0, storage.local_copy(url, scratch_dir)     # storage errors are not damage: they propagate
+    try:
+        pf = pq.ParquetFile(path)
         if text_field not in pf.schema_arrow.names:
             for i in range(pf.metadata.num_rows):
-                yield Record(i, f"{item.url}:row {i}", None, "missing_field")
+                yield Record(i, f"{url}:row {i}", None, "missing_field")
             return
-        index = 0
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             for value in batch.column(0).to_pylist():
                 text, reason = (None, "missing_field") if value is None else _check_text(value)
-                yield Record(index, f"{item.url}:row {index}", text, reason)
+                yield Record(index, f"{url}:row {index}", text, reason)
                 index += 1
-    else:
-        raise ValueError(f"{item.url}: unknown format {item.fmt}")
+    except (pa.ArrowException, OSError) as e:       # no footer (cut short), a corrupt page
+        yield _damaged(url, index, f"cannot be read as parquet ({type(e).__name__}: {e})")

@@ -73,6 +73,14 @@ class DocumentSource:
         return self.ds[index]["tokens"]
 
 
+def open_splits(shards: str, cache_dir: Optional[str] = None):
+    """(training source, held-out source) of a `longctx prepare` output: what the trainer reads. Training
+    reads only train/, every evaluation only heldout/ (longctx.data.splits)."""
+    from .splits import split_url
+    cache = (lambda split: str(Path(cache_dir) / split)) if cache_dir else (lambda split: None)
+    return tuple(DocumentSource(split_url(shards, split), cache(split)) for split in ("train", "heldout"))
+
+
 class PackedStream:
     """Deterministic packing of a DocumentSource; `state_dict` / `load_state_dict` resume exactly."""
 

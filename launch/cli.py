@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
     p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL")
     p.add_argument("--compare", action="store_true", help="run with and without mitigations side by side")
-    p.add_argument("--data", default=None, help="length/states: MDS shards of held-out documents (default: synthetic)")
+    p.add_argument("--data", default=None, help="length/states: a `longctx prepare` output; its held-out split is read "
+                        "(default: synthetic documents)")
     p.add_argument("--buckets", type=int, default=16, help="length: position buckets")
     p.add_argument("--margin", type=float, default=0.5, help="length: nats above the running minimum = collapse")
     p.add_argument("--min-position", type=int, default=64,
@@ -231,11 +232,19 @@ def cmd_run(args) -> int:
     return run_local(cfg, args.config, args.overrides, nproc, text)
 
 
+EXIT_REJECTED = 3      # `longctx prepare`: the output is complete, but records or files were rejected
+
+
 def cmd_prepare(args) -> int:
     from longctx.data.prepare import prepare
     from longctx.pipeline.config import load_config
     cfg = load_config(args.config, args.overrides)
-    prepare(cfg.data, cfg.tokenizer)
+    manifest = prepare(cfg.data, cfg.tokenizer)
+    if manifest["rejected"]:
+        print(f"longctx prepare: complete, but {sum(manifest['rejected'].values()):,} records or files were rejected "
+              f"({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())}; where: rejected_examples in "
+              f"{cfg.data.prepare.output}/manifest.json): exit status {EXIT_REJECTED}", file=sys.stderr)
+        return EXIT_REJECTED
     return 0
 
 

@@ -24,7 +24,8 @@ def free_port() -> int:
 def shards_ready(cfg: Config) -> bool:
     from longctx.data import storage
     shards = cfg.data.shards or cfg.data.prepare.output
-    return bool(shards) and storage.exists(storage.join(shards, "index.json"))
+    from longctx.data.prepare import DONE
+    return bool(shards) and storage.exists(storage.join(shards, DONE))
 
 
 def ensure_data(cfg: Config) -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from longctx.data.stream import DocumentSource, PackedStream, rank_share
+from longctx.data.stream import PackedStream, open_splits, rank_share
 from longctx.pipeline.config import load_config
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.curriculum import learning_rate, plan
@@ -35,7 +35,7 @@ def _setup(tmp_path, name, global_batch_tokens):
     cfg.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 9}}
 model: {{from_pretrained: {tmp_path / 'model'}}}
-data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}}}}}
+data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}, heldout_fraction: 0.2}}}}
 train: {{micro_batch_size: 1, zero_stage: 0, max_bad_steps: 5, grad_clip: 0}}
 curriculum: {{stages: [{{name: a, seq_len: 64, steps: 6, global_batch_tokens: {global_batch_tokens}, lr: 0.003}}]}}
 checkpoint: {{every_steps: 1, keep_last: 0}}
@@ -77,7 +77,7 @@ def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
         opt.load_state_dict(before["optimizer"])
     for g in opt.param_groups:
         g["lr"] = learning_rate(plans, step - 1)
-    stream = PackedStream(DocumentSource(str(tmp_path / "mds")), 256, seed=9)
+    stream = PackedStream(open_splits(str(tmp_path / "mds"))[0], 256, seed=9)
     if loader is not None:
         stream.load_state_dict(loader)
     batch = stream.next_batch(p.sequences_per_step, p.seq_len)

@@ -21,7 +21,7 @@ def shards(tmp_path_factory):
         for i in range(20):
             f.write(json.dumps({"text": f"document {i} with \u00ff bytes " * 20}) + "\n")
     manifest = prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
-                                                        num_workers=2)), TokenizerConfig())
+                                                        num_workers=2, heldout_fraction=0.3)), TokenizerConfig())
     assert manifest["max_token_id"] == 0xc3         # the largest byte: \u00ff is c3 bf in UTF-8
     return root
 

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from longctx.data import storage
 from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
 from longctx.data.prepare import prepare
+from longctx.data.splits import SPLITS
 from longctx.data.storage import StorageError
 from tests.s3 import make_bucket
 
@@ -78,11 +80,24 @@ def config(inputs, output, **kw):
                                             max_line_bytes=100_000, min_doc_tokens=5, **kw))
 
 
-def read_back(remote_or_local, cache=None):
+def read_back(root, cache=None, splits=SPLITS):
+    """The documents of the splits, each read with a plain StreamingDataset (remote + cache, or local)."""
     from streaming import StreamingDataset
-    kw = dict(remote=remote_or_local, local=cache) if cache else dict(local=remote_or_local)
-    ds = StreamingDataset(shuffle=False, batch_size=1, **kw)
-    return [ds[i] for i in range(len(ds))]
+    manifest = json.loads(storage.read_text(storage.join(root, "manifest.json")))
+    out = []
+    for split in splits:
+        if manifest["splits"][split]["documents"] == 0:
+            continue
+        url = storage.join(root, split)
+        kw = dict(remote=url, local=os.path.join(cache, split)) if cache else dict(local=url)
+        ds = StreamingDataset(shuffle=False, batch_size=1, **kw)
+        out += [ds[i] for i in range(len(ds))]
+    return out
+
+
+def data_of(manifest):
+    """The manifest without its `run` section (this invocation's wall time, rates, nodes)."""
+    return {k: v for k, v in manifest.items() if k != "run"}
 
 
 def test_local_every_format_bad_records_counted_tokens_exact(tmp_path, capsys):
@@ -115,20 +130,20 @@ def test_rerun_is_idempotent_and_new_inputs_add_only_their_work(tmp_path):
     cfg = config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out"))
     logs = []
     first = prepare(cfg, TokenizerConfig(), log=logs.append)
-    parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
-    mtimes = {p: os.path.getmtime(tmp_path / "out" / p / "index.json") for p in parts}
+    parts = sorted(os.listdir(tmp_path / "out" / "parts"))
+    mtimes = {p: os.path.getmtime(tmp_path / "out" / "parts" / p) for p in parts}
     logs.clear()
     again = prepare(cfg, TokenizerConfig(), log=logs.append)
-    assert again == first
+    assert data_of(again) == data_of(first) and again["run"]["parts_tokenized"] == 0
     assert any("nothing to tokenize" in line for line in logs)
-    assert {p: os.path.getmtime(tmp_path / "out" / p / "index.json") for p in parts} == mtimes
+    assert {p: os.path.getmtime(tmp_path / "out" / "parts" / p) for p in parts} == mtimes
 
     with open(tmp_path / "in" / "z.jsonl", "w") as f:
         f.writelines(json.dumps({"text": good_text(900 + i)}) + "\n" for i in range(20))
     logs.clear()
     grown = prepare(cfg, TokenizerConfig(), log=logs.append)
     assert any(f"{len(grown['parts']) - len(parts)} to do, {len(parts)} already done" in line for line in logs)
-    assert {p: os.path.getmtime(tmp_path / "out" / p / "index.json") for p in parts} == mtimes
+    assert {p: os.path.getmtime(tmp_path / "out" / "parts" / p) for p in parts} == mtimes
     assert grown["documents"] == first["documents"] + 20
 
 
@@ -157,7 +172,7 @@ def test_s3_to_s3_read_back_with_plain_streaming_dataset(tmp_path, s3_endpoint):
     manifest = prepare(cfg, TokenizerConfig())
     assert manifest["rejected"] == dict(sorted(rejected.items()))
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="mds/")["Contents"]}
-    assert {"mds/index.json", "mds/manifest.json", "mds/DONE"} <= keys
+    assert {"mds/train/index.json", "mds/heldout/index.json", "mds/manifest.json", "mds/DONE"} <= keys
     samples = read_back("s3://corpus/mds", cache=str(tmp_path / "cache"))
     assert sorted(len(s["tokens"]) for s in samples) == sorted(len(t.encode()) for t in good)
     assert all(s["source"].startswith("s3://corpus/raw/") for s in samples)
@@ -165,7 +180,7 @@ def test_s3_to_s3_read_back_with_plain_streaming_dataset(tmp_path, s3_endpoint):
     logs = []
     again = prepare(config(["s3://corpus/raw/*"], "s3://corpus/mds", staging=str(tmp_path / "staging2")),
                     TokenizerConfig(), log=logs.append)
-    assert again == manifest and any("nothing to tokenize" in line for line in logs)
+    assert data_of(again) == data_of(manifest) and any("nothing to tokenize" in line for line in logs)
 
 
 def test_errors_before_work(tmp_path, s3_endpoint):
@@ -183,7 +198,7 @@ def test_errors_before_work(tmp_path, s3_endpoint):
     with pytest.raises(FileNotFoundError, match="tokenizer.path"):
         prepare(config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out")),
                 TokenizerConfig(kind="hf", path=str(tmp_path / "none.json")))
-    assert not (tmp_path / "out" / "index.json").exists()
+    assert not (tmp_path / "out" / "DONE").exists()
 
 
 def test_killed_run_then_rerun_equals_clean_run(tmp_path):
@@ -203,8 +218,9 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     proc = subprocess.Popen(exe, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        parts = [p for p in os.listdir(tmp_path / "killed")] if (tmp_path / "killed").exists() else []
-        if sum(p.startswith("part-") and ".tmp" not in p for p in parts) >= 3:
+        marks = tmp_path / "killed" / "parts"
+        parts = os.listdir(marks) if marks.exists() else []
+        if sum(p.endswith(".json") and ".tmp" not in p for p in parts) >= 3:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -214,8 +230,106 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     prepare(DataConfig(prepare=PrepareConfig(inputs=[f"{inp}/*.jsonl"], output=str(tmp_path / "clean"),
                                              num_workers=1, chunk_bytes=20000)), TokenizerConfig())
     killed, clean = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("killed", "clean"))
-    assert killed == clean
-    assert (tmp_path / "killed" / "index.json").read_text() == (tmp_path / "clean" / "index.json").read_text()
+    assert data_of(killed) == data_of(clean)
+    for split in SPLITS:
+        assert (tmp_path / "killed" / split / "index.json").read_text() == \
+            (tmp_path / "clean" / split / "index.json").read_text()
     a, b = read_back(str(tmp_path / "killed")), read_back(str(tmp_path / "clean"))
     assert len(a) == len(b) == 800
     assert all(np.array_equal(x["tokens"], y["tokens"]) and x["doc"] == y["doc"] for x, y in zip(a, b))
+
+
+def _id_doc(i):
+    return f"[[doc {i:04d}]] " + "filler words for a document of some length " * (1 + i % 5)
+
+
+def _texts(samples):
+    return {bytes(s["tokens"].astype(np.uint8)).decode() for s in samples}
+
+
+def test_heldout_split_is_by_content_disjoint_stable_and_never_reaches_a_training_batch(tmp_path):
+    import re
+
+    from longctx.data.splits import is_heldout
+    from longctx.data.stream import PackedStream, open_splits
+    docs = [_id_doc(i) for i in range(300)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:40]))  # copies
+    first = prepare(config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "one"), heldout_fraction=0.25),
+                    TokenizerConfig())
+    train = _texts(read_back(str(tmp_path / "one"), splits=["train"]))
+    held = _texts(read_back(str(tmp_path / "one"), splits=["heldout"]))
+    assert not train & held and train | held == set(docs)          # disjoint by content; copies in one split
+    assert held == {t for t in docs if is_heldout(t, 0.25)}
+    assert 0.15 < len(held) / len(docs) < 0.35
+    n_held_pieces = sum(1 + (t in docs[:40]) for t in held)
+    assert first["splits"]["heldout"]["documents"] == n_held_pieces
+    assert first["splits"]["train"]["documents"] + n_held_pieces == first["documents"] == 340
+
+    # other work items, another worker count, an added input: no document changes its split
+    (tmp_path / "in" / "c.jsonl").write_text("".join(json.dumps({"text": _id_doc(i)}) + "\n" for i in range(300, 360)))
+    prepare(DataConfig(prepare=PrepareConfig(inputs=[str(tmp_path / "in" / "*.jsonl")], output=str(tmp_path / "two"),
+                                             num_workers=1, chunk_bytes=50_000, heldout_fraction=0.25)),
+            TokenizerConfig())
+    held2 = _texts(read_back(str(tmp_path / "two"), splits=["heldout"]))
+    assert held2 & set(docs) == held and held2 - set(docs) == {_id_doc(i) for i in range(300, 360)} & held2
+
+    # what the trainer reads: two epochs of its training stream hold every training document, no held-out one
+    source, _ = open_splits(str(tmp_path / "one"))
+    stream = PackedStream(source, eos_id=256, seed=3)
+    seen = set()
+    while stream.epoch < 2:
+        ids = stream.next_batch(4, 512).input_ids
+        seen |= set(re.findall(rb"\[\[doc (\d{4})\]\]", bytes(ids[ids < 256].astype(np.uint8))))
+    assert {int(x) for x in seen} == {int(t[6:10]) for t in train}
+
+
+def test_damaged_inputs_keep_what_is_readable_are_reported_and_set_the_exit_status(tmp_path):
+    """A .jsonl.gz and a .jsonl.zst cut in the middle, a .parquet without its footer: the records before the
+    damage are kept, each file is counted under `damaged_file` with its name, the other inputs finish, and
+    `longctx prepare` exits 3 (complete, with rejections)."""
+    root = tmp_path / "in"
+    root.mkdir()
+    rng = np.random.default_rng(0)            # incompressible enough for several zstd blocks (128 KiB each)
+    docs = [_id_doc(i) + "".join(rng.choice(list("abcdefghij klmnop"), 600)) for i in range(1000)]
+    payload = "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+    (root / "ok.jsonl").write_bytes(payload)
+    (root / "cut.jsonl.gz").write_bytes(gzip.compress(payload)[:len(gzip.compress(payload)) // 2])
+    zs = zstandard.ZstdCompressor().compressobj()
+    zdata = zs.compress(payload) + zs.flush()                      # streamed, like the zstd command
+    (root / "cut.jsonl.zst").write_bytes(zdata[:len(zdata) // 2])
+    pq.write_table(pa.table({"text": docs}), root / "cut.parquet")
+    (root / "cut.parquet").write_bytes((root / "cut.parquet").read_bytes()[:-100])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{prepare: {{inputs: ['{root}/*'], output: '{tmp_path / 'out'}', num_workers: 2}}}}\n")
+    r = subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rejected"] == {"damaged_file": 3} and (tmp_path / "out" / "DONE").exists()
+    examples = " ".join(manifest["rejected_examples"]["damaged_file"])
+    assert all(name in examples for name in ("cut.jsonl.gz", "cut.jsonl.zst", "cut.parquet")), examples
+    assert "truncated" in examples and "cannot be read as parquet" in examples
+    per_input = {os.path.basename(i["path"]): i for i in manifest["inputs"]}
+    assert per_input["ok.jsonl"]["documents"] == 1000 and per_input["cut.parquet"]["documents"] == 0
+    texts = {}
+    for s in read_back(str(tmp_path / "out")):
+        texts.setdefault(os.path.basename(s["source"]), []).append((s["doc"], bytes(s["tokens"].astype(np.uint8))))
+    for name in ("cut.jsonl.gz", "cut.jsonl.zst"):
+        kept = sorted(texts[name])
+        assert 0 < per_input[name]["documents"] == len(kept) < 1000
+        assert [t.decode() for _, t in kept] == docs[:len(kept)]          # the records before the damage, intact
+    assert "damaged_file" in r.stdout + r.stderr and "exit status 3" in r.stderr
+    assert manifest["run"]["wall_seconds"] > 0 and manifest["run"]["tokens_per_second"] > 0
+    assert "MiB/s" in r.stderr and "rejected" in r.stderr
+
+
+def test_a_prepare_that_produces_no_document_fails_and_writes_no_done(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": _id_doc(i)}) + "\n" for i in range(20)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{prepare: {{inputs: ['{tmp_path}/a.jsonl'], output: '{tmp_path / 'out'}'}}}}\n")
+    r = subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "no document was produced" in r.stderr and "text_field ('text')" in r.stderr
+    assert "missing_field" in r.stderr and not (tmp_path / "out" / "DONE").exists()

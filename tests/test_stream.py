@@ -6,6 +6,7 @@ import pytest
 
 from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
 from longctx.data.prepare import prepare
+from longctx.data.splits import split_url
 from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -20,8 +21,8 @@ def shards(tmp_path_factory):
         for i in range(40):
             f.write(json.dumps({"text": f"doc{i} " + "x" * int(rng.integers(1, 120))}) + "\n")
     prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
-                                             chunk_bytes=1500, num_workers=2)), TokenizerConfig())
-    return str(root / "mds")
+                                             chunk_bytes=1500, num_workers=2, heldout_fraction=0)), TokenizerConfig())
+    return split_url(str(root / "mds"), "train")
 
 
 def independent_stream(shards):
@@ -125,8 +126,8 @@ def test_a_position_from_re_prepared_shards_is_refused_not_looped_on(shards, tmp
         for i in range(40):
             f.write(json.dumps({"text": f"other {i}"}) + "\n")          # every document shorter than before
     prepare(DataConfig(prepare=PrepareConfig(inputs=[str(tmp_path / "other.jsonl")], output=str(tmp_path / "mds"),
-                                             num_workers=2)), TokenizerConfig())
-    other = PackedStream(DocumentSource(str(tmp_path / "mds")), EOS, seed=2)
+                                             num_workers=2, heldout_fraction=0)), TokenizerConfig())
+    other = PackedStream(DocumentSource(split_url(str(tmp_path / "mds"), "train")), EOS, seed=2)
     with pytest.raises(ValueError, match="loader state was saved on the dataset .* re-prepared"):
         other.load_state_dict(state)
     # an offset past the document's end (what a changed dataset gives) is an error, never an endless loop

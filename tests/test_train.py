@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from longctx.data.stream import DocumentSource, PackedStream
+from longctx.data.stream import PackedStream, open_splits
 from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.training.loss import lm_loss
 from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
@@ -80,7 +80,7 @@ def test_zero3_run_and_export_round_trip(uninterrupted, tmp_path):
         assert model.mitigations is not None and model.mitigations[0].decay_scale[0] == pytest.approx(0.99)
         # the exported weights give the held-out loss the trainer logged at its last checkpoint
         prev = json.loads((tmp / run / "checkpoints" / "step_0000008" / "trainer_state.json").read_text())
-        stream = PackedStream(DocumentSource(str(tmp / "mds")), 256, seed=3 + EVAL_SEED_OFFSET)
+        stream = PackedStream(open_splits(str(tmp / "mds"))[1], 256, seed=3 + EVAL_SEED_OFFSET)
         stream.load_state_dict(prev["eval_loader"])
         batch = stream.next_batch(2, 128)
         with torch.no_grad():

@@ -17,6 +17,7 @@ tokenizer: {{kind: byte}}
 data:
   prepare:
     output: {tmp_path / 'mds'}
+    heldout_fraction: 0.2
     synthetic: {{documents: 60, min_tokens: 300, max_tokens: 1500, seed: 1}}
 train: {{micro_batch_size: 1, zero_stage: {zero}}}
 curriculum:

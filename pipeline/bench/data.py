@@ -56,7 +56,8 @@ def raw_encode_batch(corpus: Path, tokenizer: Path, batch: int = 512) -> tuple:
 
 def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional[str] = None,
                    loader_tokens: int = 20_000_000, seq_len: int = 8192) -> dict:
-    from longctx.data.prepare import prepare
+    from longctx.data.prepare import part_marker, prepare
+    from longctx.data.splits import split_url
     from longctx.data.stream import DocumentSource, PackedStream
     work = Path(tempfile.mkdtemp(prefix="longctx-bench-data-"))
     corpus = work / "corpus.jsonl"
@@ -73,9 +74,9 @@ def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional
     prep_s = time.perf_counter() - t0
     assert manifest["tokens"] == raw_tokens, "prepare and encode_batch disagree on the token count"
 
-    worker_s = sum(json.loads((work / "mds" / part / "stats.json").read_text())["seconds"]
+    worker_s = sum(json.loads(Path(part_marker(str(work / "mds"), part[len("part-"):])).read_text())["seconds"]
                    for part in manifest["parts"])
-    ps = PackedStream(DocumentSource(str(work / "mds")), eos_id=manifest["tokenizer"]["eos_id"])
+    ps = PackedStream(DocumentSource(split_url(str(work / "mds"), "train")), eos_id=manifest["tokenizer"]["eos_id"])
     ps.next_batch(1, seq_len)                                   # open the shards
     t0, read = time.perf_counter(), 0
     while read < loader_tokens:

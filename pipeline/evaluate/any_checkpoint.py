@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from longctx.data.splits import heldout_of
 from longctx.data.stream import DocumentSource, PackedStream
 
 from ..mitigations import MitigationsConfig, merge_overrides, resolve
@@ -59,7 +60,8 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
             variants = {"without": None, "with mitigations": layers}
     stream = None
     if data and kind != "passkey":
-        stream = PackedStream(DocumentSource(data, str(Path(out or ".") / ".cache")), tok.eos_id, seed=seed)
+        stream = PackedStream(DocumentSource(heldout_of(data), str(Path(out or ".") / ".cache")), tok.eos_id,
+                              seed=seed)
     out = Path(out or f"eval-{kind}")
     results = run_eval(kind, model, tok, out, lengths=lengths, depths=depths, samples=samples, seed=seed,
                        prefill_chunk=prefill_chunk, buckets=buckets, margin=margin, min_position=min_position,

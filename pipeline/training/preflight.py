@@ -2,7 +2,9 @@
 (by the trainer, and by `longctx run` before it launches anything): a mismatch found here costs
 seconds; found after days of training, or never, it costs the run.
 
-- the shards are complete (their DONE marker) and were tokenized by this run's tokenizer;
+- the shards are complete (their DONE marker), of this longctx's format (train/ and heldout/ splits),
+  hold at least one held-out document (every evaluation reads only those), and were tokenized by this
+  run's tokenizer;
 - no token id in them reaches past the model's vocabulary (`max_token_id` of the manifest);
 - `model.from_pretrained`: the `model:` fields set in the config agree with the checkpoint, and the
   byte tokenizer is used only with a model whose vocabulary is the byte vocabulary.
@@ -13,7 +15,7 @@ import json
 from dataclasses import fields
 
 from longctx.data import storage
-from longctx.data.prepare import DONE, MANIFEST
+from longctx.data.prepare import DONE, FORMAT_VERSION, MANIFEST
 from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
 from ..config import Config, ConfigError, model_config
@@ -54,6 +56,10 @@ def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: 
     if text is None:
         raise ConfigError(f"{where}: data.shards {shards}: no {MANIFEST}; these are not shards `longctx prepare` made")
     manifest = json.loads(text)
+    if manifest.get("format") != f"longctx-mds-v{FORMAT_VERSION}":
+        raise ConfigError(f"{where}: data.shards {shards} were prepared by an older longctx ({manifest.get('format')}),"
+                          " without a held-out split: evaluations would read training documents. Prepare them again "
+                          "into a new output (`longctx prepare CONFIG data.prepare.output=NEW`, then data.shards=NEW)")
     made_by = manifest.get("tokenizer")
     if made_by != tokenizer_identity:
         raise ConfigError(f"{where}: data.shards {shards} were tokenized with {_describe(made_by or {})}, this run's "
@@ -76,5 +82,10 @@ def preflight(cfg: Config, where: str, tok=None) -> str:
     shards = cfg.data.shards or cfg.data.prepare.output
     if not shards:
         raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
-    check_shards(shards, identity(tok), arch.vocab_size, where)
+    manifest = check_shards(shards, identity(tok), arch.vocab_size, where)
+    if manifest["splits"]["heldout"]["documents"] == 0:
+        raise ConfigError(f"{where}: data.shards {shards} hold no held-out document (heldout_fraction "
+                          f"{manifest['heldout_fraction']} of {manifest['documents']:,} documents), and every "
+                          "evaluation and calibration reads only held-out documents: raise "
+                          "data.prepare.heldout_fraction (or add inputs) and prepare again")
     return shards

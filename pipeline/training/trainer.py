@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from longctx.data.stream import DocumentSource, PackedStream, rank_share
+from longctx.data.stream import PackedStream, open_splits, rank_share
 from longctx.data.tokenizer import identity, load_tokenizer
 
 from ..config import Config, ConfigError, model_config
@@ -40,7 +40,7 @@ from .metrics import MetricsLogger
 from .preflight import preflight
 from .stage_mitigations import StageMitigations
 
-EVAL_SEED_OFFSET = 1_000_003      # the held-out stream is another seeded order of the documents
+EVAL_SEED_OFFSET = 1_000_003      # the held-out stream's order: another seed than the training stream's
 
 
 def build_model(cfg: Config) -> Mamba2LM:
@@ -129,10 +129,10 @@ class Trainer:
         self.model = model
 
         cache = cfg.data.cache_dir or str(self.run_dir / "cache")
-        with self._host_local_world():
-            source = DocumentSource(shards, cache)
+        with self._host_local_world():       # training reads only train/, every evaluation only heldout/
+            source, heldout = open_splits(shards, cache)
         self.stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed)
-        self.eval_stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
+        self.eval_stream = PackedStream(heldout, self.tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
 
         self.identity = run_identity(cfg, model.config, identity(self.tok), source.identity, self.world, self.plans)
         self.checkpoints = Checkpointer(
