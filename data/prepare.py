@@ -33,6 +33,7 @@ from .synthetic import write_jsonl
 from .tokenizer import identity, load_tokenizer, token_dtype
 
 MANIFEST = "manifest.json"
+SHARD_HASH = "xxh64"        # recorded for every shard file in the MDS index; checked where shards are read
 DONE = "DONE"
 FORMAT_VERSION = 3          # 2: manifest.max_token_id; 3: train/ and heldout/ splits
 EXAMPLES_PER_REASON = 5
@@ -108,9 +109,9 @@ def _write_part(item: WorkItem, settings: Settings, pid: str, marker: str) -> No
     columns = {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"}
     scratch = tempfile.mkdtemp(prefix="longctx-prepare-")
     try:
-        with MDSWriter(out=os.path.join(tmp, "train"), columns=columns, compression="zstd",
+        with MDSWriter(out=os.path.join(tmp, "train"), columns=columns, compression="zstd", hashes=[SHARD_HASH],
                        size_limit=settings.shard_bytes) as train, \
-             MDSWriter(out=os.path.join(tmp, "heldout"), columns=columns, compression="zstd",
+             MDSWriter(out=os.path.join(tmp, "heldout"), columns=columns, compression="zstd", hashes=[SHARD_HASH],
                        size_limit=settings.shard_bytes) as heldout:
             batch = []
 

@@ -48,17 +48,30 @@ def rank_share(batch: Batch, dp_rank: int, dp_size: int, sp_rank: int = 0, sp_si
     return batch.rows(dp_rank * per, (dp_rank + 1) * per).segment(sp_rank * seg, (sp_rank + 1) * seg)
 
 
+class DamagedShard(ValueError):
+    """A shard file whose bytes are not the ones `longctx prepare` wrote (its hash in the index differs)."""
+
+
 class DocumentSource:
-    """Documents of an MDS dataset by index (a StreamingDataset: remote + local cache, or local)."""
+    """Documents of an MDS dataset by index (a StreamingDataset: remote + local cache, or local).
+
+    Shard files are checked against the hashes in the index before a document of theirs is returned: the
+    compressed file when it is fetched or decompressed (by mosaicml-streaming), the decompressed file the
+    first time this process reads from it (damage after decompression, in a cache, is not seen otherwise).
+    A damaged shard stops the reader with an error naming the file; it never yields a wrong document."""
 
     def __init__(self, shards: str, cache_dir: Optional[str] = None):
         from streaming import StreamingDataset
+
+        from .prepare import SHARD_HASH
         remote = shards if shards.startswith("s3://") else None
         local = cache_dir if remote else shards
         if remote and not cache_dir:
             raise ValueError("reading s3:// shards needs a local cache directory (data.cache_dir)")
-        self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+        self.shards, self.remote = shards, remote
+        self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=SHARD_HASH)
         self.index_path = Path(local) / "index.json"     # a remote dataset's index is downloaded there
+        self._checked: set = set()
 
     @property
     def identity(self) -> str:
@@ -70,7 +83,37 @@ class DocumentSource:
         return self.ds.num_samples       # all documents (len() of a distributed StreamingDataset is per rank)
 
     def tokens(self, index: int) -> np.ndarray:
-        return self.ds[index]["tokens"]
+        shard_id, _ = self.ds.spanner[index]
+        try:
+            tokens = self.ds[index]["tokens"]
+        except Exception as e:        # a compressed shard that fails its hash, or does not decompress
+            raise DamagedShard(self._damage(shard_id, f"{type(e).__name__}: {e}")) from None
+        if shard_id not in self._checked:
+            self._check_decompressed(shard_id)
+            self._checked.add(shard_id)
+        return tokens
+
+    def _shard_files(self, shard_id: int):
+        reader = self.ds.shards[shard_id]
+        raw, zipped = reader.file_pairs[0]
+        folder = Path(reader.dirname) / (reader.split or "")
+        return raw, folder / raw.basename, (folder / zipped.basename if zipped else None)
+
+    def _check_decompressed(self, shard_id: int) -> None:
+        from streaming.base.hashing import get_hash
+
+        from .prepare import SHARD_HASH
+        raw, path, _ = self._shard_files(shard_id)
+        expected = raw.hashes.get(SHARD_HASH)
+        if expected is not None and path.exists() and get_hash(SHARD_HASH, path.read_bytes()) != expected:
+            raise DamagedShard(self._damage(shard_id, f"{path.name} does not match its {SHARD_HASH} hash in the index"))
+
+    def _damage(self, shard_id: int, what: str) -> str:
+        _, raw_path, zip_path = self._shard_files(shard_id)
+        source = (f"the remote copy in {self.remote}" if self.remote
+                  else f"{zip_path.name}, if that is intact" if zip_path else "nothing: prepare the data again")
+        return (f"damaged shard {shard_id} of {self.shards} ({raw_path}): {what}. Delete {raw_path} (it is made "
+                f"again from {source}), or prepare the data again; then resume")
 
 
 def open_splits(shards: str, cache_dir: Optional[str] = None):

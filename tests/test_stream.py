@@ -1,5 +1,6 @@
 """Packing loader over real MDS shards: exact stream, boundaries, resume, rank slicing."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,34 @@ def test_a_position_from_re_prepared_shards_is_refused_not_looped_on(shards, tmp
     other.epoch, other.doc, other.offset = state["epoch"], state["doc"], 10_000
     with pytest.raises(ValueError, match="lies past the end of that document"):
         other.next_batch(1, 16)
+
+
+@pytest.mark.parametrize("damage", ["flip a byte of a decompressed shard", "truncate a decompressed shard",
+                                    "flip a byte of a compressed shard", "truncate a compressed shard"])
+def test_a_damaged_shard_stops_the_reader_naming_it_and_never_yields_a_wrong_document(tmp_path, shards, damage):
+    import shutil
+
+    from longctx.data.stream import DamagedShard
+    root = tmp_path / "copy"
+    shutil.copytree(Path(shards).parent, root)
+    train = root / "train"
+    clean = DocumentSource(str(train))
+    expect = [clean.tokens(i) for i in range(len(clean))]
+    # reading decompressed every shard next to its .zstd; damage one of them, in a new process's view
+    raw = sorted(train.glob("part-*/shard.*.mds"))[-1]
+    target = raw if "decompressed" in damage else raw.with_name(raw.name + ".zstd")
+    if "decompressed" not in damage:
+        raw.unlink()                          # so that the compressed file is read (and decompressed) again
+    data = bytearray(target.read_bytes())
+    if damage.startswith("flip"):
+        data[len(data) - 3] ^= 0x55
+    else:
+        data = data[: len(data) * 2 // 3]
+    target.write_bytes(bytes(data))
+    source = DocumentSource(str(train))
+    got = []
+    with pytest.raises(DamagedShard, match=rf"damaged shard \d+ of {train}.*{raw.parent.name}/{raw.name}.*Delete"):
+        for i in range(len(source)):
+            got.append(source.tokens(i))
+    assert all(np.array_equal(a, b) for a, b in zip(got, expect))   # nothing wrong came out before the error
+    assert len(got) < len(expect)
