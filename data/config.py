@@ -36,7 +36,16 @@ class PrepareConfig:
 
 
 @dataclass
+class S3Config:
+    """Limits of every S3 request (`longctx prepare` and its Ray tasks): the standard AWS retry mode."""
+
+    max_attempts: int = 8             # attempts per request, with exponential backoff (at most 20 s apart)
+    timeout_s: float = 30.0           # connect and read timeout of one attempt
+
+
+@dataclass
 class DataConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     shards: str = ""          # a `longctx prepare` output (train/ and heldout/ under it); empty: prepare.output
     cache_dir: str = ""       # local cache of StreamingDataset; empty: inside the run directory
+    s3: S3Config = field(default_factory=S3Config)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 from . import storage
-from .config import DataConfig, TokenizerConfig
+from .config import DataConfig, S3Config, TokenizerConfig
 from .records import SPLITTABLE, WorkItem, count_records, detect_format, iter_records
 from .splits import PARTS, SPLITS, is_heldout
 from .synthetic import write_jsonl
@@ -274,16 +274,21 @@ class Progress:
             self.stream.flush()
 
 
-def _run_tasks(fn, args_list, num_workers, progress=None, items=None):
+def _in_task(limits: S3Config, fn, *args):
+    storage.configure(limits)             # a Ray worker process has the defaults until told
+    return fn(*args)
+
+
+def _run_tasks(fn, args_list, num_workers, limits: S3Config, progress=None, items=None):
     """Run `fn` as Ray tasks with at most num_workers in flight; results in input order. SPREAD: on a
     cluster every node takes work from the start (Ray would otherwise fill the driver's node first)."""
     import ray
-    remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(fn)
+    task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(_in_task)
     limit = num_workers if num_workers > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
     results, pending, next_i = [None] * len(args_list), {}, 0
     while next_i < len(args_list) or pending:
         while next_i < len(args_list) and len(pending) < limit:
-            pending[remote.remote(*args_list[next_i])] = next_i
+            pending[task.remote(limits, fn, *args_list[next_i])] = next_i
             next_i += 1
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
@@ -313,6 +318,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
     if not 0.0 <= p.heldout_fraction < 1.0:
         raise PrepareError(f"data.prepare.heldout_fraction must lie in [0, 1), got {p.heldout_fraction}")
     t0 = time.time()
+    storage.configure(data.s3)
     tok = load_tokenizer(tokenizer)                                   # a bad tokenizer fails before any work
     remote = p.output.rstrip("/") if storage.is_s3(p.output) else None
     staging = (p.staging or _default_staging(p.output)) if remote else p.output
@@ -361,7 +367,8 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                 by_file.setdefault(it.url, []).append(i)
             count_idx = [i for url, idx in by_file.items() if any(j in todo for j in idx) and len(idx) > 1
                          for i in idx]
-            counts = dict(zip(count_idx, _run_tasks(count_records, [(items[i],) for i in count_idx], p.num_workers)))
+            counts = dict(zip(count_idx, _run_tasks(count_records, [(items[i],) for i in count_idx], p.num_workers,
+                                                    data.s3)))
             for url, idx in by_file.items():
                 first = 0
                 for i in idx:
@@ -371,9 +378,9 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                 f"{len(items) - len(todo)} already done")
             work_bytes = sum(_item_bytes(items[i]) for i in todo)
             progress = Progress(work_bytes, len(todo))
-            _run_tasks(process_item, [(items[i], settings) for i in todo], p.num_workers, progress,
+            _run_tasks(process_item, [(items[i], settings) for i in todo], p.num_workers, data.s3, progress,
                        [items[i] for i in todo])
-            shas = _run_tasks(_sha256, [(f.url,) for f in need_sha], p.num_workers)
+            shas = _run_tasks(_sha256, [(f.url,) for f in need_sha], p.num_workers, data.s3)
             known_sha.update({(f.url, f.size, f.version): s for f, s in zip(need_sha, shas)})
         finally:
             if started:

@@ -1,7 +1,10 @@
 """Local paths and s3:// URLs behind one small interface: list, stat, read ranges, upload.
 
 The S3 endpoint comes from the standard AWS environment (credentials, region) and
-S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) for S3-compatible stores.
+S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) for S3-compatible stores. Every request retries with the
+standard AWS retry mode (exponential backoff with jitter, at most 20 s between attempts) up to
+`data.s3.max_attempts` attempts, each with `data.s3.timeout_s` connect/read timeouts; a download
+whose stream breaks resumes from the byte it reached, with the same limits.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, List, Optional, Tuple
+
+from .config import S3Config
 
 
 class StorageError(ValueError):
@@ -30,14 +35,38 @@ def split_s3(url: str) -> Tuple[str, str]:
     return bucket, key
 
 
+_limits = S3Config()
+
+
+def configure(limits: S3Config) -> None:
+    """The retry limits of this process (the driver, and each Ray task before it touches storage)."""
+    global _limits
+    _limits = limits
+
+
+def endpoint() -> str:
+    return os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
 def s3_client():
     import boto3
-    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    from botocore.config import Config
+    url = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return boto3.client("s3", endpoint_url=url, config=Config(
+        retries={"mode": "standard", "max_attempts": _limits.max_attempts},
+        connect_timeout=_limits.timeout_s, read_timeout=_limits.timeout_s))
+
+
+_UNREACHABLE = ("EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+                "Could not connect to the endpoint", "Connection was closed", "timeout")
 
 
 def _s3_error(e: Exception, url: str) -> StorageError:
     code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
+    if any(s in f"{type(e).__name__}: {e}" for s in _UNREACHABLE):
+        return StorageError(f"{url}: the S3 endpoint {endpoint()} did not answer after {_limits.max_attempts} "
+                            f"attempts ({type(e).__name__}: {e}); when it is back, run the same command again (work "
+                            "already done is kept), or raise data.s3.max_attempts to wait longer")
     if code in ("NoSuchBucket",):
         return StorageError(f"{url}: bucket does not exist (create it or fix the URL)")
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
@@ -45,8 +74,6 @@ def _s3_error(e: Exception, url: str) -> StorageError:
                             "and the bucket policy")
     if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return StorageError(f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    if type(e).__name__ in ("EndpointConnectionError", "ConnectionClosedError"):
-        return StorageError(f"{url}: cannot reach the S3 endpoint ({e}); check S3_ENDPOINT_URL")
     return StorageError(f"{url}: {type(e).__name__}: {e}")
 
 
@@ -84,30 +111,45 @@ def expand(pattern: str) -> List[FileInfo]:
 
 
 class _S3Raw(io.RawIOBase):
-    """A GetObject body as a raw stream, so io.BufferedReader gives readline(limit)."""
+    """A GetObject body as a raw stream, so io.BufferedReader gives readline(limit). A body that breaks
+    mid-stream (the connection drops) is asked for again from the byte reached, with backoff."""
 
-    def __init__(self, body):
-        self.body = body
+    def __init__(self, url: str, start: int):
+        self.url, self.pos, self.client = url, start, s3_client()
+        self.body = self._get()
+
+    def _get(self):
+        bucket, key = split_s3(self.url)
+        try:
+            kw = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+            return self.client.get_object(Bucket=bucket, Key=key, **kw)["Body"]
+        except Exception as e:
+            raise _s3_error(e, self.url) from None
 
     def readable(self):
         return True
 
     def readinto(self, buf):
-        data = self.body.read(len(buf))
+        import random
+        import time
+        for attempt in range(1, _limits.max_attempts + 1):
+            try:
+                data = self.body.read(len(buf))
+                break
+            except Exception as e:      # urllib3 / botocore errors of a broken stream
+                if attempt == _limits.max_attempts:
+                    raise _s3_error(e, self.url) from None
+                time.sleep(min(20.0, random.random() * 2 ** attempt))
+                self.body = self._get()
         buf[:len(data)] = data
+        self.pos += len(data)
         return len(data)
 
 
 def open_read(url: str, start: int = 0) -> BinaryIO:
     """A buffered binary stream positioned at byte `start`."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        try:
-            kw = {"Range": f"bytes={start}-"} if start else {}
-            body = s3_client().get_object(Bucket=bucket, Key=key, **kw)["Body"]
-        except Exception as e:
-            raise _s3_error(e, url) from None
-        return io.BufferedReader(_S3Raw(body), buffer_size=1 << 20)
+        return io.BufferedReader(_S3Raw(url, start), buffer_size=1 << 20)
     f = open(url, "rb", buffering=1 << 20)
     f.seek(start)
     return f

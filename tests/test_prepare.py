@@ -333,3 +333,76 @@ def test_a_prepare_that_produces_no_document_fails_and_writes_no_done(tmp_path):
                        timeout=300)
     assert r.returncode == 1 and "no document was produced" in r.stderr and "text_field ('text')" in r.stderr
     assert "missing_field" in r.stderr and not (tmp_path / "out" / "DONE").exists()
+
+
+def _objects(client, bucket, prefix):
+    """{key below prefix: bytes} of the shards and indexes (not the per-run records: parts/*.json, manifest)."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            key = o["Key"][len(prefix) + 1:]
+            if key.split("/")[0] in SPLITS:
+                out[key] = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+    return out
+
+
+def _markers(client, bucket, prefix):
+    return client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/parts/").get("KeyCount", 0)
+
+
+@pytest.mark.timeout(600)
+def test_s3_outages_during_upload_are_retried_or_stop_cleanly_and_a_rerun_finishes_identically(tmp_path,
+                                                                                               s3_endpoint):
+    """A relay in front of the S3 server goes down while `longctx prepare` uploads: back within the retry window,
+    the run finishes; down for good, it stops naming the endpoint and the object, and a re-run once the server
+    is back finishes. Both outputs equal a clean run's, object for object."""
+    from tests.s3 import Outage
+    client = make_bucket("faults")
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(
+        json.dumps({"text": _id_doc(i) + "".join(rng.choice(list("abcdefgh "), 3000))}) + "\n" for i in range(600)))
+    relay = Outage(s3_endpoint)
+
+    def run(prefix, endpoint, attempts, timeout_s):
+        cfg = tmp_path / f"{prefix}.yaml"
+        cfg.write_text(f"data:\n  prepare: {{inputs: ['{tmp_path}/in/*.jsonl'], output: 's3://faults/{prefix}', "
+                       f"staging: '{tmp_path / prefix}', chunk_bytes: 120000, num_workers: 2, heldout_fraction: 0.1}}\n"
+                       f"  s3: {{max_attempts: {attempts}, timeout_s: {timeout_s}}}\n")
+        return subprocess.Popen([sys.executable, "-m", "longctx", "prepare", str(cfg)], text=True,
+                                env={**os.environ, "S3_ENDPOINT_URL": endpoint},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def when_uploading(proc, prefix):
+        deadline = time.time() + 180
+        while _markers(client, "faults", prefix) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+
+    clean = run("clean", s3_endpoint, 8, 30)
+    assert clean.wait(300) == 0, clean.communicate()
+    expect = _objects(client, "faults", "clean")
+    assert len([k for k in expect if k.endswith(".zstd")]) >= 8
+
+    brief = run("brief", relay.url, 10, 2)
+    when_uploading(brief, "brief")
+    relay.down()
+    time.sleep(3)
+    relay.up()
+    out, err = brief.communicate(timeout=300)
+    assert brief.returncode == 0, err[-3000:]
+    assert _objects(client, "faults", "brief") == expect
+
+    lasting = run("lasting", relay.url, 3, 1)
+    when_uploading(lasting, "lasting")
+    relay.down()
+    out, err = lasting.communicate(timeout=300)
+    assert lasting.returncode == 1
+    assert f"the S3 endpoint {relay.url} did not answer after 3 attempts" in err and "s3://faults/lasting/" in err
+    assert not _objects(client, "faults", "lasting").keys() >= expect.keys()      # stopped before the end
+    relay.up()
+    again = run("lasting", relay.url, 3, 1)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert _objects(client, "faults", "lasting") == expect
+    assert "already done" in out + err
