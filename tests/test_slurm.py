@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from longctx.data.splits import SPLITS
 from longctx.launch.local import free_port
 from tests.training import assert_same_run, records, write_config
 
@@ -167,10 +168,14 @@ data: {{prepare: {{inputs: ["{inputs}"], output: {tmp / name / 'mds'}, chunk_byt
 
 
 @pytest.mark.timeout(900)
-def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prepare(slurm_cluster, tmp_path):
+def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prepare(slurm_cluster, ray_session,
+                                                                                      tmp_path):
     """launch/slurm/prepare.sbatch on two nodes: a Ray head on node1 and a worker on node2, joined by polling;
     `longctx prepare` tokenizes on both (the manifest says where each part was done), its shards equal a local
-    prepare byte for byte, and no Ray process of the job is left afterwards."""
+    prepare byte for byte, and no Ray process of the job is left afterwards, while other Ray instances on the
+    machine (this test session's) live on."""
+    import ray
+
     from longctx.data.synthetic import SyntheticConfig, write_jsonl
     inputs = write_jsonl(SyntheticConfig(documents=120, min_tokens=500, max_tokens=3000, seed=5), str(tmp_path))
     port = free_port()
@@ -186,17 +191,93 @@ def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prep
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert "ray_wait: 2 nodes alive" in log
     cluster = json.loads((tmp_path / "cluster" / "mds" / "manifest.json").read_text())
-    assert set(cluster["tokenized_on"]) == {"127.0.0.2", "127.0.0.3"}, cluster["tokenized_on"]
+    assert set(cluster["run"]["tokenized_on"]) == {"127.0.0.2", "127.0.0.3"}, cluster["run"]
     left = subprocess.run(["pgrep", "-f", f"ray.*{port}"], capture_output=True, text=True).stdout
     assert not left, f"Ray processes of the job are still running: {left}"
+    assert ray.get(ray.put("alive"), timeout=30) == "alive"          # the job stopped only its own Ray
 
     local = _prepare_config(tmp_path, "local", inputs)
     subprocess.run([sys.executable, "-m", "longctx", "prepare", str(local)], check=True, timeout=300,
                    capture_output=True)
     here = json.loads((tmp_path / "local" / "mds" / "manifest.json").read_text())
-    assert {**cluster, "tokenized_on": None} == {**here, "tokenized_on": None}
+    assert {**cluster, "run": None} == {**here, "run": None}        # `run`: wall time, rates, nodes
     assert len(cluster["parts"]) >= 4
-    for part in cluster["parts"]:
-        for f in sorted((tmp_path / "local" / "mds" / part).iterdir()):
-            if f.name != "stats.json":                  # stats.json records the node and the task's time
-                assert f.read_bytes() == (tmp_path / "cluster" / "mds" / part / f.name).read_bytes(), f
+    shards = sorted(p.relative_to(tmp_path / "local" / "mds") for p in (tmp_path / "local" / "mds").glob("*/*/*")
+                    if p.parts[-3] in SPLITS)
+    assert len(shards) >= 8
+    for f in shards:
+        assert (tmp_path / "local" / "mds" / f).read_bytes() == (tmp_path / "cluster" / "mds" / f).read_bytes(), f
+
+
+def _node_processes(node: str) -> list:
+    """The node's slurmd and every process of its job steps (they carry SLURMD_NODENAME in their environment)."""
+    pids = set()
+    pidfile = Path(os.environ.get("LONGCTX_SLURM_DIR", "/tmp/longctx-slurm")) / f"slurmd-{node}.pid"
+    if pidfile.exists():
+        pids.add(int(pidfile.read_text().split()[0]))
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if f"SLURMD_NODENAME={node}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.add(int(proc.name))
+            except OSError:
+                pass
+    children = {}
+    for proc in Path("/proc").iterdir():       # and the steps' slurmstepd, forked by that slurmd
+        try:
+            children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                int(proc.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in pids:
+                pids.add(child)
+                todo.append(child)
+    return sorted(pids)
+
+
+@pytest.mark.timeout(1200)
+def test_a_node_lost_mid_run_ends_the_job_in_bounded_time_and_the_run_resumes(slurm_cluster, uninterrupted):
+    """node2's slurmd, its step daemons and its ranks SIGKILLed mid-run (a machine gone): the ranks on node1
+    fail fast on the broken collective and the job leaves RUNNING within 120 s (SlurmdTimeout 20 s, KillWait
+    30 s here); with node2 back the job is requeued or resubmitted, resumes from the last complete checkpoint,
+    and ends with the losses of the uninterrupted run."""
+    import signal
+    tmp, full = uninterrupted
+    cfg = write_config(tmp, "slurm-lost")
+    jid = submit(cfg, "--nodes", 2, "--gpus-per-node", 1, "--time", "00:15:00")
+    run_dir = tmp / "slurm-lost"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "latest").exists():
+        time.sleep(0.1)
+    assert job(jid)["JobState"] == "RUNNING", job(jid)
+    try:
+        lost = _node_processes("node2")
+        for pid in lost:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        t0 = time.time()
+        while job(jid).get("JobState") == "RUNNING" and time.time() - t0 < 300:
+            time.sleep(0.5)
+        ended = time.time() - t0
+        info = job(jid)
+    finally:
+        subprocess.run([str(ROOT / "tests" / "slurm" / "cluster.sh"), "start"], capture_output=True, timeout=180)
+    assert ended < 120, (ended, info)
+    log = (run_dir / f"slurm-{jid}.out").read_text()
+    if info["JobState"] in ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"):   # --requeue on NODE_FAIL
+        subprocess.run(["scontrol", "release", str(jid)], timeout=30)
+        final = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    else:
+        assert info["JobState"] in ("FAILED", "NODE_FAIL", "CANCELLED"), info
+        jid = submit(cfg, "--nodes", 2, "--gpus-per-node", 1, "--time", "00:15:00")
+        final = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    log = (run_dir / f"slurm-{jid}.out").read_text()
+    assert final["JobState"] == "COMPLETED", log[-3000:]
+    assert re.search(r"resumed from \S+ at step [1-9]", log), log[-3000:]
+    print(f"job left RUNNING {ended:.1f}s after node2 was lost; then {info['JobState']}")
+    assert_same_run(records(run_dir), full)
