@@ -25,10 +25,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from . import storage
 from .config import DataConfig, S3Config, TokenizerConfig
 from .records import SPLITTABLE, WorkItem, count_records, detect_format, iter_records
-from .splits import PARTS, SPLITS, is_heldout
+from .splits import LENGTHS, PARTS, SPLITS, is_heldout
 from .synthetic import write_jsonl
 from .tokenizer import identity, load_tokenizer, token_dtype
 
@@ -105,7 +107,8 @@ def _write_part(item: WorkItem, settings: Settings, pid: str, marker: str) -> No
     t0 = time.perf_counter()
     tok = load_tokenizer(settings.tokenizer)
     tmp = os.path.join(settings.staging, PARTS, f"part-{pid}.tmp-{uuid.uuid4().hex[:8]}")
-    stats = {**_empty_stats(), "url": item.url, "start": item.start, "end": item.end}
+    stats = {**_empty_stats(), "url": item.url, "start": item.start, "end": item.end,
+             "lengths": {s: [] for s in SPLITS}}      # tokens of each document, in shard order (data/splits.py)
     columns = {"tokens": token_dtype(tok.vocab_size), "source": "str", "doc": "int"}
     scratch = tempfile.mkdtemp(prefix="longctx-prepare-")
     try:
@@ -125,6 +128,7 @@ def _write_part(item: WorkItem, settings: Settings, pid: str, marker: str) -> No
                     step = settings.max_doc_tokens or len(ids)
                     for piece in range(0, len(ids), step):     # every piece of a document in its one split
                         writer.write({"tokens": ids[piece:piece + step], "source": item.url, "doc": rec.index})
+                        stats["lengths"][split].append(len(ids[piece:piece + step]))
                         stats["documents"] += 1
                         stats["splits"][split]["documents"] += 1
                     stats["tokens"] += len(ids)
@@ -438,6 +442,8 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
                            "inputs. Nothing is marked DONE")
     for split in SPLITS:
         _merge_split(staging, split, ids)
+        lengths = np.asarray([n for st in part_stats for n in st["lengths"][split]], dtype=np.int64)
+        np.save(os.path.join(staging, split, LENGTHS), lengths)
     seconds = time.time() - run["t0"]
     done_now = set(run["todo"])
     made_now = [st for pid, st in zip(ids, part_stats) if pid in done_now]
@@ -474,7 +480,8 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
     storage.write_text(os.path.join(staging, MANIFEST), text)
     if remote:
         for split in SPLITS:
-            storage.upload_dir_files(os.path.join(staging, split), storage.join(remote, split), ["index.json"])
+            storage.upload_dir_files(os.path.join(staging, split), storage.join(remote, split),
+                                     ["index.json", LENGTHS])
         storage.write_text(storage.join(remote, MANIFEST), text)
         storage.write_text(storage.join(remote, DONE), "")
     else:

@@ -6,11 +6,12 @@ labels the last L), so consecutive sequences share one token and no token is ski
 `seq_idx` numbers the documents inside a sequence (the scan resets its state where it
 changes); a label that belongs to the next document is masked (-100).
 
-Every rank packs the same global stream, so the state (epoch, document, offset) is one
+Every rank follows the same global stream, so the state (epoch, document, offset) is one
 small dict identical on all ranks: resuming reproduces exactly the samples an
 uninterrupted run would have seen, and a new stage with another seq_len continues from
-the same document position. Each data-parallel rank takes its rows of the global batch,
-each sequence-parallel rank its contiguous segment of those rows.
+the same document position. Each data-parallel rank reads only its rows of the global
+batch (the other rows move the position by the documents' lengths alone, from the split's
+lengths.npy), each sequence-parallel rank takes its contiguous segment of those rows.
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class DocumentSource:
         self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=SHARD_HASH)
         self.index_path = Path(local) / "index.json"     # a remote dataset's index is downloaded there
         self._checked: set = set()
+        self._lengths = None
 
     @property
     def identity(self) -> str:
@@ -81,6 +83,20 @@ class DocumentSource:
 
     def __len__(self) -> int:
         return self.ds.num_samples       # all documents (len() of a distributed StreamingDataset is per rank)
+
+    def length(self, index: int) -> int:
+        """Tokens of a document, without reading it (the split's lengths.npy, written by prepare)."""
+        if self._lengths is None:
+            from . import storage
+            from .splits import LENGTHS
+            url = storage.join(self.shards, LENGTHS)
+            path = storage.local_copy(url, str(self.index_path.parent / ".lengths")) if self.remote else url
+            lengths = np.load(path)
+            if len(lengths) != len(self):
+                raise DamagedShard(f"{url}: {len(lengths)} document lengths for {len(self)} documents in the index: "
+                                   "the dataset was changed after it was prepared; prepare it again")
+            self._lengths = lengths
+        return int(self._lengths[index])
 
     def tokens(self, index: int) -> np.ndarray:
         shard_id, _ = self.ds.spanner[index]
@@ -160,6 +176,15 @@ class PackedStream:
             self._order_epoch = epoch
         return self._order
 
+    def _length(self, epoch: int, doc: int) -> int:
+        """Tokens of the doc-th document of the epoch's order, EOS included, without reading it."""
+        if self._cached[0] == (epoch, doc):
+            return len(self._cached[1])
+        length = getattr(self.source, "length", None)
+        if length is None:                       # a source without lengths: read the document
+            return len(self._document(epoch, doc))
+        return length(int(self._order_of(epoch)[doc])) + 1
+
     def _document(self, epoch: int, doc: int) -> np.ndarray:
         """Tokens of the doc-th document of the epoch's order, with EOS appended."""
         key = (epoch, doc)
@@ -169,16 +194,18 @@ class PackedStream:
         return self._cached[1]
 
     # -- packing -----------------------------------------------------------------------------
-    def _take(self, n: int, advance: int, max_doc_tokens: int = 0):
+    def _take(self, n: int, advance: int, max_doc_tokens: int = 0, read: bool = True):
         """The next n stream tokens with their document numbers (counted from 0 within the call);
         the position moves forward by `advance` <= n tokens. With `max_doc_tokens`, documents longer
-        than that (EOS included) are passed over (they come back in later epochs and stages)."""
+        than that (EOS included) are passed over (they come back in later epochs and stages).
+        `read=False` moves the position exactly alike from the documents' lengths only, reading no
+        token (another rank's rows) and returns None."""
         out, docs, got, counter = [], [], 0, 0
         epoch, doc, offset = self.epoch, self.doc, self.offset
         passed = 0
         while got < n:
-            toks = self._document(epoch, doc)
-            if max_doc_tokens and offset == 0 and len(toks) > max_doc_tokens:
+            size = self._length(epoch, doc)
+            if max_doc_tokens and offset == 0 and size > max_doc_tokens:
                 passed += 1
                 if passed > len(self.source):
                     raise ValueError(f"no document has at most {max_doc_tokens} tokens (EOS included): raise the "
@@ -190,31 +217,42 @@ class PackedStream:
                     self.epoch, self.doc, self.offset = epoch, doc, 0
                 continue
             passed = 0
-            if offset >= len(toks):          # only a position from other data can point past a document's end
+            toks = self._document(epoch, doc) if read else None
+            if offset >= size:          # only a position from other data can point past a document's end
                 raise ValueError(f"loader position (epoch {epoch}, document {doc}, offset {offset}) lies past the "
-                                 f"end of that document ({len(toks)} tokens): the dataset is not the one the "
+                                 f"end of that document ({size} tokens): the dataset is not the one the "
                                  "position was recorded in")
-            if got <= advance < got + len(toks) - offset:
+            if got <= advance < got + size - offset:
                 self.epoch, self.doc, self.offset = epoch, doc, offset + (advance - got)
-            piece = toks[offset: offset + (n - got)]
-            out.append(piece)
-            docs.append(np.full(len(piece), counter, dtype=np.int32))
-            got += len(piece)
-            offset += len(piece)
-            if offset == len(toks):
+            piece = min(size - offset, n - got)
+            if read:
+                out.append(toks[offset: offset + piece])
+                docs.append(np.full(piece, counter, dtype=np.int32))
+            got += piece
+            offset += piece
+            if offset == size:
                 doc, offset, counter = doc + 1, 0, counter + 1
                 if doc == len(self.source):
                     epoch, doc = epoch + 1, 0
-        return np.concatenate(out), np.concatenate(docs)
+        return (np.concatenate(out), np.concatenate(docs)) if read else None
 
-    def next_batch(self, rows: int, seq_len: int, max_doc_tokens: int = 0) -> Batch:
+    def next_batch(self, rows: int, seq_len: int, max_doc_tokens: int = 0, keep: Optional[range] = None) -> Batch:
         """`rows` sequences of seq_len inputs (+1 token for the labels) from the current position;
-        documents longer than `max_doc_tokens` (> 0) are passed over."""
-        ids = np.empty((rows, seq_len), dtype=np.int64)
-        labels = np.empty((rows, seq_len), dtype=np.int64)
-        seq_idx = np.empty((rows, seq_len), dtype=np.int32)
+        documents longer than `max_doc_tokens` (> 0) are passed over. With `keep` (a range of row
+        numbers: this data-parallel rank's), only those rows are read and returned; the position moves
+        over all `rows` exactly as without it, from the other rows' document lengths."""
+        keep = range(rows) if keep is None else keep
+        if keep.step != 1 or not 0 <= keep.start <= keep.stop <= rows:
+            raise ValueError(f"keep must be a contiguous range of rows within {rows}, got {keep}")
+        ids = np.empty((len(keep), seq_len), dtype=np.int64)
+        labels = np.empty((len(keep), seq_len), dtype=np.int64)
+        seq_idx = np.empty((len(keep), seq_len), dtype=np.int32)
         for r in range(rows):
+            if r not in keep:
+                self._take(seq_len + 1, advance=seq_len, max_doc_tokens=max_doc_tokens, read=False)
+                continue
             toks, docs = self._take(seq_len + 1, advance=seq_len, max_doc_tokens=max_doc_tokens)
-            ids[r], seq_idx[r] = toks[:-1], docs[:-1]
-            labels[r] = np.where(docs[1:] == docs[:-1], toks[1:], IGNORE)
+            i = r - keep.start
+            ids[i], seq_idx[i] = toks[:-1], docs[:-1]
+            labels[i] = np.where(docs[1:] == docs[:-1], toks[1:], IGNORE)
         return Batch(ids, labels, seq_idx)

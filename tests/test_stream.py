@@ -166,3 +166,43 @@ def test_a_damaged_shard_stops_the_reader_naming_it_and_never_yields_a_wrong_doc
             got.append(source.tokens(i))
     assert all(np.array_equal(a, b) for a, b in zip(got, expect))   # nothing wrong came out before the error
     assert len(got) < len(expect)
+
+
+@pytest.mark.parametrize("dp,max_doc_tokens", [(2, 0), (4, 0), (4, 40)])
+def test_each_rank_reads_only_its_rows_exactly_as_the_whole_batch_and_resumes_alike(shards, dp, max_doc_tokens):
+    """Rows of other ranks are passed over by document lengths alone: every rank gets exactly its rows of
+    the whole batch, its position after each step equals the one-process loader's, and no token of another
+    rank's rows is read."""
+    whole = PackedStream(DocumentSource(shards), EOS, seed=5)
+    ranks = [PackedStream(DocumentSource(shards), EOS, seed=5) for _ in range(dp)]
+    read = []
+    for r in [whole, *ranks]:             # count the documents each loader reads
+        tokens = r.source.tokens
+        r.source.tokens = lambda i, tokens=tokens, r=r: (read.append((id(r), i)), tokens(i))[1]
+    rows, per = 8, 8 // dp
+    for step in range(12):
+        ref = whole.next_batch(rows, 48, max_doc_tokens)
+        for k, r in enumerate(ranks):
+            got = r.next_batch(rows, 48, max_doc_tokens, keep=range(k * per, (k + 1) * per))
+            part = ref.rows(k * per, (k + 1) * per)
+            assert all(np.array_equal(a, b) for a, b in ((got.input_ids, part.input_ids),
+                                                          (got.labels, part.labels), (got.seq_idx, part.seq_idx)))
+            assert r.state_dict() == whole.state_dict()
+    reads = {id(r): sum(who == id(r) for who, _ in read) for r in [whole, *ranks]}
+    # its share, plus at most the document it resumes in at each step (the one-process loader has it cached)
+    assert max(reads[id(r)] for r in ranks) <= reads[id(whole)] / dp + 2 * 12 < reads[id(whole)], reads
+    resumed = PackedStream(DocumentSource(shards), EOS, seed=5)
+    resumed.load_state_dict(ranks[-1].state_dict())
+    nxt = whole.next_batch(rows, 48, max_doc_tokens)
+    assert np.array_equal(resumed.next_batch(rows, 48, max_doc_tokens, keep=range(0, per)).input_ids,
+                          nxt.rows(0, per).input_ids)
+
+
+def test_lengths_that_do_not_match_the_index_are_refused(tmp_path, shards):
+    import shutil
+
+    from longctx.data.stream import DamagedShard
+    shutil.copytree(shards, tmp_path / "train")
+    np.save(tmp_path / "train" / "lengths.npy", np.load(tmp_path / "train" / "lengths.npy")[:-1])
+    with pytest.raises(DamagedShard, match="lengths.npy: .* document lengths for .* documents"):
+        DocumentSource(str(tmp_path / "train")).length(0)

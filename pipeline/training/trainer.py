@@ -234,9 +234,10 @@ class Trainer:
         lr = learning_rate(self.plans, self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens)
-        dp_rank = self.rank // p.seq_parallel
-        share = rank_share(batch, dp_rank, p.data_parallel, self.rank % p.seq_parallel, p.seq_parallel)
+        dp_rank, per = self.rank // p.seq_parallel, p.sequences_per_step // p.data_parallel
+        batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens,
+                                       keep=range(dp_rank * per, (dp_rank + 1) * per))    # only this rank's rows
+        share = rank_share(batch, 0, 1, self.rank % p.seq_parallel, p.seq_parallel)
         t0 = time.perf_counter()
         micro = [share.rows(m * p.micro_batch, (m + 1) * p.micro_batch) for m in range(p.grad_accum)]
         losses, kept, snapshot = [], [], None
