@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--megabytes", type=float, default=100, help="data: size of the generated jsonl corpus")
     p.add_argument("--workers", type=int, default=2, help="data: Ray workers for prepare (and cores for the baseline)")
     p.add_argument("--tokenizer", default=None, help="data: a tokenizer.json (default: train a BPE on the corpus)")
+    p.add_argument("--ranks", default="8,64", help="data: simulated ranks sharing each step (loader tokens/s per rank)")
     return parser
 
 
@@ -264,7 +265,8 @@ def bench_kernels(args, out: Path) -> None:
 
 def bench_data(args, out: Path) -> None:
     from longctx.pipeline.bench.data import run_data_bench
-    result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer)
+    result = run_data_bench(megabytes=args.megabytes, workers=args.workers, tokenizer=args.tokenizer,
+                            ranks=_ints(args.ranks))
     for k, v in result.items():
         print(f"{k:34s} {v:,.1f}" if isinstance(v, float) else f"{k:34s} {v}")
     _save_json(result, out)

@@ -1,5 +1,7 @@
 """`longctx bench data`: tokenization throughput of `prepare` against raw `tokenizers` encode_batch on the
-same cores, and packing-loader tokens/s from the local cache. Ratios are measured in one process run."""
+same cores, packing-loader tokens/s from the local cache, and the loader's tokens/s per rank when R ranks
+share each step (one row each): reading only its row against packing the whole batch and slicing (what
+every rank did before). Ratios are measured in one process run."""
 from __future__ import annotations
 
 import json
@@ -54,8 +56,26 @@ def raw_encode_batch(corpus: Path, tokenizer: Path, batch: int = 512) -> tuple:
     return tokens, time.perf_counter() - t0
 
 
+def per_rank_loader(source, eos_id: int, ranks: int, seq_len: int, steps: int) -> dict:
+    """Tokens/s of rank 0's rows when `ranks` ranks share each step, one row each: its own rows only
+    (`keep`) against the whole batch packed and sliced. Both loaders start at the same position."""
+    from longctx.data.stream import PackedStream
+    out = {}
+    for name, keep in (("whole_batch", None), ("own_rows", range(0, 1))):
+        ps = PackedStream(source, eos_id=eos_id, seed=1)
+        ps.next_batch(1, seq_len)                                # open the shards
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = ps.next_batch(ranks, seq_len, keep=keep)
+            rows = batch.rows(0, 1)
+        out[name] = steps * rows.input_ids.size / (time.perf_counter() - t0)
+    return {f"loader_tokens_per_s_per_rank_{ranks}_ranks_whole_batch": out["whole_batch"],
+            f"loader_tokens_per_s_per_rank_{ranks}_ranks_own_rows": out["own_rows"],
+            f"loader_per_rank_speedup_{ranks}_ranks": out["own_rows"] / out["whole_batch"]}
+
+
 def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional[str] = None,
-                   loader_tokens: int = 20_000_000, seq_len: int = 8192) -> dict:
+                   loader_tokens: int = 20_000_000, seq_len: int = 8192, ranks=(8, 64)) -> dict:
     from longctx.data.prepare import part_marker, prepare
     from longctx.data.splits import split_url
     from longctx.data.stream import DocumentSource, PackedStream
@@ -82,6 +102,10 @@ def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional
     while read < loader_tokens:
         read += ps.next_batch(8, seq_len).input_ids.size
     loader_s = time.perf_counter() - t0
+    per_rank = {}
+    for r in ranks:
+        per_rank.update(per_rank_loader(ps.source, manifest["tokenizer"]["eos_id"], r, seq_len,
+                                        steps=max(2, loader_tokens // (r * seq_len))))
     shutil.rmtree(work, ignore_errors=True)
     return {"bench": "data", "corpus_bytes": size, "workers": workers, "tokens": raw_tokens,
             "raw_encode_batch_tokens_per_s": raw_tokens / raw_s,
@@ -90,4 +114,4 @@ def run_data_bench(megabytes: float = 100, workers: int = 2, tokenizer: Optional
             # workers busy tokenizing and writing shards, without Ray start-up and worker imports
             "prepare_tokens_per_s_workers": raw_tokens / (worker_s / workers),
             "prepare_workers_vs_raw_ratio": (raw_tokens / (worker_s / workers)) / (raw_tokens / raw_s),
-            "loader_tokens_per_s": read / loader_s}
+            "loader_tokens_per_s": read / loader_s, **per_rank}
