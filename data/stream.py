@@ -133,11 +133,17 @@ class DocumentSource:
 
 
 def open_splits(shards: str, cache_dir: Optional[str] = None):
-    """(training source, held-out source) of a `longctx prepare` output: what the trainer reads. Training
-    reads only train/, every evaluation only heldout/ (longctx.data.splits)."""
+    """(training source, held-out source or None when the split is empty) of a `longctx prepare` output:
+    what the trainer reads. Training reads only train/, every evaluation only heldout/ (longctx.data.splits)."""
+    import json
+
+    from . import storage
+    from .prepare import MANIFEST
     from .splits import split_url
+    counts = json.loads(storage.read_text(storage.join(shards, MANIFEST)))["splits"]
     cache = (lambda split: str(Path(cache_dir) / split)) if cache_dir else (lambda split: None)
-    return tuple(DocumentSource(split_url(shards, split), cache(split)) for split in ("train", "heldout"))
+    return tuple(DocumentSource(split_url(shards, split), cache(split)) if counts[split]["documents"] else None
+                 for split in ("train", "heldout"))
 
 
 class PackedStream:

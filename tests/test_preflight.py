@@ -99,3 +99,30 @@ def test_longctx_run_refuses_before_launching_anything(tmp_path, shards):
     assert r.returncode == 1
     assert "model.vocab_size" in r.stderr and "hold token id 195" in r.stderr
     assert "launch:" not in r.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_shards_without_heldout_documents_are_refused_only_when_the_run_reads_them(tmp_path, shards):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "mds", copy / "mds")
+    manifest = json.loads((copy / "mds" / "manifest.json").read_text())
+    manifest["splits"]["heldout"]["documents"] = 0
+    (copy / "mds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="hold no held-out document .* raise data.prepare.heldout_fraction"):
+        preflight(config(tmp_path, copy)[1], "c.yaml")
+    preflight(config(tmp_path, copy, "eval.every_checkpoint=false")[1], "c.yaml")     # nothing reads them
+    with pytest.raises(ConfigError, match="hold no held-out document"):                 # a calibrated state norm
+        preflight(config(tmp_path, copy, "eval.every_checkpoint=false", "mitigations.state_norm.every=64")[1],
+                  "c.yaml")
+
+
+def test_shards_of_an_older_longctx_are_refused_with_how_to_prepare_again(tmp_path, shards):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "mds", copy / "mds")
+    manifest = json.loads((copy / "mds" / "manifest.json").read_text())
+    manifest["format"] = "longctx-mds-v2"
+    (copy / "mds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"older longctx \(longctx-mds-v2\), without a held-out split.*"
+                                          r"longctx prepare CONFIG data.prepare.output=NEW"):
+        preflight(config(tmp_path, copy)[1], "c.yaml")

@@ -75,6 +75,17 @@ def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: 
     return manifest
 
 
+def reads_heldout(cfg: Config) -> bool:
+    """Whether the run reads held-out documents: evaluations at checkpoints that read documents, or a
+    state norm calibrated on them (in any stage, or in the evaluation's comparison)."""
+    from ..mitigations import merge_overrides
+    if cfg.eval.every_checkpoint and {"heldout", "length", "states"} & set(cfg.eval.kinds):
+        return True
+    sections = [cfg.mitigations] + [merge_overrides(cfg.mitigations, s.mitigations, f"curriculum.stages[{i}]")
+                                    for i, s in enumerate(cfg.curriculum.stages)]
+    return any(m.state_norm.every and not m.state_norm.thresholds for m in sections)
+
+
 def preflight(cfg: Config, where: str, tok=None) -> str:
     """Every check above, for this config (`tok`: its tokenizer, when already loaded). Returns the shards."""
     arch = check_pretrained(cfg, where) if cfg.model.from_pretrained else model_config(cfg)
@@ -83,7 +94,7 @@ def preflight(cfg: Config, where: str, tok=None) -> str:
     if not shards:
         raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
     manifest = check_shards(shards, identity(tok), arch.vocab_size, where)
-    if manifest["splits"]["heldout"]["documents"] == 0:
+    if manifest["splits"]["heldout"]["documents"] == 0 and reads_heldout(cfg):
         raise ConfigError(f"{where}: data.shards {shards} hold no held-out document (heldout_fraction "
                           f"{manifest['heldout_fraction']} of {manifest['documents']:,} documents), and every "
                           "evaluation and calibration reads only held-out documents: raise "

@@ -132,7 +132,9 @@ class Trainer:
         with self._host_local_world():       # training reads only train/, every evaluation only heldout/
             source, heldout = open_splits(shards, cache)
         self.stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed)
-        self.eval_stream = PackedStream(heldout, self.tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
+        # None: no held-out document, and preflight found that nothing in this run reads one
+        self.eval_stream = (PackedStream(heldout, self.tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
+                            if heldout is not None else None)
 
         self.identity = run_identity(cfg, model.config, identity(self.tok), source.identity, self.world, self.plans)
         self.checkpoints = Checkpointer(
@@ -194,7 +196,8 @@ class Trainer:
         trainer = self.checkpoints.load(*found)
         self.state = {k: trainer[k] for k in self.state}
         self.stream.load_state_dict(trainer["loader"])
-        self.eval_stream.load_state_dict(trainer["eval_loader"])
+        if self.eval_stream is not None:
+            self.eval_stream.load_state_dict(trainer["eval_loader"])
         self.mitigations.load_state_dict(trainer.get("mitigations", {}))
         _set_rng_state(trainer["rng"])
         self.pending = trainer.get("pending")
@@ -205,7 +208,8 @@ class Trainer:
     def trainer_state(self, stage, pending: Optional[dict] = None) -> dict:
         return {**self.state, "stage": stage.index, "stage_name": stage.name, "seq_len": stage.seq_len,
                 "loader": self.stream.state_dict(),
-                "eval_loader": self.eval_stream.state_dict(), "rng": _rng_state(),
+                "eval_loader": None if self.eval_stream is None else self.eval_stream.state_dict(),
+                "rng": _rng_state(),
                 "mitigations": self.mitigations.state_dict(), "identity": self.identity, "pending": pending}
 
     def enter_stage(self, p) -> None:
@@ -359,12 +363,13 @@ class Trainer:
     def evaluate(self, p, step: int, record: dict, metrics) -> bool:
         """The checkpoint's evaluation into `record`; False when a stop interrupted it, with the held-out
         stream and RNG put back as they were before it (the evaluation reruns from there after resuming)."""
-        before = self.eval_stream.state_dict(), _rng_state()
+        before = None if self.eval_stream is None else self.eval_stream.state_dict(), _rng_state()
         evaluated = dict(record)
         try:
             self.evaluator.evaluate(p, step, evaluated, metrics)
         except EvaluationInterrupted:
-            self.eval_stream.load_state_dict(before[0])
+            if self.eval_stream is not None:
+                self.eval_stream.load_state_dict(before[0])
             _set_rng_state(before[1])
             return False
         record.update(evaluated)
