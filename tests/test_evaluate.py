@@ -188,6 +188,7 @@ def test_decoding_memory_does_not_grow_with_the_context():
     assert peak[65536] <= 1.3 * peak[4096], peak
 
 
+@pytest.mark.slow          # a few minutes of training; the demo's slow test checks retrieval end to end too
 def test_a_tiny_model_trained_here_retrieves_passkeys_well_above_chance():
     """Trained on the passkey task at 192 tokens for a few hundred steps; chance is 1e-5."""
     import random

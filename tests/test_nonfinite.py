@@ -35,7 +35,7 @@ def _setup(tmp_path, name, global_batch_tokens):
     cfg.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 9}}
 model: {{from_pretrained: {tmp_path / 'model'}}}
-data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}, heldout_fraction: 0.2}}}}
+data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}, heldout_fraction: 0}}}}
 train: {{micro_batch_size: 1, zero_stage: 0, max_bad_steps: 5, grad_clip: 0}}
 curriculum: {{stages: [{{name: a, seq_len: 64, steps: 6, global_batch_tokens: {global_batch_tokens}, lr: 0.003}}]}}
 checkpoint: {{every_steps: 1, keep_last: 0}}

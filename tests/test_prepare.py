@@ -285,7 +285,19 @@ def test_heldout_split_is_by_content_disjoint_stable_and_never_reaches_a_trainin
     assert {int(x) for x in seen} == {int(t[6:10]) for t in train}
 
 
-def test_damaged_inputs_keep_what_is_readable_are_reported_and_set_the_exit_status(tmp_path):
+def longctx_prepare(cfg, capsys):
+    """`longctx prepare CONFIG` as the command runs it (its exit status, stdout, stderr), in this process: the
+    session's Ray is already up."""
+    from types import SimpleNamespace
+
+    from longctx.launch.cli import main
+    capsys.readouterr()
+    rc = main(["prepare", str(cfg)])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def test_damaged_inputs_keep_what_is_readable_are_reported_and_set_the_exit_status(tmp_path, capsys):
     """A .jsonl.gz and a .jsonl.zst cut in the middle, a .parquet without its footer: the records before the
     damage are kept, each file is counted under `damaged_file` with its name, the other inputs finish, and
     `longctx prepare` exits 3 (complete, with rejections)."""
@@ -303,8 +315,7 @@ def test_damaged_inputs_keep_what_is_readable_are_reported_and_set_the_exit_stat
     (root / "cut.parquet").write_bytes((root / "cut.parquet").read_bytes()[:-100])
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data: {{prepare: {{inputs: ['{root}/*'], output: '{tmp_path / 'out'}', num_workers: 2}}}}\n")
-    r = subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], capture_output=True, text=True,
-                       timeout=300)
+    r = longctx_prepare(cfg, capsys)
     assert r.returncode == 3, r.stdout + r.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["rejected"] == {"damaged_file": 3} and (tmp_path / "out" / "DONE").exists()
@@ -325,12 +336,11 @@ def test_damaged_inputs_keep_what_is_readable_are_reported_and_set_the_exit_stat
     assert "MiB/s" in r.stderr and "rejected" in r.stderr
 
 
-def test_a_prepare_that_produces_no_document_fails_and_writes_no_done(tmp_path):
+def test_a_prepare_that_produces_no_document_fails_and_writes_no_done(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": _id_doc(i)}) + "\n" for i in range(20)))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data: {{prepare: {{inputs: ['{tmp_path}/a.jsonl'], output: '{tmp_path / 'out'}'}}}}\n")
-    r = subprocess.run([sys.executable, "-m", "longctx", "prepare", str(cfg)], capture_output=True, text=True,
-                       timeout=300)
+    r = longctx_prepare(cfg, capsys)
     assert r.returncode == 1 and "no document was produced" in r.stderr and "text_field ('text')" in r.stderr
     assert "missing_field" in r.stderr and not (tmp_path / "out" / "DONE").exists()
 
@@ -361,13 +371,13 @@ def test_s3_outages_during_upload_are_retried_or_stop_cleanly_and_a_rerun_finish
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text("".join(
-        json.dumps({"text": _id_doc(i) + "".join(rng.choice(list("abcdefgh "), 3000))}) + "\n" for i in range(600)))
+        json.dumps({"text": _id_doc(i) + "".join(rng.choice(list("abcdefgh "), 2000))}) + "\n" for i in range(360)))
     relay = Outage(s3_endpoint)
 
     def run(prefix, endpoint, attempts, timeout_s):
         cfg = tmp_path / f"{prefix}.yaml"
         cfg.write_text(f"data:\n  prepare: {{inputs: ['{tmp_path}/in/*.jsonl'], output: 's3://faults/{prefix}', "
-                       f"staging: '{tmp_path / prefix}', chunk_bytes: 120000, num_workers: 2, heldout_fraction: 0.1}}\n"
+                       f"staging: '{tmp_path / prefix}', chunk_bytes: 80000, num_workers: 2, heldout_fraction: 0.1}}\n"
                        f"  s3: {{max_attempts: {attempts}, timeout_s: {timeout_s}}}\n")
         return subprocess.Popen([sys.executable, "-m", "longctx", "prepare", str(cfg)], text=True,
                                 env={**os.environ, "S3_ENDPOINT_URL": endpoint},
@@ -379,8 +389,9 @@ def test_s3_outages_during_upload_are_retried_or_stop_cleanly_and_a_rerun_finish
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
 
-    clean = run("clean", s3_endpoint, 8, 30)
-    assert clean.wait(300) == 0, clean.communicate()
+    prepare(DataConfig(prepare=PrepareConfig(inputs=[f"{tmp_path}/in/*.jsonl"], output="s3://faults/clean",
+                                             staging=str(tmp_path / "clean"), chunk_bytes=80000, num_workers=2,
+                                             heldout_fraction=0.1)), TokenizerConfig())
     expect = _objects(client, "faults", "clean")
     assert len([k for k in expect if k.endswith(".zstd")]) >= 8
 

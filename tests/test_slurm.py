@@ -196,9 +196,10 @@ def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prep
     assert not left, f"Ray processes of the job are still running: {left}"
     assert ray.get(ray.put("alive"), timeout=30) == "alive"          # the job stopped only its own Ray
 
-    local = _prepare_config(tmp_path, "local", inputs)
-    subprocess.run([sys.executable, "-m", "longctx", "prepare", str(local)], check=True, timeout=300,
-                   capture_output=True)
+    from longctx.data.prepare import prepare
+    from longctx.pipeline.config import load_config
+    local = load_config(str(_prepare_config(tmp_path, "local", inputs)), [])
+    prepare(local.data, local.tokenizer)            # on this session's Ray
     here = json.loads((tmp_path / "local" / "mds" / "manifest.json").read_text())
     assert {**cluster, "run": None} == {**here, "run": None}        # `run`: wall time, rates, nodes
     assert len(cluster["parts"]) >= 4

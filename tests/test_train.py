@@ -102,7 +102,9 @@ SLOW_EVAL = "eval.passkey_samples=300"     # ~1 minute of passkey decoding per c
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("target", ["launcher", "process group"])
+# SIGTERM to the whole process group is what schedulers send (and the SLURM tests do for real); the launcher
+# alone (a person's kill) runs with the slow tests
+@pytest.mark.parametrize("target", [pytest.param("launcher", marks=pytest.mark.slow), "process group"])
 def test_preemption_checkpoints_first_and_resumes_to_the_uninterrupted_run(uninterrupted, target):
     """SIGTERM as a cluster sends it: to DeepSpeed's launcher (which SIGKILLs its ranks 30 s later), or to the
     whole process group of `longctx run`, while the checkpoint's evaluation takes longer than that grace.
