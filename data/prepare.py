@@ -77,6 +77,13 @@ def part_marker(staging: str, pid: str) -> str:
     return os.path.join(staging, PARTS, f"part-{pid}.json")
 
 
+def _meta_only(marker: str) -> bool:
+    """A marker copied from the remote output by another machine's run: this staging has the part's indexes
+    and counts, not its shards."""
+    with open(marker) as f:
+        return bool(json.load(f).get("meta_only"))
+
+
 def _reject(stats: dict, reason: str, location: str) -> None:
     stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
     examples = stats["examples"].setdefault(reason, [])
@@ -88,7 +95,7 @@ def process_item(item: WorkItem, settings: Settings) -> dict:
     """Tokenize one work item into its two MDS parts. Runs inside a Ray task."""
     pid = settings.part_id(item)
     marker = part_marker(settings.staging, pid)
-    if not os.path.exists(marker):
+    if not os.path.exists(marker) or _meta_only(marker):     # meta only: the remote part is gone, make it again
         _write_part(item, settings, pid, marker)
     if settings.remote:
         for split in SPLITS:
@@ -147,11 +154,18 @@ def _write_part(item: WorkItem, settings: Settings, pid: str, marker: str) -> No
             flush()
         stats["seconds"] = time.perf_counter() - t0      # worker time, for throughput reports
         stats["node"] = _node_address()
+        if os.path.exists(marker) and not _meta_only(marker):
+            return                 # another run (or a retried task) finished the same part first
         for split in SPLITS:       # a killed run may have left a split's part without its marker: replace it
             final = os.path.join(settings.staging, split, f"part-{pid}")
             shutil.rmtree(final, ignore_errors=True)
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(os.path.join(tmp, split), final)
+            try:
+                os.replace(os.path.join(tmp, split), final)
+            except OSError:        # another writer of the same part got there between the check and here
+                if os.path.exists(marker) and not _meta_only(marker):
+                    return
+                raise
         storage.write_text(marker, json.dumps(stats))      # atomic, and last: the part is complete
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -206,7 +220,8 @@ def _fetch_remote_part_meta(remote: str, staging: str, pid: str) -> None:
             raise PrepareError(f"{remote}/{split}/part-{pid}: marked complete ({PARTS}/part-{pid}.json) but its "
                                "index.json is missing; delete that marker and re-run")
         storage.write_text(os.path.join(staging, split, f"part-{pid}", "index.json"), text)
-    storage.write_text(marker, storage.read_text(storage.join(remote, PARTS, f"part-{pid}.json")))
+    stats = json.loads(storage.read_text(storage.join(remote, PARTS, f"part-{pid}.json")))
+    storage.write_text(marker, json.dumps({**stats, "meta_only": True}))
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -359,8 +374,8 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
     need_sha = [f for f in files if (f.url, f.size, f.version) not in known_sha]
 
     started = False
-    if todo and not remote and os.path.exists(os.path.join(p.output, DONE)):
-        os.remove(os.path.join(p.output, DONE))      # the output is incomplete until this run finishes
+    if todo:
+        storage.remove(storage.join(p.output, DONE))      # the output is incomplete until this run finishes
     work_bytes = 0
     if todo or need_sha:
         started = _ray_init(p.ray_address, p.num_workers)
@@ -442,7 +457,7 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
                            "inputs. Nothing is marked DONE")
     for split in SPLITS:
         _merge_split(staging, split, ids)
-        lengths = np.asarray([n for st in part_stats for n in st["lengths"][split]], dtype=np.int64)
+        lengths = np.asarray([n for st in part_stats for n in st["lengths"][split]], dtype=np.int32)
         np.save(os.path.join(staging, split, LENGTHS), lengths)
     seconds = time.time() - run["t0"]
     done_now = set(run["todo"])

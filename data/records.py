@@ -82,11 +82,15 @@ class _Decompressed(io.RawIOBase):
                     raise DamagedFile("the file ends inside a compressed frame (truncated)")
                 return 0
             self.fed = True
+            out = b""
             try:
-                out = self.decoder.decompress(data)
-                while self.decoder.eof and self.decoder.unused_data:     # another member/frame follows
-                    rest, self.decoder = self.decoder.unused_data, self._new_decoder()
-                    out += self.decoder.decompress(rest)
+                while data:
+                    if self.decoder.eof:           # the member/frame before ended: another one follows
+                        if not data.strip(b"\0"):  # zero padding after the last gzip member (gzip accepts it)
+                            break
+                        self.decoder = self._new_decoder()
+                    out += self.decoder.decompress(data)
+                    data = self.decoder.unused_data if self.decoder.eof else b""
             except (zlib.error, zstandard.ZstdError) as e:
                 raise DamagedFile(f"corrupt compressed data ({e})") from None
             self.pending = out

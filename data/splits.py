@@ -6,7 +6,7 @@ always land in the same split.
 Layout of a `longctx prepare` output (format v3):
     manifest.json, DONE
     train/index.json      train/part-<id>/...     (MDS; a plain StreamingDataset reads train/)
-    train/lengths.npy     tokens of every document, in the index's order (int64): readers that skip
+    train/lengths.npy     tokens of every document, in the index's order (int32): readers that skip
                           documents (the rows of other ranks) need only these
     heldout/index.json    heldout/part-<id>/...   heldout/lengths.npy
     parts/part-<id>.json  one work item's counts, written last: the item is complete

@@ -212,6 +212,18 @@ def write_text(url: str, text: str) -> None:
     os.replace(tmp, url)
 
 
+def remove(url: str) -> None:
+    """Delete one file or object; nothing to do when it does not exist."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise _s3_error(e, url) from None
+        return
+    Path(url).unlink(missing_ok=True)
+
+
 def upload_dir_files(local_dir: str, url: str, names) -> None:
     """Upload the named files of `local_dir` under the s3:// prefix `url`."""
     bucket, key = split_s3(url)

@@ -91,7 +91,7 @@ class DocumentSource:
             from .splits import LENGTHS
             url = storage.join(self.shards, LENGTHS)
             path = storage.local_copy(url, str(self.index_path.parent / ".lengths")) if self.remote else url
-            lengths = np.load(path)
+            lengths = np.load(path, mmap_mode="r")
             if len(lengths) != len(self):
                 raise DamagedShard(f"{url}: {len(lengths)} document lengths for {len(self)} documents in the index: "
                                    "the dataset was changed after it was prepared; prepare it again")
@@ -224,6 +224,10 @@ class PackedStream:
                 continue
             passed = 0
             toks = self._document(epoch, doc) if read else None
+            if toks is not None and len(toks) != size:
+                raise DamagedShard(f"document {int(self._order_of(epoch)[doc])} has {len(toks) - 1} tokens, but the "
+                                   f"split's lengths.npy says {size - 1}: the dataset changed after it was prepared; "
+                                   "prepare it again")
             if offset >= size:          # only a position from other data can point past a document's end
                 raise ValueError(f"loader position (epoch {epoch}, document {doc}, offset {offset}) lies past the "
                                  f"end of that document ({size} tokens): the dataset is not the one the "

@@ -206,8 +206,10 @@ def cmd_node(args) -> int:
     hosts = list(world)
     if not 0 <= args.node_rank < len(hosts):
         raise ValueError(f"--node-rank {args.node_rank} is not an index of the {len(hosts)} hosts {hosts}")
+    # one host: rendezvous on the loopback (its name in a hostfile may be an ssh alias that does not resolve)
+    master = args.master_addr or (hosts[0] if len(hosts) > 1 else "127.0.0.1")
     cmd = launch_command(args.config, args.overrides, world, args.master_port, node_rank=args.node_rank,
-                         master_addr=args.master_addr or hosts[0])
+                         master_addr=master)
     print(f"node {args.node_rank} ({hosts[args.node_rank]}) of {hosts}:", " ".join(cmd), flush=True)
     os.execv(cmd[0], cmd)
 

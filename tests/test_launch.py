@@ -102,6 +102,7 @@ def test_render_deepspeed_and_ray_and_write(tmp_path):
     shell_ok(written)
 
 
+@pytest.mark.slow      # the same `longctx node --hostfile` path as the two-host test of tests/test_slurm.py
 def test_deepspeed_hostfile_script_trains_on_localhost(tmp_path):
     """launch/deepspeed/train.sh with 'localhost slots=2': one host needs no ssh (`longctx node`), on CPU."""
     cfg = config(tmp_path)

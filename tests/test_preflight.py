@@ -114,6 +114,10 @@ def test_shards_without_heldout_documents_are_refused_only_when_the_run_reads_th
     with pytest.raises(ConfigError, match="hold no held-out document"):                 # a calibrated state norm
         preflight(config(tmp_path, copy, "eval.every_checkpoint=false", "mitigations.state_norm.every=64")[1],
                   "c.yaml")
+    manifest["splits"]["train"]["documents"] = 0
+    (copy / "mds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="hold no training document: every one of the 20 documents is held out"):
+        preflight(config(tmp_path, copy, "eval.every_checkpoint=false")[1], "c.yaml")
 
 
 def test_shards_of_an_older_longctx_are_refused_with_how_to_prepare_again(tmp_path, shards):

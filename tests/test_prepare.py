@@ -454,3 +454,47 @@ def test_credentials_the_server_refuses_stop_before_any_work(tmp_path):
             os.environ["S3_ENDPOINT_URL"] = saved
         server.terminate()
         server.wait(10)
+
+
+class _Chunks:
+    """A raw stream that returns the given byte strings one per read: a frame ending exactly at a read."""
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+
+    def read(self, n=-1):
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst"])
+def test_frames_ending_at_a_read_and_gzip_zero_padding_are_not_damage(fmt):
+    import io
+
+    from longctx.data.records import _Decompressed
+    lines = [json.dumps({"text": _id_doc(i)}).encode() + b"\n" for i in range(6)]
+    pack = gzip.compress if fmt == "jsonl.gz" else zstandard.ZstdCompressor().compress
+    frames = [pack(b"".join(lines[:3])), pack(b"".join(lines[3:]))]
+    chunks = frames + ([b"\0" * 512] if fmt == "jsonl.gz" else [])       # gzip accepts trailing zero padding
+    f = io.BufferedReader(_Decompressed(_Chunks(chunks), fmt))
+    assert f.read() == b"".join(lines)
+
+
+def test_a_remote_part_lost_after_another_machine_saw_it_done_is_made_again(tmp_path, s3_endpoint):
+    """Machine B found every part done in the bucket (it fetched their indexes, not their shards); when a part
+    is then lost from the bucket, B's re-run tokenizes it again instead of uploading an index without shards."""
+    write_corpus(tmp_path / "in")
+    client = make_bucket("lost")
+    first = prepare(config([str(tmp_path / "in" / "*.jsonl")], "s3://lost/mds", staging=str(tmp_path / "a")),
+                    TokenizerConfig())
+    expect = _objects(client, "lost", "mds")
+    prepare(config([str(tmp_path / "in" / "*.jsonl")], "s3://lost/mds", staging=str(tmp_path / "b")),
+            TokenizerConfig())
+    part = first["parts"][0]
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="lost", Prefix="mds/"):
+        for o in page.get("Contents", []):
+            if f"/{part}/" in o["Key"] or o["Key"].endswith(f"{part}.json"):
+                client.delete_object(Bucket="lost", Key=o["Key"])
+    assert _objects(client, "lost", "mds") != expect
+    again = prepare(config([str(tmp_path / "in" / "*.jsonl")], "s3://lost/mds", staging=str(tmp_path / "b")),
+                    TokenizerConfig())
+    assert again["run"]["parts_tokenized"] == 1 and _objects(client, "lost", "mds") == expect

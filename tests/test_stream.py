@@ -206,3 +206,15 @@ def test_lengths_that_do_not_match_the_index_are_refused(tmp_path, shards):
     np.save(tmp_path / "train" / "lengths.npy", np.load(tmp_path / "train" / "lengths.npy")[:-1])
     with pytest.raises(DamagedShard, match="lengths.npy: .* document lengths for .* documents"):
         DocumentSource(str(tmp_path / "train")).length(0)
+
+
+def test_a_length_that_disagrees_with_its_document_is_refused(tmp_path, shards):
+    import shutil
+
+    from longctx.data.stream import DamagedShard
+    shutil.copytree(shards, tmp_path / "train")
+    lengths = np.load(tmp_path / "train" / "lengths.npy")
+    lengths[:] = lengths[::-1]                       # the same count, other values
+    np.save(tmp_path / "train" / "lengths.npy", lengths)
+    with pytest.raises(DamagedShard, match="lengths.npy says"):
+        PackedStream(DocumentSource(str(tmp_path / "train")), EOS, shuffle=False).next_batch(4, 64)

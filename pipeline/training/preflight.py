@@ -94,6 +94,10 @@ def preflight(cfg: Config, where: str, tok=None) -> str:
     if not shards:
         raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
     manifest = check_shards(shards, identity(tok), arch.vocab_size, where)
+    if manifest["splits"]["train"]["documents"] == 0:
+        raise ConfigError(f"{where}: data.shards {shards} hold no training document: every one of the "
+                          f"{manifest['documents']:,} documents is held out (heldout_fraction "
+                          f"{manifest['heldout_fraction']}); lower data.prepare.heldout_fraction or add inputs")
     if manifest["splits"]["heldout"]["documents"] == 0 and reads_heldout(cfg):
         raise ConfigError(f"{where}: data.shards {shards} hold no held-out document (heldout_fraction "
                           f"{manifest['heldout_fraction']} of {manifest['documents']:,} documents), and every "
