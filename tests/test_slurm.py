@@ -98,7 +98,7 @@ def _metrics_lines(run_dir) -> int:
 @pytest.mark.timeout(1200)
 def test_scontrol_requeue_checkpoints_first_and_the_requeued_job_finishes_the_run(slurm_cluster, uninterrupted):
     """Pre-emption as SLURM does it (`scontrol requeuehold`: SIGTERM to the script and every task, SIGKILL
-    KillWait=30 s later) while the checkpoint's evaluation takes about a minute: the checkpoint of the step
+    KillWait=30 s later) while the checkpoint's evaluation takes tens of seconds: the checkpoint of the step
     reached exists before the job runs again, and the requeued job (with a quick evaluation: an allowed change)
     ends with the losses of the uninterrupted run."""
     tmp, full = uninterrupted
