@@ -16,7 +16,6 @@ dir="${LONGCTX_SLURM_DIR:-/tmp/longctx-slurm}"
 conf=/etc/slurm
 nodes=(node1 node2)
 addrs=(127.0.0.2 127.0.0.3)
-ports=(6818 6819)
 
 write_config() {
   mkdir -p "$conf" "$dir"/{ctld,log,gres} /run/munge
@@ -86,6 +85,7 @@ start() {
   for n in "${nodes[@]}"; do
     scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
   done
+  # shellcheck disable=SC2016  # expanded by the inner shell, at each poll
   wait_for 60 "both nodes idle" bash -c '[ "$(sinfo -h -N -o %t | grep -cE "^(idle|mix|alloc)")" = 2 ]'
 }
 
