@@ -422,24 +422,11 @@ def test_s3_outages_during_upload_are_retried_or_stop_cleanly_and_a_rerun_finish
 def test_credentials_the_server_refuses_stop_before_any_work(tmp_path):
     """A second local S3 server that checks keys (moto's IAM auth: no user has the test's keys): both an
     s3:// output and s3:// inputs are refused as access denied before anything is read or written."""
-    import socket
-
-    from longctx.launch.local import free_port
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tests.s3 import start_moto
+    server, url = start_moto(env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     saved = os.environ.get("S3_ENDPOINT_URL")
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto server did not start"
-                time.sleep(0.2)
-        os.environ["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        os.environ["S3_ENDPOINT_URL"] = url
         (tmp_path / "in.jsonl").write_text('{"text": "hello there"}\n')
         with pytest.raises(StorageError, match=r"s3://guarded/out: access denied .*AWS_ACCESS_KEY_ID"):
             prepare(config([str(tmp_path / "in.jsonl")], "s3://guarded/out", staging=str(tmp_path / "st")),
