@@ -1,68 +1,85 @@
 #!/usr/bin/env bash
-# GPU check of the Triton SSD kernels: correctness at the 370M shapes up to 256K
-# tokens, and `longctx bench kernels` against mamba_ssm's mamba_chunk_scan_combined.
+# The GPU check in one run, on a bare GPU machine with no network and no package index (under 8 minutes on one H100).
 #
-#   tests/gpu/run.sh [OUT_DIR]        (default: $OUT, else ./gpu_results)
+#   tests/gpu/run.sh [--rehearse] [--phases env,correctness,...] OUT     (OUT default: $OUT, else ./gpu_results)
 #
-# GPU hosts may have no network: everything is installed from wheels placed in
-# tests/gpu/wheels/ (pip --no-index). Missing wheels for packages already installed are
-# fine; a missing mamba_ssm only drops its bench rows. Writes into OUT_DIR:
-#   gpu_tests.json   errors per test (tests/gpu/test_gpu_kernels.py), gpu_tests.xml (junit)
-#   bench_kernels.json, bench_kernels_long.json   `longctx bench kernels` rows
-#   summary.json     exit codes, device, versions
+# Before: tests/gpu/fetch.sh, on a machine with network, fills tests/gpu/offline/ (git-ignored, a few MiB: the
+# omegaconf and PyYAML wheels, mamba_ssm's Triton SSD from its sdist); bring that folder along with the checkout.
+# Installs nothing and never pip-installs the project: the checkout runs from PYTHONPATH with the machine's own
+# python3, torch and triton; a wheel from tests/gpu/offline/wheels is unpacked into a temporary folder only for a
+# module the machine lacks. Each phase of tests/gpu/phases.py runs in its own process under its own time limit
+# (seconds in LIMITS; GPU_CHECK_LIMIT_<phase>=S overrides one), so one slow phase cannot eat the others' time.
+# Writes OUT/gpu_check.json (every check, table, number and version), OUT/gpu_check.md (the same as Markdown
+# tables for README) and OUT/gpu_check.log (every phase's output); exits non-zero naming each error, tolerance
+# miss and timed-out phase.
+# --rehearse: the same plan at tiny shapes in fp32 on CPU, with the Triton interpreter (tests/test_gpu_plan.py).
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-out="${1:-${OUT:-$root/gpu_results}}"
-wheels="$here/wheels"
-mkdir -p "$out"
-cd "$root" || exit 1
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+py="${PYTHON:-python3}"
+offline="${GPU_CHECK_OFFLINE:-$here/offline}"
+phases="env,correctness,long,long_peer,speed,model"
+rehearse=false
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rehearse) rehearse=true ;;
+    --phases) phases="$2"; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) out="$1" ;;
+  esac
+  shift
+done
+out="${out:-${OUT:-$root/gpu_results}}"
+start=$(date +%s.%N)
 
-pip_offline() {
-  python -m pip install --no-index --find-links "$wheels" --no-build-isolation "$@"
-}
-
-if [ -d "$wheels" ]; then
-  # the project (and any dependency not yet installed), then mamba_ssm if its wheel is there
-  pip_offline -e "." || echo "run.sh: offline install of the project failed; running from the source tree" >&2
-  if compgen -G "$wheels/mamba_ssm-*.whl" > /dev/null; then
-    pip_offline mamba_ssm || echo "run.sh: mamba_ssm wheel did not install; no mamba_ssm rows" >&2
-  fi
+# seconds per phase: together, with the 2 s grace of each kill, under the 480 s budget
+LIMITS="env=20 correctness=125 long=75 long_peer=90 speed=75 model=75"
+budget=480
+tiny=()
+if $rehearse; then
+  LIMITS="env=120 correctness=180 long=120 long_peer=180 speed=180 model=180"
+  budget=0
+  tiny=(--tiny)
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
 else
-  echo "run.sh: no $wheels directory; using what is installed" >&2
+  export TRITON_CACHE_AUTOTUNING=1     # later phases reuse the autotuning of earlier ones
 fi
 
-python - <<'PY' || { echo "run.sh: no CUDA device visible to torch" >&2; exit 2; }
-import torch, triton
-assert torch.cuda.is_available()
-print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-PY
-python -c "import mamba_ssm" 2>/dev/null && have_mamba=true || have_mamba=false
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+site="$work/site"
+cd "$root" || exit 1
+if ! "$py" "$here/offline.py" check --offline "$offline"; then
+  echo "run.sh: $offline is incomplete (above); run tests/gpu/fetch.sh where there is network" >&2
+  exit 2
+fi
+"$py" "$here/offline.py" site "$site" --offline "$offline" | sed 's/^/run.sh: wheel /'
+export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}" GPU_CHECK_OFFLINE="$offline" GPU_CHECK_SITE="$site"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-GPU_RESULTS_DIR="$out" python -m pytest tests/gpu/test_gpu_kernels.py -m gpu -o addopts="" -p no:cacheprovider \
-  -q -ra --junitxml "$out/gpu_tests.xml"
-tests_rc=$?
-
-longctx() { python -m longctx "$@"; }
-shape=(--heads 32 --headdim 64 --d-state 128 --chunk-size 256 --devices cuda --naive-max-len 0)
-longctx bench kernels --lengths 8192,16384,32768,65536 --dtypes bfloat16,float32 --repeats 5 "${shape[@]}" \
-  --out "$out/bench_kernels.json"
-bench_rc=$?
-# past 64K: mamba_ssm's 32-bit offsets; failures and wrong outputs land in the rows (error, rel err vs torch)
-longctx bench kernels --lengths 131072,262144 --dtypes bfloat16 --repeats 2 "${shape[@]}" \
-  --out "$out/bench_kernels_long.json"
-long_rc=$?
-
-python - "$out" "$tests_rc" "$bench_rc" "$long_rc" "$have_mamba" <<'PY'
-import json, sys, torch
-out, tests_rc, bench_rc, long_rc, have_mamba = sys.argv[1:]
-summary = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tests_rc=int(tests_rc),
-               bench_rc=int(bench_rc), bench_long_rc=int(long_rc), mamba_ssm=have_mamba == "true")
-with open(f"{out}/summary.json", "w") as f:
-    json.dump(summary, f, indent=2)
-print(json.dumps(summary))
-PY
-
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$long_rc" -eq 0 ]
+: >"$out/gpu_check.log.tmp"
+limits=""
+for phase in ${phases//,/ }; do
+  default="$(tr ' ' '\n' <<<"$LIMITS" | sed -n "s/^$phase=//p")"
+  [ -n "$default" ] || { echo "run.sh: no phase '$phase'" >&2; exit 2; }
+  override="GPU_CHECK_LIMIT_$phase"
+  limit="${!override:-$default}"
+  limits="${limits:+$limits,}$phase=$limit"
+  echo "run.sh: $phase (limit $limit s)"
+  t0=$(date +%s.%N)
+  timeout -k 2 "$limit" "$py" -m tests.gpu.phases "$phase" --out "$work" ${tiny[@]+"${tiny[@]}"} >"$work/$phase.log" 2>&1
+  rc=$?
+  took="$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')"
+  echo "$rc $took $limit" >"$work/$phase.rc"
+  { echo "===== $phase: exit $rc in $took s (limit $limit s)"; cat "$work/$phase.log"; } >>"$out/gpu_check.log.tmp"
+  tail -n 3 "$work/$phase.log" | sed "s/^/  /"
+done
+total="$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')"
+mv "$out/gpu_check.log.tmp" "$out/gpu_check.log"
+mode=full
+$rehearse && mode=rehearse
+"$py" "$here/report.py" "$work" "$out" --phases "$phases" --limits "$limits" --budget "$budget" --seconds "$total" \
+  --mode "$mode"
