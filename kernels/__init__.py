@@ -16,6 +16,13 @@ from .reference import ssd_naive, ssd_step
 BACKENDS = ("auto", "torch", "triton")
 
 
+def auto_chunk_size(length: int, device_type: str) -> int:
+    """The chunk length `chunk_size="auto"` takes. On CPU the chunked torch scan is fastest with short
+    chunks at every length measured (`longctx bench kernels --vs-minimal`: 64 beat 128 and 256 from 1K to
+    64K tokens at h=8, p=64, n=64, and at the demo's shapes); on CUDA the Triton kernels' 256."""
+    return 64 if device_type == "cpu" else 256
+
+
 def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None, return_final_states=False,
         decay_scale=None, input_scale=None, state_norm=None, window=None, backend="auto"):
@@ -26,6 +33,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_soft
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(x.shape[1], x.device.type)
     kw = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
               initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states,
               decay_scale=decay_scale, input_scale=input_scale, state_norm=state_norm, window=window)
@@ -56,4 +65,5 @@ def _triton_backend():
     return _TRITON[0]
 
 
-__all__ = ["ssd", "ssd_naive", "ssd_step", "ssd_chunked", "StateNorm", "causal_conv1d", "BACKENDS"]
+__all__ = ["ssd", "ssd_naive", "ssd_step", "ssd_chunked", "StateNorm", "causal_conv1d", "BACKENDS",
+           "auto_chunk_size"]

@@ -52,13 +52,18 @@ def _pass_states(written, chunk_decay, initial, Q, length, state_norm, tau):
 
     Sequential over chunks only. State norm is applied at the chunk ends that are norm positions.
     """
-    state, carried, entry = initial, [], [torch.zeros_like(chunk_decay[:, :, 0])]
-    nc = written.shape[1]
+    # unbind, not written[:, c]: each indexing op's backward writes a gradient the size of the whole
+    # tensor, which made the backward quadratic in the number of chunks
+    writes, decays = written.unbind(1), chunk_decay[..., None, None].unbind(2)
+    state, carried = initial, []
+    zero = torch.zeros_like(chunk_decay[:, :, 0])
+    entry = [zero]
+    nc = len(writes)
     for c in range(nc):
         carried.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + written[:, c]
+        state = decays[c] * state + writes[c]
         end = (c + 1) * Q - 1
-        log_s = torch.zeros_like(entry[0])
+        log_s = zero
         if state_norm is not None and end < length and state_norm.is_norm_position(end):
             s = state_norm.scale(state, tau)
             state = state * s[:, :, None, None]

@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="data: Ray workers for prepare (and cores for the baseline)")
     p.add_argument("--tokenizer", default=None, help="data: a tokenizer.json (default: train a BPE on the corpus)")
     p.add_argument("--ranks", default="8,64", help="data: simulated ranks sharing each step (loader tokens/s per rank)")
+    p.add_argument("--vs-minimal", action="store_true",
+                   help="kernels: our torch scan against mamba_ssm's ssd_minimal_discrete (transcribed), each at "
+                        "every --chunk-sizes, on CPU")
+    p.add_argument("--chunk-sizes", default="64,128,256", help="kernels --vs-minimal: chunk sizes to try")
+    p.add_argument("--vs-bare", action="store_true",
+                   help="train: the trainer (a real `longctx run` of each stage of --config) against a bare PyTorch "
+                        "loop of the same model, shapes and optimizer, for each --procs")
+    p.add_argument("--config", dest="bench_config", default="configs/demo.yaml",
+                   help="train --vs-bare: the model, batch and data to time")
+    p.add_argument("--procs", default="1,2", help="train --vs-bare: comma-separated process counts")
+    p.add_argument("--steps", type=int, default=20, help="train --vs-bare: optimizer steps per measurement "
+                                                        "(the first 3 are warm-up)")
     return parser
 
 
@@ -218,6 +230,7 @@ def cmd_run(args) -> int:
     from longctx.launch.local import run_local
     from longctx.pipeline.config import load_config, model_chunk_size, model_config
     from longctx.pipeline.training.curriculum import format_plan, plan
+    from longctx.pipeline.training.eval_budget import budget_lines
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.local_procs
     note = ""
@@ -228,7 +241,8 @@ def cmd_run(args) -> int:
                 f"chunk_size {chunk} (training reads it from the checkpoint)")
     else:
         chunk = model_chunk_size(cfg)
-    text = format_plan(plan(cfg, nproc, chunk, args.config), nproc)
+    plans = plan(cfg, nproc, chunk, args.config)
+    text = "\n".join([format_plan(plans, nproc), *budget_lines(cfg, plans, nproc)])
     if args.plan:
         print(text + note)
         return 0
@@ -257,6 +271,13 @@ def _print_rows(rows: List[dict]) -> None:
 
 
 def bench_kernels(args, out: Path) -> None:
+    if args.vs_minimal:
+        from longctx.pipeline.bench.minimal import print_minimal, run_minimal_bench
+        rows = run_minimal_bench(_ints(args.lengths or "1024,4096,16384,65536"), args.heads, args.headdim,
+                                 args.d_state, _ints(args.chunk_sizes), repeats=args.repeats)
+        print_minimal(rows)
+        _save_json(rows, out)
+        return
     from longctx.pipeline.bench.kernels import print_and_save, run_kernel_bench
     rows = run_kernel_bench(lengths=_ints(args.lengths or "512,1024,2048,4096"), heads=args.heads, headdim=args.headdim,
                             d_state=args.d_state, chunk_size=args.chunk_size, repeats=args.repeats,
@@ -275,8 +296,12 @@ def bench_data(args, out: Path) -> None:
 
 
 def bench_train(args, out: Path) -> None:
-    from longctx.pipeline.bench.train import run_train_bench
-    rows = run_train_bench(repeats=args.repeats)
+    if args.vs_bare:
+        from longctx.pipeline.bench.bare import run_vs_bare
+        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=args.steps)
+    else:
+        from longctx.pipeline.bench.train import run_train_bench
+        rows = run_train_bench(repeats=args.repeats)
     _print_rows(rows)
     _save_json(rows, out)
 

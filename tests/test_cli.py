@@ -66,6 +66,28 @@ def test_bench_kernels_prints_a_table_and_writes_json(tmp_path):
         assert row["max_rel_err_vs_naive"] < 1e-4
 
 
+def test_bench_kernels_vs_minimal_times_both_scans_on_the_same_problem(tmp_path):
+    out = tmp_path / "m.json"
+    r = longctx("bench", "kernels", "--vs-minimal", "--lengths", "128,512", "--heads", "2", "--headdim", "8",
+                "--d-state", "8", "--chunk-sizes", "32,64", "--repeats", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "vs minimal" in r.stdout
+    rows = json.loads(out.read_text())
+    assert [row["length"] for row in rows] == [128, 512]
+    for row in rows:     # the transcription computes what our scan computes
+        assert row["max_rel_err_vs_minimal"] < 1e-5
+        assert set(row["ours_ms"]) == set(row["minimal_ms"]) == {"32", "64"} and row["vs_minimal"] > 0
+
+
+def test_bench_train_vs_bare_refuses_a_batch_that_does_not_split(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {d_model: 32, n_layer: 1, vocab_size: 257, d_state: 8, headdim: 8, chunk_size: 32}\n"
+                   "tokenizer: {kind: byte}\n"
+                   "curriculum: {stages: [{name: s, seq_len: 256, steps: 5, global_batch_tokens: 300}]}\n")
+    r = longctx("bench", "train", "--vs-bare", "--config", str(cfg), "--procs", "2", "--out", str(tmp_path / "t.json"))
+    assert r.returncode == 1 and "global_batch_tokens" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_config_errors_exit_non_zero_with_the_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {d_modle: 3}\n")

@@ -209,3 +209,35 @@ def test_a_tiny_model_trained_here_retrieves_passkeys_well_above_chance():
         opt.step()
     res = evaluate_passkey(model.eval(), tok, [L], [0.0, 0.5, 1.0], samples=10, seed=123)
     assert res["mean_accuracy"] >= 0.3, res["mean_accuracy"]
+
+
+def test_report_opens_with_a_table_per_length_for_each_variant(tmp_path):
+    """report.md's first table: per evaluated length, passkey and loss for each variant, the training length
+    marked; and the passkey heatmap is written with labelled cells."""
+    from longctx.pipeline.evaluate.plots import passkey_heatmaps
+    from longctx.pipeline.training.report import write_report
+    run = tmp_path / "run"
+    ev = run / "eval" / "step_0000010"
+    ev.mkdir(parents=True)
+    lengths = [256, 1024, 8192]
+
+    def pk(accs):
+        return {"lengths": lengths, "depths": [0.0, 1.0], "mean_accuracy": sum(accs) / 3,
+                "accuracy": {str(L): {"0.0": a, "1.0": a} for L, a in zip(lengths, accs)},
+                "per_length": {str(L): a for L, a in zip(lengths, accs)}}
+    variants = {"as trained": pk([1.0, 0.95, 0.1]), "with mitigations": pk([0.5, 0.4, 0.3])}
+    (ev / "passkey.json").write_text(json.dumps({"variants": variants}))
+    buckets = [{"start": 0, "end": 300, "mean_loss": 0.5}, {"start": 300, "end": 2000, "mean_loss": 0.2},
+               {"start": 2000, "end": 8192, "mean_loss": 0.9}]
+    (ev / "loss_vs_position.json").write_text(json.dumps({"variants": {
+        "as trained": {"buckets": buckets}, "with mitigations": {"buckets": buckets[:2]}}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "stage": 0, "stage_name": "s", "seq_len": 1024,
+                                                   "loss": 1.0, "tokens": 100, "tokens_per_s": 50.0,
+                                                   "passkey_accuracy": 0.68, "eval_seconds": 1.0}) + "\n")
+    text = write_report(run, "plan").read_text()
+    first = text.split("## Stages")[0]
+    assert "| 1,024 (trained) | 0.95 | 0.40 | 0.200 | 0.200 |" in first
+    assert "| 8,192 (8×) | 0.10 | 0.30 | 0.900 | - |" in first
+    assert "| 256 | 1.00 | 0.50 | 0.500 | 0.500 |" in first
+    passkey_heatmaps(variants, tmp_path / "p.png", train_length=1024)
+    assert (tmp_path / "p.png").stat().st_size > 0

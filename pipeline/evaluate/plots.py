@@ -1,7 +1,7 @@
 """Figures shared by the evaluations (matplotlib, headless)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -22,15 +22,24 @@ def log_edges(values: Sequence[float]) -> np.ndarray:
     return np.exp(np.concatenate([[v[0] - (mids[0] - v[0])], mids, [v[-1] + (v[-1] - mids[-1])]]))
 
 
-def passkey_heatmaps(panels: Dict[str, dict], out) -> None:
-    """One heatmap per panel (title -> passkey result): context length (log) x depth, accuracy colour."""
+def passkey_heatmaps(panels: Dict[str, dict], out, train_length: Optional[int] = None) -> None:
+    """One heatmap per panel (title -> passkey result): context length (log) x depth, accuracy colour, each
+    cell labelled with its accuracy; the training length, when given, as a dashed line."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (title, res) in zip(axes[0], panels.items()):
         lengths, depths = res["lengths"], res["depths"]
         acc = np.array([[res["accuracy"][str(L)][str(d)] for L in lengths] for d in depths])
         d_edges = np.linspace(0, 1, len(depths) + 1) if len(depths) > 1 else np.array([0, 1])
-        mesh = ax.pcolormesh(log_edges(lengths), d_edges, acc, vmin=0, vmax=1, cmap="RdYlGn")
+        l_edges = log_edges(lengths)
+        mesh = ax.pcolormesh(l_edges, d_edges, acc, vmin=0, vmax=1, cmap="RdYlGn")
+        for i, d_mid in enumerate((d_edges[:-1] + d_edges[1:]) / 2):
+            for j, L in enumerate(lengths):
+                ax.text(L, d_mid, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        if train_length:
+            ax.axvline(train_length, color="black", ls="--", lw=1.2)
+            ax.annotate("training length", (train_length, d_edges[-1]), fontsize=7, rotation=90, va="top",
+                        ha="right")
         ax.set_xscale("log")
         ax.minorticks_off()                      # only the evaluated lengths are labelled
         ax.set_xticks(lengths, [f"{L:,}" for L in lengths], rotation=45, fontsize=7)

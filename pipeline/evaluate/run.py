@@ -22,6 +22,7 @@ from ..training import checkpoint
 from .length import MIN_POSITION, evaluate_length
 from .passkey import evaluate_passkey
 from .plots import curves, passkey_heatmaps
+from .share import EVERYTHING, RankShare
 from .states import evaluate_states
 
 
@@ -60,7 +61,7 @@ def long_text_row(tok, length: int, seed: int = 0, stream=None):
 
 def _passkey(model, tok, row, o) -> dict:
     return evaluate_passkey(model, tok, o["lengths"], o["depths"], o["samples"], o["seed"], o["prefill_chunk"],
-                            between_batches=o["should_stop"])
+                            between_batches=o["should_stop"], share=o["share"])
 
 
 def _length(model, tok, row, o) -> dict:
@@ -74,7 +75,7 @@ def _states(model, tok, row, o) -> dict:
 
 def _write_passkey(results: Dict[str, dict], payload, out: Path, marks) -> None:
     (out / "passkey.json").write_text(json.dumps(payload, indent=1))
-    passkey_heatmaps(results, out / "passkey.png")
+    passkey_heatmaps(results, out / "passkey.png", train_length=next((x for x, _ in marks), None))
 
 
 def _write_length(results: Dict[str, dict], payload, out: Path, marks) -> None:
@@ -100,9 +101,11 @@ class Kind:
     run: Callable          # (model, tok, row or None, options) -> result
     write: Callable        # (results by variant, JSON payload, out dir, plot marks) -> None
     reads_text: bool       # runs on one long row of text, the same for every variant
+    # how ranks share the work: within a variant (its own items), else whole variants over ranks
+    splits_within: bool = False
 
 
-KINDS = {"passkey": Kind(_passkey, _write_passkey, reads_text=False),
+KINDS = {"passkey": Kind(_passkey, _write_passkey, reads_text=False, splits_within=True),
          "length": Kind(_length, _write_length, reads_text=True),
          "states": Kind(_states, _write_states, reads_text=True)}
 
@@ -111,16 +114,18 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
              min_position: int = MIN_POSITION,
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
-             write: bool = True, should_stop: Optional[Callable[[], None]] = None) -> dict:
+             write: bool = True, should_stop: Optional[Callable[[], None]] = None,
+             share: RankShare = EVERYTHING) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list or None) and write its files.
     Without variants the model runs as it is. `should_stop` is called between passkey batches (it may
-    raise to end the evaluation)."""
+    raise to end the evaluation). With a `share` over ranks, each computes its part (passkey batches, or
+    whole variants of the long-text kinds) and every rank returns all results."""
     if kind not in KINDS:
         raise ValueError(f"unknown evaluation {kind!r}: one of {', '.join(KINDS)}")
     spec = KINDS[kind]
     options = dict(lengths=lengths, depths=depths, samples=samples, seed=seed, prefill_chunk=prefill_chunk,
                    buckets=buckets, margin=margin, min_position=min_position, train_length=train_length,
-                   should_stop=should_stop)
+                   should_stop=should_stop, share=share if spec.splits_within else EVERYTHING)
     out = Path(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
@@ -129,15 +134,18 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
     row = None
     if spec.reads_text:       # the same text for every variant
         row = tuple(t.to(device) for t in long_text_row(tok, max(lengths), seed, stream))
-    results = {}
-    for name, layers in variants.items():
+    names = list(variants)
+    mine = range(len(names)) if spec.splits_within else share.mine(len(names))
+    done = {}
+    for i in mine:
         saved = model.mitigations
-        if layers != "as is":
-            model.set_mitigations(layers)
+        if variants[names[i]] != "as is":
+            model.set_mitigations(variants[names[i]])
         try:
-            results[name] = spec.run(model, tok, row, options)
+            done[i] = spec.run(model, tok, row, options)
         finally:
             model.set_mitigations(saved)
+    results = dict(zip(names, done.values() if spec.splits_within else share.gather(done, len(names))))
     if write:
         payload = next(iter(results.values())) if len(results) == 1 else {"variants": results}
         spec.write(results, payload, out, [(train_length, "training length")] if train_length else [])

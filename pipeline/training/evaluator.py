@@ -2,7 +2,8 @@
 retrieval, loss against position and state norms, into eval/step_XXXXXXX/, the step's
 metrics record and TensorBoard.
 
-Every rank runs it on the same prompts (ZeRO-3 needs all ranks in each forward); rank 0
+Ranks share the passkey batches and the comparison's variants and gather the results (equal to
+one process's); under ZeRO-3, which needs all ranks in each forward, every rank runs everything. Rank 0
 writes. Evaluations run in a fixed order, since several read the held-out stream one
 after another. A stop request (SIGTERM) is checked, on every rank together, before each kind
 and between passkey batches: the evaluation then ends with `EvaluationInterrupted`, so that the
@@ -22,6 +23,7 @@ import torch
 from longctx.data.stream import rank_share
 
 from ..evaluate.run import run_eval
+from ..evaluate.share import EVERYTHING, RankShare
 from ..mitigations import merge_overrides
 from .checkpoint import tag_of
 from .loss import sequence_loss
@@ -33,8 +35,9 @@ class EvaluationInterrupted(Exception):
 
 class Evaluator:
     def __init__(self, cfg, model, tok, eval_stream, stage_mitigations, documents, device, write: bool,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, share: RankShare = EVERYTHING):
         self.cfg, self.model, self.tok, self.stream = cfg, model, tok, eval_stream
+        self.share = share                    # passkey batches and comparison variants split over ranks
         self.mitigations, self.documents, self.device, self.write = stage_mitigations, documents, device, write
         self.should_stop = should_stop        # collective: every rank calls it at the same points
         # name -> (method, reads whole sequences). Whole-sequence evaluations decode recurrently (memory
@@ -96,29 +99,41 @@ class Evaluator:
     def _common(self, p) -> dict:
         ev = self.cfg.eval
         return dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=self.write, seed=self.cfg.run.seed,
-                    should_stop=self._check_stop)
+                    should_stop=self._check_stop, share=self.share)
 
     def _check_stop(self) -> None:
         if self.should_stop():
             raise EvaluationInterrupted("passkey")
 
+    def _variants(self, p):
+        """With eval.compare_mitigations: the model as trained (with the stage's mitigations) and with those
+        on top, each evaluated on the same prompts; else None (the model as it is)."""
+        ev = self.cfg.eval
+        if not ev.compare_mitigations:
+            return None
+        mitigated = self.mitigations.resolve(merge_overrides(self.mitigations.stage_config(p),
+                                                             ev.compare_mitigations, "eval.compare_mitigations"), p)
+        self.model.set_mitigations(self.mitigations.of(p))
+        return {"as trained": "as is", "with mitigations": mitigated}
+
     def passkey(self, p, step, record, metrics, out) -> None:
         ev = self.cfg.eval
-        res = run_eval("passkey", self.model, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
-                       samples=ev.passkey_samples, **self._common(p))["model"]
+        variants = self._variants(p)
+        results = run_eval("passkey", self.model, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
+                           samples=ev.passkey_samples, variants=variants, **self._common(p))
+        res = results["as trained" if variants else "model"]
         record["passkey_accuracy"] = res["mean_accuracy"]
         for L, acc in res["per_length"].items():
             metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
+        if variants:
+            record["passkey_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
+            for L, acc in results["with mitigations"]["per_length"].items():
+                metrics.scalar(f"eval/passkey_accuracy_mitigated_{L}", acc, step)
         metrics.image("eval/passkey", out / "passkey.png", step)
 
     def length(self, p, step, record, metrics, out) -> None:
         ev = self.cfg.eval
-        variants = None
-        if ev.compare_mitigations:     # the same text with the stage's mitigations and with these on top
-            mitigated = self.mitigations.resolve(merge_overrides(self.mitigations.stage_config(p),
-                                                                 ev.compare_mitigations, "eval.compare_mitigations"), p)
-            self.model.set_mitigations(self.mitigations.of(p))
-            variants = {"as trained": "as is", "with mitigations": mitigated}
+        variants = self._variants(p)
         results = run_eval("length", self.model, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
                            margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(p))
         res = results["as trained" if variants else "model"]

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage")
-EVAL_KEYS = ("eval_loss", "passkey_accuracy", "collapse_point", "collapse_point_mitigated", "max_state_norm")
+EVAL_KEYS = ("eval_loss", "passkey_accuracy", "passkey_accuracy_mitigated", "collapse_point",
+             "collapse_point_mitigated", "max_state_norm")
 
 
 class MetricsLogger:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 
 def _records(run_dir: Path) -> List[dict]:
@@ -35,20 +35,64 @@ def loss_curve(records: List[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _eval_file(run_dir: Path, step: int, name: str) -> Dict[str, dict]:
+    """An evaluation's results by variant ({"model": ...} when it ran the model alone); {} when absent."""
+    path = run_dir / "eval" / f"step_{step:07d}" / name
+    if not path.exists():
+        return {}
+    payload = json.loads(path.read_text())
+    return payload["variants"] if "variants" in payload else {"model": payload}
+
+
 def _passkey_cell(run_dir: Path, record: dict) -> str:
-    """Accuracy per prompt length at this checkpoint (eval/step_XXXXXXX/passkey.json), else the mean."""
-    path = run_dir / "eval" / f"step_{record['step']:07d}" / "passkey.json"
-    if path.exists():
-        per_length = json.loads(path.read_text()).get("per_length", {})
-        if per_length:
-            return ", ".join(f"{int(L):,}: {acc:.2f}" for L, acc in per_length.items())
+    """Accuracy per prompt length at this checkpoint, as trained (eval/step_XXXXXXX/passkey.json), else the mean."""
+    per_length = next(iter(_eval_file(run_dir, record["step"], "passkey.json").values()), {}).get("per_length")
+    if per_length:
+        return ", ".join(f"{int(L):,}: {acc:.2f}" for L, acc in per_length.items())
     return "-" if record.get("passkey_accuracy") is None else f"{record['passkey_accuracy']:.2f}"
+
+
+def _loss_at(result: dict, position: int) -> Optional[float]:
+    """Mean loss of the position bucket that holds `position`."""
+    for b in result.get("buckets", []):
+        if b["start"] < position <= b["end"]:
+            return b["mean_loss"]
+    return None
+
+
+def length_table(run_dir: Path, record: dict) -> List[str]:
+    """The final checkpoint per length: passkey accuracy and loss at that position, for each variant
+    evaluated (as trained, with eval.compare_mitigations), the training length marked."""
+    passkey = _eval_file(run_dir, record["step"], "passkey.json")
+    length = _eval_file(run_dir, record["step"], "loss_vs_position.json")
+    names = list(passkey or length)
+    if not names:
+        return []
+    lengths = sorted({int(L) for r in passkey.values() for L in r["lengths"]}
+                     | {b["end"] for r in length.values() for b in r.get("buckets", [])[-1:]})
+    trained = record["seq_len"]
+    head = ["length"] + [f"passkey {n}" for n in passkey] + [f"loss at that position, {n}" for n in length]
+    rows = [f"| {L:,}{' (trained)' if L == trained else f' ({L / trained:g}×)' if L > trained else ''} | "
+            + " | ".join(f"{passkey[n]['per_length'][str(L)]:.2f}" if str(L) in passkey[n]["per_length"] else "-"
+                         for n in passkey)
+            + "".join(f" | {v:.3f}" if (v := _loss_at(length[n], L)) is not None else " | -" for n in length) + " |"
+            for L in lengths]
+    return [f"## By length, at the final checkpoint (step {record['step']}, trained at {trained:,} tokens)", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, "",
+            "Passkey: fraction of keys retrieved at that prompt length (every depth). Loss: mean of the "
+            "loss-vs-position bucket that holds that position, reading held-out documents with the state carried. "
+            + ("`with mitigations` adds `eval.compare_mitigations` to the model as trained."
+               if len(names) > 1 else ""), ""]
 
 
 def write_report(run_dir: Path, plan_text: str) -> Path:
     run_dir = Path(run_dir)
     records = _records(run_dir)
-    lines = [f"# Run report: {run_dir.name}", "", "## Stages", "", "```", plan_text, "```", ""]
+    lines = [f"# Run report: {run_dir.name}", ""]
+    evaluated = [r for r in records if "eval_seconds" in r]
+    if evaluated:
+        lines += length_table(run_dir, evaluated[-1])
+    lines += ["## Stages", "", "```", plan_text, "```", ""]
     if records:
         loss_curve(records, run_dir / "loss.png")
         ok = [r for r in records if r["loss"] is not None] or [{"loss": float("nan")}]

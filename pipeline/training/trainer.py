@@ -27,6 +27,7 @@ from longctx.data.tokenizer import identity, load_tokenizer
 
 from ..config import Config, ConfigError, model_config
 from ..evaluate.passkey import build_prompt
+from ..evaluate.share import from_distributed
 from ..model import Mamba2LM
 from ..parallel import Groups
 from ..parallel.shm import release_shm_buffers
@@ -71,6 +72,16 @@ def param_groups(model, weight_decay: float):
             continue
         (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused (one kernel over all parameters: on a small model the per-parameter
+    loop of the default implementation is a visible share of a step) where the parameters' device has it."""
+    groups = param_groups(model, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except RuntimeError:            # a device without the fused kernel
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def _rng_state() -> dict:
@@ -147,17 +158,18 @@ class Trainer:
             self._check_resume(*self.to_resume, where)
 
         first = self.plans[0]
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=first.lr,
-                                      betas=tuple(cfg.train.betas))
+        optimizer = adamw(model, first.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, first.micro_batch, first.grad_accum))
         self.checkpoints.engine = self.engine
         self.sp_groups = Groups(self.world, self.rank)
         self.state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_micro_batches": 0}
         self.pending = None              # a stop checkpoint's step record whose evaluation is still to run
+        self.step_ended = None           # when the last step ended, if nothing else ran since
         self.mitigations = StageMitigations(cfg, model, self.calibration_prompt)
         self.evaluator = Evaluator(cfg, model, self.tok, self.eval_stream, self.mitigations, self.documents,
-                                   self.device, write=self.rank == 0, should_stop=self.stop_agreed)
+                                   self.device, write=self.rank == 0, should_stop=self.stop_agreed,
+                                   share=from_distributed(dist, cfg.train.zero_stage))
 
     @contextlib.contextmanager
     def _host_local_world(self):
@@ -230,63 +242,81 @@ class Trainer:
     def train_step(self, p) -> tuple:
         """One optimizer step. Returns its metrics record and whether any rank was asked to stop.
 
-        Host synchronisations: one per micro-batch (was its loss finite on every rank?) and one per step
-        (loss, time, stop flag). A micro-batch whose loss is not finite on some rank is left out on every
-        rank, and the step is the one its other micro-batches give alone: the engine is put back as the
-        step began (a snapshot taken when the first bad micro-batch shows) and the step retaken over the
-        kept ones. A step whose micro-batches were all bad changes neither parameters nor optimizer."""
+        One collective per step, before the last micro-batch's backward (whose engine step applies the
+        optimizer): which micro-batches had a finite loss on every rank, the loss, the stop flag. Each
+        rank reads its own losses' finiteness on the host (no collective) to leave a bad micro-batch out
+        of its backward. A micro-batch whose loss is not finite on some rank is left out on every rank,
+        and the step is the one its other micro-batches give alone: the engine is put back as the step
+        began (a snapshot taken before the optimizer step) and the step retaken over the kept ones. A step
+        whose micro-batches were all bad changes neither parameters nor optimizer."""
         lr = learning_rate(self.plans, self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        # wall time from the previous step's end (loader, logging and checks included); from here after a
+        # checkpoint, an evaluation or a stage change
+        t0 = self.step_ended or time.perf_counter()
         dp_rank, per = self.rank // p.seq_parallel, p.sequences_per_step // p.data_parallel
         batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens,
                                        keep=range(dp_rank * per, (dp_rank + 1) * per))    # only this rank's rows
         share = rank_share(batch, 0, 1, self.rank % p.seq_parallel, p.seq_parallel)
-        t0 = time.perf_counter()
         micro = [share.rows(m * p.micro_batch, (m + 1) * p.micro_batch) for m in range(p.grad_accum)]
-        losses, kept, snapshot = [], [], None
+        means, finite, snapshot = [], [], None
         for m, rows in enumerate(micro):
-            loss, mean, finite = self._forward(rows)
-            if not finite and snapshot is None:
-                snapshot = self._snapshot()  # parameters and optimizer state as the step began
-            self._backward(loss if finite else self._zero_loss(), boundary=m == len(micro) - 1)
-            if finite:
-                kept.append(rows)
-                losses.append(mean)
+            loss, mean = self._forward(rows)
+            ok = bool(torch.isfinite(loss.detach()) & torch.isfinite(mean))     # this rank's, on the host
+            means.append(mean)
+            finite.append(ok)
+            last = m == len(micro) - 1
+            if last:
+                agreed, mean_loss, stop = self._agree(means, finite)
+                if not all(agreed):
+                    snapshot = self._snapshot()      # parameters and optimizer state as the step began
+            self._backward(loss if ok else self._zero_loss(), boundary=last)
+        kept = [rows for rows, ok in zip(micro, agreed) if ok]
         bad = len(micro) - len(kept)
         if snapshot is not None:            # undo the step DeepSpeed took on the partial gradient, retake it
             self._restore(snapshot)
             for i, rows in enumerate(kept):
-                loss, _, _ = self._forward(rows)
+                loss, _ = self._forward(rows)
                 # the engine divides by the configured accumulation; the step averages over the kept ones
                 self._backward(loss * (len(micro) / len(kept)), boundary=i == len(kept) - 1)
+            mean_loss = self._mean_loss([m for m, ok in zip(means, agreed) if ok])
         elapsed = time.perf_counter() - t0
-        # null loss: every micro-batch skipped (on every rank alike, so the sum below is over all or none)
-        local_loss = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
-        summed = torch.tensor([0.0, elapsed, float(self.stop_requested)], dtype=torch.float64, device=self.device)
-        summed[0] = local_loss
-        self.dist.all_reduce(summed)
-        mean_loss, mean_elapsed, stops = (summed / self.world).tolist()
         self.state["step"] += 1
         self.state["tokens"] += p.global_batch_tokens
         self.state["skipped_micro_batches"] += bad
         self.state["bad_steps"] = self.state["bad_steps"] + 1 if bad else 0
         grad_norm = self.engine.get_global_grad_norm() if kept else None
         record = {"step": self.state["step"], "stage": p.index, "stage_name": p.name, "seq_len": p.seq_len,
-                  "loss": mean_loss if losses else None, "skipped_micro_batches": bad, "lr": lr,
+                  "loss": mean_loss if kept else None, "skipped_micro_batches": bad, "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(mean_elapsed, 1e-9)}
-        return record, stops > 0
+                  "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(elapsed, 1e-9)}
+        return record, stop
+
+    def _agree(self, means, finite) -> tuple:
+        """The step's collective: (finite on every rank, per micro-batch), the loss averaged over ranks
+        (meaningful when every micro-batch is kept), whether any rank was asked to stop."""
+        local = torch.stack(means).double().mean() if all(finite) else torch.zeros((), dtype=torch.float64)
+        summed = torch.tensor([float(not ok) for ok in finite] + [0.0, float(self.stop_requested)],
+                              dtype=torch.float64, device=self.device)
+        summed[-2] = local
+        self.dist.all_reduce(summed)
+        values = summed.tolist()
+        return [v == 0 for v in values[:-2]], values[-2] / self.world, values[-1] > 0
+
+    def _mean_loss(self, kept_means) -> float:
+        """The loss over the kept micro-batches, averaged over ranks (after a step with bad ones)."""
+        local = torch.stack(kept_means).double().mean() if kept_means else torch.zeros((), dtype=torch.float64)
+        summed = local.reshape(1).to(self.device)
+        self.dist.all_reduce(summed)
+        return float(summed[0]) / self.world
 
     def _forward(self, rows) -> tuple:
-        """(loss to backpropagate, mean token loss, finite on every rank) of one micro-batch."""
+        """(loss to backpropagate, mean token loss) of one micro-batch."""
         ids = torch.as_tensor(rows.input_ids, device=self.device)
         labels = torch.as_tensor(rows.labels, device=self.device)
-        loss, mean = sequence_loss(self.engine(ids, seq_idx=self.documents(rows)).logits, labels,
-                                   self.model.sequence_parallel)
-        finite = (torch.isfinite(loss.detach()) & torch.isfinite(mean)).to(torch.float32).reshape(1)
-        self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
-        return loss, mean, bool(finite.item() >= 1)
+        return sequence_loss(self.engine(ids, seq_idx=self.documents(rows)).logits, labels,
+                             self.model.sequence_parallel)
 
     def _backward(self, loss, boundary: bool) -> None:
         # the boundary is set explicitly, so a retaken step may have fewer micro-batches than configured
@@ -342,7 +372,9 @@ class Trainer:
                 if current != p.index:
                     self.enter_stage(p)
                     current = p.index
+                    self.step_ended = None
                 record, stop = self.train_step(p)
+                self.step_ended = time.perf_counter()
                 step = self.state["step"]
                 due = step == p.last_step or bool(every and step % every == 0)
                 if stop:
@@ -352,6 +384,7 @@ class Trainer:
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
                     self.checkpoints.save(step, self.trainer_state(p))
+                    self.step_ended = None
                 if self.state["bad_steps"] > self.cfg.train.max_bad_steps:
                     raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
                                        f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); lower the LR or "

@@ -1,0 +1,59 @@
+"""What a checkpoint's evaluation costs next to the training between two checkpoints, per stage, in tokens
+read by the busiest rank (`longctx run --plan`). Evaluation tokens are forward-only (a third of a
+training token's work or less), so the ratio is an upper bound on the time share; above
+`WARN_ABOVE` the plan warns: on a large run the evaluation would cost about as much as training."""
+from __future__ import annotations
+
+from typing import List
+
+from ..config import Config
+from ..evaluate.passkey import prompt_batches
+from .curriculum import StagePlan
+
+WARN_ABOVE = 0.10
+PASSKEY_BATCH, PASSKEY_NEW_TOKENS = 8, 8      # evaluate_passkey's defaults, as the trainer calls it
+
+
+def eval_tokens(cfg: Config, p: StagePlan, world: int) -> int:
+    """Tokens the busiest rank reads in one checkpoint's evaluation: every rank reads the held-out
+    sequences; passkey batches, loss-vs-position variants and the state norms go round-robin over the
+    ranks in that order, as evaluate/share.py hands them out (all on every rank under ZeRO-3)."""
+    ev = cfg.eval
+    if not ev.every_checkpoint:
+        return 0
+    split = world if cfg.train.zero_stage < 3 else 1
+    items: List[int] = []                  # token counts, in the order the evaluation hands them out
+    variants = 2 if ev.compare_mitigations else 1      # as trained, and with eval.compare_mitigations
+    if "passkey" in ev.kinds:
+        cases = [(L, None, None) for L in ev.passkey_lengths for _ in ev.passkey_depths
+                 for _ in range(ev.passkey_samples)]
+        batches = [sum(L + PASSKEY_NEW_TOKENS for L, _, _ in b) for b in prompt_batches(cases, PASSKEY_BATCH)]
+        items += batches * variants
+    if "length" in ev.kinds:
+        items += [ev.length_max] * variants
+    if "states" in ev.kinds:
+        items.append(ev.length_max)
+    shared = max(sum(items[r::split]) for r in range(split)) if items else 0
+    heldout = ev.heldout_sequences * p.seq_len // p.seq_parallel if "heldout" in ev.kinds else 0
+    return heldout + shared
+
+
+def training_tokens_between(cfg: Config, p: StagePlan, world: int) -> int:
+    every = cfg.checkpoint.every_steps
+    steps = min(every, p.steps) if every else p.steps
+    return steps * p.global_batch_tokens // world
+
+
+def budget_lines(cfg: Config, plans: List[StagePlan], world: int) -> List[str]:
+    """One line per stage, and a warning line for each stage above WARN_ABOVE."""
+    lines, warnings = [], []
+    for p in plans:
+        ev, tr = eval_tokens(cfg, p, world), training_tokens_between(cfg, p, world)
+        ratio = ev / max(tr, 1)
+        lines.append(f"  {p.name}: evaluation {ev:,} tokens per rank per checkpoint, training {tr:,} tokens per rank "
+                     f"between checkpoints ({ratio:.1%})")
+        if ratio > WARN_ABOVE:
+            warnings.append(f"warning: stage {p.name!r}: each checkpoint's evaluation reads {ratio:.0%} of the "
+                            f"tokens trained between checkpoints (above {WARN_ABOVE:.0%}): shrink eval.passkey_* / "
+                            "eval.length_max, or checkpoint less often (checkpoint.every_steps)")
+    return ["evaluation per checkpoint (busiest rank):"] + lines + warnings
