@@ -412,6 +412,18 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                    {"todo": [ids[i] for i in todo], "bytes": work_bytes, "t0": t0})
 
 
+def _finish_splits(staging: str, ids: List[str], part_stats: List[dict]) -> None:
+    """Each split's index over its parts and its lengths.npy, each file replaced whole under a temporary
+    name of its own: two runs may re-check one complete output at once, and a run training on these
+    shards reads lengths.npy memory-mapped (a file rewritten in place would change under it)."""
+    for split in SPLITS:
+        _merge_split(staging, split, ids)
+        lengths = np.asarray([n for st in part_stats for n in st["lengths"][split]], dtype=np.int32)
+        tmp = os.path.join(staging, split, f"{LENGTHS}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
+        np.save(tmp, lengths)
+        os.replace(tmp, os.path.join(staging, split, LENGTHS))
+
+
 def _merge_split(staging: str, split: str, ids: List[str]) -> None:
     """One index over the split's parts (paths `part-<id>/...` relative to the split's directory)."""
     from streaming.base.util import merge_index
@@ -420,8 +432,9 @@ def _merge_split(staging: str, split: str, ids: List[str]) -> None:
     merged = tempfile.mkdtemp(prefix="longctx-index-")
     try:   # merge_index refuses to overwrite: merge aside, then replace atomically
         merge_index([os.path.join(root, f"part-{pid}", "index.json") for pid in ids], merged)
-        shutil.copyfile(os.path.join(merged, "index.json"), os.path.join(root, "index.json.tmp"))
-        os.replace(os.path.join(root, "index.json.tmp"), os.path.join(root, "index.json"))
+        tmp = os.path.join(root, f"index.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(os.path.join(merged, "index.json"), tmp)
+        os.replace(tmp, os.path.join(root, "index.json"))
     finally:
         shutil.rmtree(merged, ignore_errors=True)
 
@@ -455,10 +468,7 @@ def _finish(output, staging, remote, items, ids, files, known_sha, tok, settings
                            f"({total['records']:,} records, rejected: {total['rejected'] or 'none'}; examples: "
                            f"{total['examples']}); check data.prepare.text_field ({settings.text_field!r}) and the "
                            "inputs. Nothing is marked DONE")
-    for split in SPLITS:
-        _merge_split(staging, split, ids)
-        lengths = np.asarray([n for st in part_stats for n in st["lengths"][split]], dtype=np.int32)
-        np.save(os.path.join(staging, split, LENGTHS), lengths)
+    _finish_splits(staging, ids, part_stats)
     seconds = time.time() - run["t0"]
     done_now = set(run["todo"])
     made_now = [st for pid, st in zip(ids, part_stats) if pid in done_now]

@@ -147,6 +147,39 @@ def test_rerun_is_idempotent_and_new_inputs_add_only_their_work(tmp_path):
     assert grown["documents"] == first["documents"] + 20
 
 
+def test_runs_that_recheck_a_complete_output_at_once_neither_fail_nor_tear_its_files(tmp_path):
+    """Two `longctx run`s of one config both re-check its complete shards (prepare finds nothing to do
+    and rewrites the split indexes and lengths): each file is replaced whole under a name of its own,
+    so neither fails, and a reader holding the old lengths file memory-mapped keeps a whole file."""
+    import threading
+
+    from longctx.data.prepare import _finish_splits
+    write_corpus(tmp_path / "in")
+    cfg = config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out"))
+    first = prepare(cfg, TokenizerConfig())
+    lengths = tmp_path / "out" / "train" / "lengths.npy"
+    held = np.load(lengths, mmap_mode="r")
+    before = np.array(held)
+    ids = [p[len("part-"):-len(".json")] for p in sorted(os.listdir(tmp_path / "out" / "parts"))]
+    stats = [json.loads((tmp_path / "out" / "parts" / f"part-{pid}.json").read_text()) for pid in ids]
+    errors = []
+
+    def recheck():
+        try:
+            for _ in range(15):
+                _finish_splits(str(tmp_path / "out"), ids, stats)
+        except Exception as e:       # noqa: BLE001 - any failure of a concurrent re-check is the bug
+            errors.append(e)
+    threads = [threading.Thread(target=recheck) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert np.array_equal(np.array(held), before)
+    assert data_of(prepare(cfg, TokenizerConfig())) == data_of(first)
+
+
 def test_hf_tokenizer_matches_tokenizers_library(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     good, _ = write_corpus(tmp_path / "in", n_good=20)
