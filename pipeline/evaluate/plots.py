@@ -36,10 +36,12 @@ def passkey_heatmaps(panels: Dict[str, dict], out, train_length: Optional[int] =
         for i, d_mid in enumerate((d_edges[:-1] + d_edges[1:]) / 2):
             for j, L in enumerate(lengths):
                 ax.text(L, d_mid, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=7)
-        if train_length:
-            ax.axvline(train_length, color="black", ls="--", lw=1.2)
-            ax.annotate("training length", (train_length, d_edges[-1]), fontsize=7, rotation=90, va="top",
-                        ha="right")
+        trained = [j for j, L in enumerate(lengths) if L <= train_length] if train_length else []
+        if trained:      # between the last length within training and the first past it, off the labels
+            edge = l_edges[trained[-1] + 1]
+            ax.axvline(edge, color="black", ls="--", lw=1.2)
+            ax.annotate(f"trained at {train_length:,}", (edge, d_edges[-1]), fontsize=7, rotation=90, va="top",
+                        ha="right", xytext=(-2, -2), textcoords="offset points")
         ax.set_xscale("log")
         ax.minorticks_off()                      # only the evaluated lengths are labelled
         ax.set_xticks(lengths, [f"{L:,}" for L in lengths], rotation=45, fontsize=7)
