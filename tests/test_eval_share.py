@@ -100,8 +100,10 @@ def _plan(*overrides):
 
 
 def test_plan_prices_the_evaluation_and_warns_above_ten_percent():
-    quiet = _plan("checkpoint.every_steps=1000")
+    quiet = _plan("eval.passkey_lengths=[256,1024]", "eval.length_max=1024")
     assert "evaluation per checkpoint" in quiet and "warning" not in quiet
+    # the demo evaluates to 8x its length at each stage's end: its point, and priced as such
+    assert "warning: stage 'short'" in _plan()
     loud = _plan("checkpoint.every_steps=10", "eval.passkey_lengths=[4096]", "eval.passkey_samples=8")
     assert "warning: stage 'short'" in loud and "checkpoint.every_steps" in loud
 

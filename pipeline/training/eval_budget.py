@@ -50,8 +50,8 @@ def budget_lines(cfg: Config, plans: List[StagePlan], world: int) -> List[str]:
     for p in plans:
         ev, tr = eval_tokens(cfg, p, world), training_tokens_between(cfg, p, world)
         ratio = ev / max(tr, 1)
-        lines.append(f"  {p.name}: evaluation {ev:,} tokens per rank per checkpoint, training {tr:,} tokens per rank "
-                     f"between checkpoints ({ratio:.1%})")
+        lines.append(f"  stage {p.name}: evaluation {ev:,} tokens per rank per checkpoint, training {tr:,} tokens "
+                     f"per rank between checkpoints ({ratio:.1%})")
         if ratio > WARN_ABOVE:
             warnings.append(f"warning: stage {p.name!r}: each checkpoint's evaluation reads {ratio:.0%} of the "
                             f"tokens trained between checkpoints (above {WARN_ABOVE:.0%}): shrink eval.passkey_* / "
