@@ -3,7 +3,7 @@
 # Trains three small Mamba-2 models on the demo's synthetic passkey documents (d_state 32 and 128 at
 # 256 tokens; d_state 128 trained on, at 1024 tokens), then reads 8192 tokens of concatenated documents
 # with the state carried across them, as trained and with each mitigation, and prints the table.
-#   bash configs/collapse/run.sh            (about 10 minutes on 2 CPU cores)
+#   bash configs/collapse/run.sh            (about 30 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/collapse}
