@@ -47,10 +47,15 @@ else
   export TRITON_CACHE_AUTOTUNING=1     # later phases reuse the autotuning of earlier ones
 fi
 
+# the phases' fragments go under OUT as they are written, so a run killed from outside (the machine's own limit)
+# still hands back how far every phase got; `python tests/gpu/report.py OUT/phases OUT ...` merges them later
 mkdir -p "$out"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-site="$work/site"
+work="$out/phases"
+rm -rf "$work"
+mkdir -p "$work"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+site="$tmp/site"
 cd "$root" || exit 1
 if ! "$py" "$here/offline.py" check --offline "$offline"; then
   echo "run.sh: $offline is incomplete (above); run tests/gpu/fetch.sh where there is network" >&2
