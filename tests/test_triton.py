@@ -206,3 +206,31 @@ def test_offsets_are_64_bit():
     """
     out = _python(script, interpret=True)
     assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
+
+
+def test_a_tuned_config_too_big_for_a_heavier_variant_falls_back_to_the_fastest_that_fits():
+    """The autotuner keys on shapes, so the config it tuned on one variant of a kernel can exceed the GPU's
+    shared memory on a heavier one (an H200 raised OutOfResources for fp32 with a window): the fastest
+    config that fits is launched instead, and a variant that fits none still raises."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    from longctx.kernels.triton.ssd import launch_first_fitting
+
+    configs = [triton.Config(dict(BT=bt), num_warps=4, num_stages=2) for bt in (32, 64, 128)]
+    launched = []
+
+    class FakeJit:                       # shared memory grows with BT; the device holds up to BT 64
+        def __getitem__(self, grid):
+            def launch(*args, BT, **kw):
+                launched.append(BT)
+                if BT * 1000 > 64_000:
+                    raise OutOfResources(BT * 1000, 64_000, "shared memory")
+                return f"ran BT={BT}"
+            return launch
+
+    timings = {configs[0]: [3.0, 2.9, 3.1], configs[1]: [2.0, 1.9, 2.1], configs[2]: 1.0}   # 128 fastest, too big
+    config, out = launch_first_fitting(FakeJit(), None, (), dict(HAS_WINDOW=True), configs, timings)
+    assert (config.kwargs["BT"], out, launched) == (64, "ran BT=64", [128, 64])
+    with pytest.raises(OutOfResources):
+        launch_first_fitting(FakeJit(), None, (), {}, configs[2:], {})

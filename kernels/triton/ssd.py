@@ -31,6 +31,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..common import check_shapes, check_window, finish_output, log_decays, per_head
 from ..layout import Chunks, documents, window_key_chunks
@@ -65,7 +66,8 @@ class _Kernel:
 
     def __init__(self, fn, configs=None, key=()):
         self.fn, self.configs, self.key = fn, configs, list(key)
-        self._kernel = None
+        self._kernel = self._jit = None
+        self._fitting = {}       # constexpr arguments -> the config that fits them, where the tuned one did not
 
     def __call__(self, grid, *args, interp_meta=None, **kwargs):
         if self._kernel is None:
@@ -75,12 +77,42 @@ class _Kernel:
             else:
                 from triton.runtime.jit import JITFunction
                 kernel = JITFunction(self.fn)
+            self._jit = kernel
             if self.configs and not interpreting():
                 kernel = triton.autotune(configs=self.configs, key=self.key)(kernel)
             self._kernel = kernel
-        if self.configs and not interpreting():
+        if not self.configs or interpreting():
+            return self._kernel[grid](*args, **kwargs, **(interp_meta or {}))
+        variant = tuple(sorted(kwargs.items()))      # the keyword arguments are the constexpr flags and tiles
+        if variant in self._fitting:
+            return self._jit[grid](*args, **kwargs, **self._fitting[variant].all_kwargs())
+        try:
             return self._kernel[grid](*args, **kwargs)
-        return self._kernel[grid](*args, **kwargs, **(interp_meta or {}))
+        except OutOfResources:
+            # The autotuner keys on shapes (p, n, Q), not on the flags: the config it tuned on one variant of
+            # the kernel (say, without the window's extra inputs) can need more shared memory than the GPU has
+            # for a heavier variant (fp32 with a window on an H200: 246528 > 232448 bytes). Then the fastest
+            # config that fits this variant, remembered for it.
+            config, out = launch_first_fitting(self._jit, grid, args, kwargs, self.configs,
+                                               getattr(self._kernel, "configs_timings", None) or {})
+            self._fitting[variant] = config
+            return out
+
+
+def launch_first_fitting(jit, grid, args, kwargs, configs, timings):
+    """Launch `jit` with the first of `configs` (fastest first by `timings`, {config: ms or [ms, ...]}) whose
+    resources fit the device; (that config, the launch's result). Raises the last OutOfResources if none fits."""
+    def ms(config):
+        t = timings.get(config, math.inf)
+        return t[0] if isinstance(t, (list, tuple)) else t
+
+    error = None
+    for config in sorted(configs, key=ms):
+        try:
+            return config, jit[grid](*args, **kwargs, **config.all_kwargs())
+        except OutOfResources as e:
+            error = e
+    raise error
 
 
 _SHAPE_KEY = ["p", "n", "Q"]

@@ -136,6 +136,11 @@ class Fragment:
         tmp.replace(self.path)
 
 
+def progress(frag: Fragment, what: str):
+    """A line in the phase's log with the seconds since the phase began: where a timed-out phase spent them."""
+    print(f"[{time.perf_counter() - frag.t0:6.1f} s] {what}", flush=True)
+
+
 def fmt(v, spec=".1e"):
     return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
 
@@ -344,9 +349,17 @@ def phase_correctness(frag: Fragment, plan: Plan, tiny: bool):
             inp = make_inputs(plan, plan.batch, l, dtype, EVERY_OPTION)
             for case, extra in (("every option", {}), (f"every option, window {plan.window}", dict(window=plan.window))):
                 name = f"{case}, l={l}, {dtype}"
-                ref = fwd_bwd(inp, "torch", **extra)
-                got = fwd_bwd(inp, "triton", **extra)
-                sync()
+                try:
+                    ref = fwd_bwd(inp, "torch", **extra)
+                    got = fwd_bwd(inp, "triton", **extra)
+                    sync()
+                except Exception as e:       # one case's failure is its row; the other cases still run
+                    traceback.print_exc()
+                    rows.append([case, l, dtype, "failed", "-", short(e), "-", "NO"])
+                    frag.check(name, False, short(e))
+                    free()
+                    continue
+                progress(frag, name)
                 errs = errors(ref, got)
                 del ref, got
                 frag.d["data"][name] = errs
@@ -374,6 +387,7 @@ def phase_long(frag: Fragment, plan: Plan, tiny: bool):
     for dtype in plan.dtypes:
         inp = make_inputs(plan, b, l, dtype, LONG_OPTIONS)
         y_ref, s_ref, entering = chained_torch(inp, piece)
+        progress(frag, f"{dtype}: the chained torch reference")
         ref, errs = dict(y=y_ref), {}
         del y_ref
 
@@ -384,6 +398,7 @@ def phase_long(frag: Fragment, plan: Plan, tiny: bool):
 
         _, _, grads = fwd_bwd(inp, "triton", last=piece, clone=False, on_forward=compare)
         sync()
+        progress(frag, f"{dtype}: Triton forward and backward")
         last = {k: grads[k][:, -piece:].clone() for k in PARTS}     # not views holding the whole gradient
         del grads
         free()
@@ -473,6 +488,7 @@ def phase_speed(frag: Fragment, plan: Plan, tiny: bool):
             except Exception as e:       # mamba_ssm past its limits, out of memory: the row says so
                 err[name] = short(e)
                 free()
+            progress(frag, f"l={l} {name}: {fmt(ms.get(name), '.2f')} ms {err.get(name, '')}")
         rel = {k: (bench._rel(ys[k], ys["torch"]) if k in ys and "torch" in ys else None) for k in ("triton", "mamba_ssm")}
         ratio = ms["triton"] / ms["mamba_ssm"] if "triton" in ms and "mamba_ssm" in ms else None
         peer = "crashes" if "mamba_ssm" in err else "unknown (no torch output)" if rel["mamba_ssm"] is None \
@@ -560,6 +576,7 @@ def phase_model(frag: Fragment, plan: Plan, tiny: bool):
             name = f"{backend}, l={l}"
             try:
                 s, loss = _median_s(step, plan.model_repeats)
+                progress(frag, f"{name}: {s:.3f} s a step")
             except Exception as e:
                 rows.append([backend, l, "failed", "-", "-", "-", short(e)])
                 frag.check(name, False, short(e))

@@ -48,7 +48,7 @@ else
 fi
 
 # the phases' fragments go under OUT as they are written, so a run killed from outside (the machine's own limit)
-# still hands back how far every phase got; `python tests/gpu/report.py OUT/phases OUT ...` merges them later
+# still hands back how far every phase got (a report is written after each phase; OUT/phases goes at the end)
 mkdir -p "$out"
 work="$out/phases"
 rm -rf "$work"
@@ -81,6 +81,10 @@ for phase in ${phases//,/ }; do
   echo "$rc $took $limit" >"$work/$phase.rc"
   { echo "===== $phase: exit $rc in $took s (limit $limit s)"; cat "$work/$phase.log"; } >>"$out/gpu_check.log.tmp"
   tail -n 3 "$work/$phase.log" | sed "s/^/  /"
+  # the report so far, so a run killed from outside still leaves gpu_check.json / .md with every finished phase
+  done_phases="${done_phases:+$done_phases,}$phase"
+  "$py" "$here/report.py" "$work" "$out" --phases "$done_phases" --limits "$limits" --budget 0 --seconds 0 \
+    --mode "partial: $done_phases of $phases" >/dev/null 2>&1
 done
 total="$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')"
 mv "$out/gpu_check.log.tmp" "$out/gpu_check.log"
@@ -88,3 +92,7 @@ mode=full
 $rehearse && mode=rehearse
 "$py" "$here/report.py" "$work" "$out" --phases "$phases" --limits "$limits" --budget "$budget" --seconds "$total" \
   --mode "$mode"
+rc=$?
+# gpu_check.json holds every fragment and each phase's log tail, gpu_check.log the whole logs: OUT stays 3 files
+[ -s "$out/gpu_check.json" ] && rm -rf "$work"
+exit $rc
