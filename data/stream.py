@@ -15,7 +15,9 @@ lengths.npy), each sequence-parallel rank takes its contiguous segment of those 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -30,12 +32,17 @@ class Batch:
     input_ids: np.ndarray   # (rows, L) int64
     labels: np.ndarray      # (rows, L) int64, IGNORE across document boundaries
     seq_idx: np.ndarray     # (rows, L) int32, document number within the row
+    # row-stable streams only (PackedStream.next_lane_batch): (rows,) bool, the row starts inside a document
+    # that the same lane's previous row began
+    continues: Optional[np.ndarray] = None
 
     def rows(self, start: int, stop: int) -> "Batch":
-        return Batch(self.input_ids[start:stop], self.labels[start:stop], self.seq_idx[start:stop])
+        return Batch(self.input_ids[start:stop], self.labels[start:stop], self.seq_idx[start:stop],
+                     None if self.continues is None else self.continues[start:stop])
 
     def segment(self, start: int, stop: int) -> "Batch":
-        return Batch(self.input_ids[:, start:stop], self.labels[:, start:stop], self.seq_idx[:, start:stop])
+        return Batch(self.input_ids[:, start:stop], self.labels[:, start:stop], self.seq_idx[:, start:stop],
+                     self.continues)
 
 
 def rank_share(batch: Batch, dp_rank: int, dp_size: int, sp_rank: int = 0, sp_size: int = 1) -> Batch:
@@ -154,8 +161,10 @@ class PackedStream:
             raise ValueError("the dataset has no documents")
         self.source, self.eos_id, self.seed, self.shuffle = source, int(eos_id), int(seed), shuffle
         self.epoch, self.doc, self.offset = 0, 0, 0
+        self.lanes: Optional[dict] = None      # row-stable streams in use (next_lane_batch), else None
         self._order_epoch, self._order = None, None
-        self._cached = (None, None)
+        self._cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()    # recent documents (one per lane)
+        self._cache_size = 2
 
     # -- position ----------------------------------------------------------------------------
     def _dataset(self) -> Optional[str]:
@@ -163,7 +172,7 @@ class PackedStream:
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset, "seed": self.seed,
-                "dataset": self._dataset()}
+                "dataset": self._dataset(), "lanes": copy.deepcopy(self.lanes)}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if int(state["seed"]) != self.seed:
@@ -173,6 +182,7 @@ class PackedStream:
                              f"{self._dataset()}: the data was re-prepared or moved to other shards; its position "
                              "means nothing there. Use the original shards, or start a new run")
         self.epoch, self.doc, self.offset = int(state["epoch"]), int(state["doc"]), int(state["offset"])
+        self.lanes = copy.deepcopy(state.get("lanes"))
 
     def _order_of(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -184,8 +194,8 @@ class PackedStream:
 
     def _length(self, epoch: int, doc: int) -> int:
         """Tokens of the doc-th document of the epoch's order, EOS included, without reading it."""
-        if self._cached[0] == (epoch, doc):
-            return len(self._cached[1])
+        if (epoch, doc) in self._cache:
+            return len(self._cache[epoch, doc])
         length = getattr(self.source, "length", None)
         if length is None:                       # a source without lengths: read the document
             return len(self._document(epoch, doc))
@@ -194,10 +204,14 @@ class PackedStream:
     def _document(self, epoch: int, doc: int) -> np.ndarray:
         """Tokens of the doc-th document of the epoch's order, with EOS appended."""
         key = (epoch, doc)
-        if self._cached[0] != key:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
             toks = self.source.tokens(int(self._order_of(epoch)[doc]))
-            self._cached = (key, np.concatenate([toks.astype(np.int64), [self.eos_id]]))
-        return self._cached[1]
+            self._cache[key] = np.concatenate([toks.astype(np.int64), [self.eos_id]])
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return self._cache[key]
 
     # -- packing -----------------------------------------------------------------------------
     def _take(self, n: int, advance: int, max_doc_tokens: int = 0, read: bool = True):
@@ -206,21 +220,28 @@ class PackedStream:
         than that (EOS included) are passed over (they come back in later epochs and stages).
         `read=False` moves the position exactly alike from the documents' lengths only, reading no
         token (another rank's rows) and returns None."""
-        out, docs, got, counter = [], [], 0, 0
-        epoch, doc, offset = self.epoch, self.doc, self.offset
-        passed = 0
+        n_docs = len(self.source)
+        got, (k, self.offset) = self._walk(self.epoch * n_docs + self.doc, self.offset, lambda k: divmod(k, n_docs),
+                                           n, advance, max_doc_tokens, read)
+        self.epoch, self.doc = divmod(k, n_docs)
+        return got
+
+    def _walk(self, k: int, offset: int, doc_of, n: int, advance: int, max_doc_tokens: int, read: bool):
+        """`_take` along any sequence of documents: the k-th is doc_of(k) = (epoch, doc in that epoch's order).
+        ((tokens, document numbers) or None, the position (k, offset) moved by `advance`)."""
+        out, docs, got, counter, passed = [], [], 0, 0, 0
+        moved = None
         while got < n:
+            epoch, doc = doc_of(k)
             size = self._length(epoch, doc)
             if max_doc_tokens and offset == 0 and size > max_doc_tokens:
                 passed += 1
                 if passed > len(self.source):
                     raise ValueError(f"no document has at most {max_doc_tokens} tokens (EOS included): raise the "
                                      "stage's max_doc_tokens or set it to 0")
-                doc += 1
-                if doc == len(self.source):
-                    epoch, doc = epoch + 1, 0
+                k += 1
                 if got <= advance:
-                    self.epoch, self.doc, self.offset = epoch, doc, 0
+                    moved = (k, 0)
                 continue
             passed = 0
             toks = self._document(epoch, doc) if read else None
@@ -233,7 +254,7 @@ class PackedStream:
                                  f"end of that document ({size} tokens): the dataset is not the one the "
                                  "position was recorded in")
             if got <= advance < got + size - offset:
-                self.epoch, self.doc, self.offset = epoch, doc, offset + (advance - got)
+                moved = (k, offset + (advance - got))
             piece = min(size - offset, n - got)
             if read:
                 out.append(toks[offset: offset + piece])
@@ -241,19 +262,16 @@ class PackedStream:
             got += piece
             offset += piece
             if offset == size:
-                doc, offset, counter = doc + 1, 0, counter + 1
-                if doc == len(self.source):
-                    epoch, doc = epoch + 1, 0
-        return (np.concatenate(out), np.concatenate(docs)) if read else None
+                k, offset, counter = k + 1, 0, counter + 1
+        return ((np.concatenate(out), np.concatenate(docs)) if read else None), moved
 
     def next_batch(self, rows: int, seq_len: int, max_doc_tokens: int = 0, keep: Optional[range] = None) -> Batch:
         """`rows` sequences of seq_len inputs (+1 token for the labels) from the current position;
         documents longer than `max_doc_tokens` (> 0) are passed over. With `keep` (a range of row
         numbers: this data-parallel rank's), only those rows are read and returned; the position moves
         over all `rows` exactly as without it, from the other rows' document lengths."""
-        keep = range(rows) if keep is None else keep
-        if keep.step != 1 or not 0 <= keep.start <= keep.stop <= rows:
-            raise ValueError(f"keep must be a contiguous range of rows within {rows}, got {keep}")
+        keep = _check_keep(keep, rows, "rows")
+        self._leave_lanes()
         ids = np.empty((len(keep), seq_len), dtype=np.int64)
         labels = np.empty((len(keep), seq_len), dtype=np.int64)
         seq_idx = np.empty((len(keep), seq_len), dtype=np.int32)
@@ -266,3 +284,65 @@ class PackedStream:
             ids[i], seq_idx[i] = toks[:-1], docs[:-1]
             labels[i] = np.where(docs[1:] == docs[:-1], toks[1:], IGNORE)
         return Batch(ids, labels, seq_idx)
+
+    # -- row-stable streams (carry_state: document) -------------------------------------------------------
+    def next_lane_batch(self, lanes: int, steps: int, seq_len: int, max_doc_tokens: int = 0,
+                        keep: Optional[range] = None) -> Batch:
+        """`steps` consecutive rows of each of `lanes` row-stable streams, so that a document longer than a row
+        continues in the same lane's next row. Lane j reads documents base+j, base+j+lanes, base+j+2*lanes, ...
+        of the stream's order (base: where the stream stood when these lanes began), each packed as in
+        `next_batch`. Rows come step-major: row s*len(keep)+i is lane keep.start+i at step s. `continues`
+        marks the rows that start inside a document the lane's previous row began. Only the kept lanes
+        (a contiguous range: this data-parallel rank's) are read; the others move by their documents'
+        lengths alone, so every rank holds the same position."""
+        keep = _check_keep(keep, lanes, "lanes")
+        self._enter_lanes(lanes)
+        self._cache_size = max(self._cache_size, len(keep) + 2)
+        n_docs, st = len(self.source), self.lanes
+        out = len(keep) * steps
+        ids = np.empty((out, seq_len), dtype=np.int64)
+        labels = np.empty((out, seq_len), dtype=np.int64)
+        seq_idx = np.empty((out, seq_len), dtype=np.int32)
+        continues = np.zeros(out, dtype=bool)
+        for s in range(steps):
+            for j in range(lanes):
+                k, offset = st["index"][j], st["offset"][j]
+
+                def doc_of(i, j=j):
+                    return divmod(st["base"] + j + i * lanes, n_docs)
+                got, (st["index"][j], st["offset"][j]) = self._walk(k, offset, doc_of, seq_len + 1, seq_len,
+                                                                    max_doc_tokens, read=j in keep)
+                if got is None:
+                    continue
+                toks, docs = got
+                r = s * len(keep) + (j - keep.start)
+                ids[r], seq_idx[r], continues[r] = toks[:-1], docs[:-1], offset > 0
+                labels[r] = np.where(docs[1:] == docs[:-1], toks[1:], IGNORE)
+        return Batch(ids, labels, seq_idx, continues)
+
+    def _enter_lanes(self, lanes: int) -> None:
+        """Begin `lanes` row-stable streams at the stream's position (after a document it is inside), unless
+        they are in use already."""
+        if self.lanes is not None and self.lanes["count"] == lanes:
+            return
+        self._leave_lanes()
+        base = self.epoch * len(self.source) + self.doc + (1 if self.offset else 0)
+        self.lanes = {"count": lanes, "base": base, "index": [0] * lanes, "offset": [0] * lanes}
+
+    def _leave_lanes(self) -> None:
+        """Back to one stream: it continues after the furthest document any lane reached (documents that
+        other lanes had not reached yet are passed over in this epoch)."""
+        if self.lanes is None:
+            return
+        st, n = self.lanes, self.lanes["count"]
+        reached = max(st["base"] + j + i * n + (1 if off else 0)
+                      for j, (i, off) in enumerate(zip(st["index"], st["offset"])))
+        self.epoch, self.doc = divmod(reached, len(self.source))
+        self.offset, self.lanes = 0, None
+
+
+def _check_keep(keep: Optional[range], total: int, what: str) -> range:
+    keep = range(total) if keep is None else keep
+    if keep.step != 1 or not 0 <= keep.start <= keep.stop <= total:
+        raise ValueError(f"keep must be a contiguous range of {what} within {total}, got {keep}")
+    return keep

@@ -83,6 +83,10 @@ class StageConfig:
     min_lr_ratio: float = 0.1       # the decay ends at lr x this
     mitigations: Dict[str, Any] = field(default_factory=dict)   # overrides of the top-level section
     max_doc_tokens: int = 0         # > 0: documents longer than this are left out of this stage's sequences
+    # none | batch (each row starts from the detached final state of the same row at the previous micro-step:
+    # State Passing) | document (a document longer than a row continues in the same row at the next
+    # micro-step, its state carried: truncated BPTT). README, "Length generalization"
+    carry_state: str = "none"
 
 
 @dataclass

@@ -218,3 +218,57 @@ def test_a_length_that_disagrees_with_its_document_is_refused(tmp_path, shards):
     np.save(tmp_path / "train" / "lengths.npy", lengths)
     with pytest.raises(DamagedShard, match="lengths.npy says"):
         PackedStream(DocumentSource(str(tmp_path / "train")), EOS, shuffle=False).next_batch(4, 64)
+
+
+def _docs_in_order(shards):
+    """Each document's tokens + EOS, in shard order (shuffle off), read with a plain StreamingDataset."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    return [np.append(ds[i]["tokens"].astype(np.int64), EOS) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("max_doc_tokens", [0, 60])
+def test_lanes_are_row_stable_document_streams_exact_per_rank_and_resumable(shards, max_doc_tokens):
+    """carry_state: document. Lane j's rows, joined (they overlap by one token), are documents j, j+4, j+8, ...
+    (long ones passed over), each whole, so a document longer than a row continues in that lane's next row;
+    `continues` marks exactly those rows; two ranks reading their own lanes get the whole batch's rows and
+    the same position; a stream resumed from a state_dict continues identically; going back to one stream
+    continues after the furthest document a lane reached."""
+    docs = _docs_in_order(shards)
+    lanes, steps, L = 4, 3, 24
+    whole = PackedStream(DocumentSource(shards), EOS, shuffle=False)
+    whole.next_batch(1, L)                                   # the stream inside document 0: lanes begin after it
+    base = 1
+    batches = [whole.next_lane_batch(lanes, steps, L, max_doc_tokens) for _ in range(4)]
+    for j in range(lanes):
+        rows = [b.rows(s * lanes + j, s * lanes + j + 1) for b in batches for s in range(steps)]
+        joined = np.concatenate([r.input_ids[0] for r in rows])
+        mine = [d for d in (docs * 3)[base + j::lanes] if not max_doc_tokens or len(d) <= max_doc_tokens]  # epochs
+        expect = np.concatenate(mine)[:len(joined)]
+        assert np.array_equal(joined, expect), j
+        starts = np.cumsum([0] + [len(d) for d in mine])
+        assert [bool(r.continues[0]) for r in rows] == [not np.isin(i * L, starts) for i in range(len(rows))], j
+    # two data-parallel ranks, lanes 0-1 and 2-3
+    parts = [PackedStream(DocumentSource(shards), EOS, shuffle=False) for _ in range(2)]
+    for ps in parts:
+        ps.next_batch(1, L)
+    for b in batches:
+        got = [ps.next_lane_batch(lanes, steps, L, max_doc_tokens, keep=range(2 * d, 2 * d + 2))
+               for d, ps in enumerate(parts)]
+        for s in range(steps):
+            for d in range(2):
+                assert np.array_equal(got[d].input_ids[2 * s:2 * s + 2], b.input_ids[s * 4 + 2 * d:s * 4 + 2 * d + 2])
+                assert np.array_equal(got[d].continues[2 * s:2 * s + 2], b.continues[s * 4 + 2 * d:s * 4 + 2 * d + 2])
+    assert parts[0].state_dict() == parts[1].state_dict() == whole.state_dict()
+    # resume
+    resumed = PackedStream(DocumentSource(shards), EOS, shuffle=False)
+    resumed.load_state_dict(json.loads(json.dumps(whole.state_dict())))
+    nxt, again = whole.next_lane_batch(lanes, steps, L, max_doc_tokens), resumed.next_lane_batch(lanes, steps, L,
+                                                                                                 max_doc_tokens)
+    assert np.array_equal(nxt.input_ids, again.input_ids) and np.array_equal(nxt.continues, again.continues)
+    # back to one stream: after the furthest document any lane began
+    st = whole.state_dict()["lanes"]
+    furthest = max(base + j + i * lanes + (1 if off else 0) for j, (i, off) in enumerate(zip(st["index"], st["offset"])))
+    after = whole.next_batch(1, L)
+    assert np.array_equal(after.input_ids[0], np.concatenate([docs[k % len(docs)] for k in range(furthest, furthest + L)])[:L])
+    assert whole.state_dict()["lanes"] is None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from longctx import kernels
 
 from . import formats
+from .carry import CarriedOps, CarriedStates, LayerCarry
 from .config import Mamba2Config
 from .inference import LayerCache, Mamba2Cache
 from .mitigations import LayerMitigations
@@ -99,6 +100,7 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
         self.mitigation: Optional[LayerMitigations] = None   # set by Mamba2LM.set_mitigations
         self.ops = LOCAL                                      # the conv and the scan; set_sequence_parallel swaps them
+        self.carry: Optional[LayerCarry] = None               # training from a carried state (set_carried)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -130,6 +132,8 @@ class Mamba2Mixer(nn.Module):
             raise ValueError("a decoding cache cannot be used under sequence parallelism: "
                              "call set_sequence_parallel(None) first")
         ops = self.ops if cache is None else cache     # whole sequences (here or split over ranks), or decoding
+        if self.carry is not None and cache is None:
+            ops = CarriedOps(ops, self.carry)
         zxbcdt = self.in_proj(u)
         d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
@@ -275,6 +279,22 @@ class Mamba2LM(nn.Module):
         self.sequence_parallel = sp
         for layer in self.backbone.layers:
             layer.mixer.ops = LOCAL if sp is None else sp
+
+    # -- carried state (carry.py) ------------------------------------------------------------------
+    def set_carried(self, layers: Optional[List[LayerCarry]]):
+        """One LayerCarry per layer (CarriedStates.entering): each forward then starts from it and records
+        the final state (`carried_final`); None: every forward starts from zeros."""
+        if layers is not None and len(layers) != len(self.backbone.layers):
+            raise ValueError(f"carried states for {len(layers)} layers given, the model has {len(self.backbone.layers)}")
+        for i, layer in enumerate(self.backbone.layers):
+            layer.mixer.carry = None if layers is None else layers[i]
+
+    def carried_final(self) -> CarriedStates:
+        """The final state of every layer after the last forward under `set_carried`."""
+        carries = [layer.mixer.carry for layer in self.backbone.layers]
+        if any(c is None or c.final_state is None for c in carries):
+            raise RuntimeError("no carried state recorded: call set_carried(...) before the forward")
+        return CarriedStates.of(carries)
 
     def halo_width(self) -> int:
         """Rows before a segment that some layer reads: the conv's d_conv-1, a window's r-1."""

@@ -82,14 +82,38 @@ class SequenceParallel:
         out, _ = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=self._halo_docs(seq_idx, k))
         return out[:, k:]
 
+    def conv_from(self, xBC, weight, bias, seq_idx, tail):
+        """`conv` with a carried tail entering the sequence (on the first rank); (this segment's rows, the
+        sequence's last d_conv-1 input rows: meaningful on the last rank)."""
+        K = weight.shape[-1]
+        before = halo(xBC, K - 1, self)
+        docs = self._halo_docs(seq_idx, before.shape[1])
+        if self.rank == 0 and tail is not None:      # the empty halo stays in the graph: its backward is collective
+            before = torch.cat([tail.to(xBC.dtype), before], 1)
+            docs = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], 1)
+        k = before.shape[1]
+        out, _ = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=docs)
+        return out[:, k:], xBC[:, xBC.shape[1] - (K - 1):]
+
     def scan(self, x, dt, A, B, C, z, seq_idx, arguments: SSDArguments):
         """kernels.ssd over the whole sequence (zero initial state), for this segment's positions."""
+        kw = arguments(0)
+        if kw.get("window"):
+            if kw.get("state_norm") is not None:
+                raise ValueError(STATE_NORM_UNSUPPORTED)
+            return self._windowed_scan(x, dt, A, B, C, z, seq_idx, kw)
+        return self.scan_from(x, dt, A, B, C, z, seq_idx, arguments, None)[0]
+
+    def scan_from(self, x, dt, A, B, C, z, seq_idx, arguments: SSDArguments, state):
+        """`scan` with `state` entering the sequence (on the first rank; None: zeros); (this segment's
+        outputs, the state at the segment's end: the sequence's final state on the last rank)."""
         kw = arguments(0)
         if kw.get("state_norm") is not None:
             raise ValueError(STATE_NORM_UNSUPPORTED)
         if kw.get("window"):
-            return self._windowed_scan(x, dt, A, B, C, z, seq_idx, kw)
-        y, local = kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, return_final_states=True, **kw)
+            raise ValueError("a carried state under a sliding window is not supported (the window never reads it)")
+        y, local = kernels.ssd(x, dt, A, B, C, z=z, seq_idx=seq_idx, return_final_states=True,
+                               initial_states=state if self.rank == 0 else None, **kw)
         cdt = compute_dtype(x)
         _, log_a = log_decays(dt, A, kw.get("dt_bias"), kw.get("dt_softplus", False), kw.get("dt_limit"),
                               kw.get("decay_scale"), cdt)
@@ -102,7 +126,14 @@ class SequenceParallel:
         correction = torch.einsum("blhn,bhpn,blh->blhp", heads_of_groups(C.to(cdt), x.shape[2]), incoming, carry)
         if z is not None:
             correction = correction * F.silu(z.to(cdt))
-        return (y.to(cdt) + correction).to(y.dtype)
+        final = carry[:, -1][..., None, None] * incoming + local.to(cdt)
+        return (y.to(cdt) + correction).to(y.dtype), final
+
+    def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
+        """t as the group's last rank holds it, on every rank of the group."""
+        dist.broadcast(t, src=dist.get_global_rank(self.group, self.size - 1), group=self.group)
+        self.bytes_sent += t.numel() * t.element_size()
+        return t
 
     def _windowed_scan(self, x, dt, A, B, C, z, seq_idx, kw):
         """Under a window of r tokens an output reads only the last r inputs: scan the r-1 inputs

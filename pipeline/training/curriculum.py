@@ -14,6 +14,7 @@ from typing import List
 from ..config import Config, ConfigError
 from ..mitigations import merge_overrides
 from ..model.mitigations import STATE_NORM_UNSUPPORTED
+from ..model.carry import CARRY_MODES
 from .schedule import DECAYS, end_lr
 
 
@@ -35,6 +36,7 @@ class StagePlan:
     decay: str
     min_lr_ratio: float
     max_doc_tokens: int = 0      # > 0: longer documents are passed over in this stage
+    carry_state: str = "none"    # none | batch | document (pipeline/model/carry.py)
 
     @property
     def tokens(self) -> int:
@@ -89,9 +91,14 @@ def plan(cfg: Config, world_size: int, chunk_size: int, where: str = "<config>")
             fail("min_lr_ratio", f"must lie in [0, 1], got {st.min_lr_ratio}")
         if st.max_doc_tokens < 0:
             fail("max_doc_tokens", f"must be >= 0 (0: every document), got {st.max_doc_tokens}")
+        if st.carry_state not in CARRY_MODES:
+            fail("carry_state", f"must be one of {', '.join(CARRY_MODES)}, got {st.carry_state!r}")
+        if st.carry_state != "none" and merge_overrides(cfg.mitigations, st.mitigations, key).window:
+            fail("carry_state", f"{st.carry_state} with a sliding window: the window reads only the last tokens, "
+                                "never a carried state; use carry_state: none in that stage, or no window")
         plans.append(StagePlan(i, st.name, st.seq_len, steps, step, st.global_batch_tokens, seqs, st.seq_parallel,
                                dp, micro, seqs // (dp * micro), st.lr, st.warmup_steps, st.decay, st.min_lr_ratio,
-                               st.max_doc_tokens))
+                               st.max_doc_tokens, st.carry_state))
         step += steps
     return plans
 
