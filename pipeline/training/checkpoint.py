@@ -87,8 +87,14 @@ def newest_complete(root: Path) -> Tuple[Optional[str], List[str]]:
     return None, skipped
 
 
+def rank_state_file(ckpt_dir: Path, rank: int) -> Path:
+    """What one rank alone holds (its rows' carried states), beside DeepSpeed's files."""
+    return Path(ckpt_dir) / f"rank_state_{rank:05d}.pt"
+
+
 def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, tokenizer_identity: dict,
-         keep_last: int, is_rank0: bool, barrier, tokenizer_file: Optional[str] = None) -> str:
+         keep_last: int, is_rank0: bool, barrier, tokenizer_file: Optional[str] = None,
+         rank_state: Optional[tuple] = None) -> str:
     tag = tag_of(step)
     ckpt_root = Path(ckpt_root)
     d = ckpt_root / tag
@@ -96,6 +102,12 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, 
         (d / MARKER).unlink()
     barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+    if rank_state is not None:                   # (rank, state): written by each rank before the marker's barrier
+        import torch
+        rank, state = rank_state
+        tmp = rank_state_file(d, rank).with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(rank_state_file(d, rank))
     if is_rank0:
         (d / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (d / "model_config.json").write_text(json.dumps(asdict(model_config), indent=1))
@@ -183,9 +195,20 @@ class Checkpointer:
             return None
         return self.root, tag
 
-    def save(self, step: int, trainer_state: dict) -> str:
+    def save(self, step: int, trainer_state: dict, rank_state: Optional[tuple] = None) -> str:
+        """rank_state: (this rank, what it alone holds), saved beside the checkpoint (`load_rank_state`)."""
         return save(self.engine, self.root, step, trainer_state, self.model_config, self.tokenizer_identity,
-                    self.keep_last, self.is_rank0, self.barrier, tokenizer_file=self.tokenizer_file)
+                    self.keep_last, self.is_rank0, self.barrier, tokenizer_file=self.tokenizer_file,
+                    rank_state=rank_state)
 
     def load(self, root: Path, tag: str) -> dict:
         return load(self.engine, root, tag)
+
+    @staticmethod
+    def load_rank_state(root: Path, tag: str, rank: int):
+        """What `save(..., rank_state=(rank, state))` wrote, or None when it wrote nothing for this rank."""
+        path = rank_state_file(Path(root) / tag, rank)
+        if not path.is_file():
+            return None
+        import torch
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -29,6 +29,7 @@ from ..config import Config, ConfigError, model_config
 from ..evaluate.passkey import build_prompt
 from ..evaluate.share import from_distributed
 from ..model import Mamba2LM
+from ..model.carry import CarriedStates, LayerCarry
 from ..parallel import Groups
 from ..parallel.shm import release_shm_buffers
 from . import rank_status
@@ -166,6 +167,8 @@ class Trainer:
         self.state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_micro_batches": 0}
         self.pending = None              # a stop checkpoint's step record whose evaluation is still to run
         self.step_ended = None           # when the last step ended, if nothing else ran since
+        self.carried: Optional[CarriedStates] = None   # this rank's rows' final states (carry_state), or zeros
+        self.stage_of_carried: Optional[int] = None    # the stage they belong to
         self.mitigations = StageMitigations(cfg, model, self.calibration_prompt)
         self.evaluator = Evaluator(cfg, model, self.tok, self.eval_stream, self.mitigations, self.documents,
                                    self.device, write=self.rank == 0, should_stop=self.stop_agreed,
@@ -213,6 +216,10 @@ class Trainer:
         self.mitigations.load_state_dict(trainer.get("mitigations", {}))
         _set_rng_state(trainer["rng"])
         self.pending = trainer.get("pending")
+        carried = self.checkpoints.load_rank_state(*found, self.rank)
+        if carried is not None and carried.get("carried") is not None:
+            self.carried = CarriedStates.from_state_dict(carried["carried"], self.device)
+            self.stage_of_carried = carried["stage"]
         if self.rank == 0:
             print(f"resumed from {found[0] / found[1]} at step {self.state['step']}", flush=True)
         return self.state["step"]
@@ -224,10 +231,19 @@ class Trainer:
                 "rng": _rng_state(),
                 "mitigations": self.mitigations.state_dict(), "identity": self.identity, "pending": pending}
 
+    def rank_state(self) -> Optional[tuple]:
+        """(rank, what only this rank holds: its rows' carried states), or None when nothing is carried."""
+        if self.carried is None:
+            return None
+        return self.rank, {"stage": self.stage_of_carried, "carried": self.carried.state_dict()}
+
     def enter_stage(self, p) -> None:
         # DeepSpeed's data-parallel world is every rank (longctx.pipeline.parallel): it counts each SP rank's
         # micro-batch as one, so its batch size is micro x accum x world, not x DP.
         self.engine.set_train_batch_size(p.micro_batch * p.grad_accum * self.world)
+        if self.stage_of_carried != p.index:          # a stage starts from zero states (rows, lengths may change)
+            self.carried, self.stage_of_carried = None, p.index
+        self.model.set_carried(None)
         self.model.set_sequence_parallel(None)        # calibration reads whole sequences
         self.model.set_mitigations(self.mitigations.of(p))
         self.model.set_sequence_parallel(self.sp_groups.get(p.seq_parallel))
@@ -256,13 +272,20 @@ class Trainer:
         # checkpoint, an evaluation or a stage change
         t0 = self.step_ended or time.perf_counter()
         dp_rank, per = self.rank // p.seq_parallel, p.sequences_per_step // p.data_parallel
-        batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens,
-                                       keep=range(dp_rank * per, (dp_rank + 1) * per))    # only this rank's rows
+        if p.carry_state == "document":     # one row-stable stream per row slot; this rank reads its slots
+            batch = self.stream.next_lane_batch(p.data_parallel * p.micro_batch, p.grad_accum, p.seq_len,
+                                                p.max_doc_tokens, keep=range(dp_rank * p.micro_batch,
+                                                                             (dp_rank + 1) * p.micro_batch))
+        else:
+            batch = self.stream.next_batch(p.sequences_per_step, p.seq_len, p.max_doc_tokens,
+                                           keep=range(dp_rank * per, (dp_rank + 1) * per))  # only this rank's rows
         share = rank_share(batch, 0, 1, self.rank % p.seq_parallel, p.seq_parallel)
         micro = [share.rows(m * p.micro_batch, (m + 1) * p.micro_batch) for m in range(p.grad_accum)]
-        means, finite, snapshot = [], [], None
+        means, finite, snapshot, entering = [], [], None, []
         for m, rows in enumerate(micro):
+            entering.append(self._enter_carried(p, rows))
             loss, mean = self._forward(rows)
+            self._keep_carried(p)
             ok = bool(torch.isfinite(loss.detach()) & torch.isfinite(mean))     # this rank's, on the host
             means.append(mean)
             finite.append(ok)
@@ -276,11 +299,14 @@ class Trainer:
         bad = len(micro) - len(kept)
         if snapshot is not None:            # undo the step DeepSpeed took on the partial gradient, retake it
             self._restore(snapshot)
-            for i, rows in enumerate(kept):
+            self.carried = None             # a bad micro-batch's final state is not carried on
+            for i, (rows, state) in enumerate((r, e) for r, e, ok in zip(micro, entering, agreed) if ok):
+                self.model.set_carried(state)
                 loss, _ = self._forward(rows)
                 # the engine divides by the configured accumulation; the step averages over the kept ones
                 self._backward(loss * (len(micro) / len(kept)), boundary=i == len(kept) - 1)
             mean_loss = self._mean_loss([m for m, ok in zip(means, agreed) if ok])
+        self.model.set_carried(None)        # evaluations and calibration read from zero states
         elapsed = time.perf_counter() - t0
         self.state["step"] += 1
         self.state["tokens"] += p.global_batch_tokens
@@ -292,6 +318,29 @@ class Trainer:
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "tokens": self.state["tokens"], "tokens_per_s": p.global_batch_tokens / max(elapsed, 1e-9)}
         return record, stop
+
+    def _enter_carried(self, p, rows) -> Optional[list]:
+        """Sets the state this micro-batch's rows start from (carry_state; None: zeros) and returns it.
+        Under document resets a row of a document lane takes the carried state only where it continues the
+        document its lane's previous row was in (README, "Length generalization")."""
+        if p.carry_state == "none":
+            return None
+        if self.carried is None:
+            state = [LayerCarry() for _ in self.model.backbone.layers]
+        else:
+            continues = rows.continues if p.carry_state == "document" and self.cfg.train.document_resets else None
+            state = self.carried.entering(None if continues is None else torch.as_tensor(continues))
+        self.model.set_carried(state)
+        return state
+
+    def _keep_carried(self, p) -> None:
+        """After a micro-batch's forward: its final state (the sequence's end: the last rank of an SP group)
+        is what the same rows start from next."""
+        if p.carry_state == "none":
+            return
+        final = self.model.carried_final()
+        sp = self.model.sequence_parallel
+        self.carried = final.from_last_rank(sp) if sp is not None else final
 
     def _agree(self, means, finite) -> tuple:
         """The step's collective: (finite on every rank, per micro-batch), the loss averaged over ranks
@@ -383,7 +432,7 @@ class Trainer:
                     return self.stop(p, record, metrics, evaluation_due=True)
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
-                    self.checkpoints.save(step, self.trainer_state(p))
+                    self.checkpoints.save(step, self.trainer_state(p), self.rank_state())
                     self.step_ended = None
                 if self.state["bad_steps"] > self.cfg.train.max_bad_steps:
                     raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
@@ -420,7 +469,8 @@ class Trainer:
         step = self.state["step"]
         if not evaluation_due:
             metrics.log(record)
-        self.checkpoints.save(step, self.trainer_state(p, pending=record if evaluation_due else None))
+        self.checkpoints.save(step, self.trainer_state(p, pending=record if evaluation_due else None),
+                              self.rank_state())
         if self.rank == 0:
             write_stop_marker(self.run_dir, step)
             print(f"SIGTERM: checkpoint written at step {step}; exiting with {EXIT_STOPPED} (resume to continue"
