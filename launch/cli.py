@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
     p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL")
     p.add_argument("--compare", action="store_true", help="run with and without mitigations side by side")
+    p.add_argument("--variants", nargs="+", default=[], metavar="NAME=KEY=VAL[,KEY=VAL...]",
+                   help="variants side by side on the same prompts: NAME= (as it is), mitigations keys "
+                        "(decay_scale, a_scale, state_norm.every, window, ...) and/or checkpoint=PATH; one JSON, "
+                        "table.md and plot")
     p.add_argument("--data", default=None, help="length/states: a `longctx prepare` output; its held-out split is read "
                         "(default: synthetic documents)")
     p.add_argument("--buckets", type=int, default=16, help="length: position buckets")
@@ -63,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-length", type=int, default=None,
                    help="state_norm without thresholds: calibrate at this length (default: the training length)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("calibrate", help="fit one scale per layer (decay or A) to the held-out loss at a length; "
+                                         "writes a model directory that loads with its scales")
+    p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
+    p.add_argument("--length", type=int, required=True, help="tokens per calibration sequence (the target length)")
+    p.add_argument("--data", required=True, help="a `longctx prepare` output: its held-out split is read")
+    p.add_argument("--param", choices=["decay", "A"], default="decay",
+                   help="decay: decay_scale in (0, 1] (MambaExtend); A: a_scale on A (Mamba Modulation)")
+    p.add_argument("--per-head", action="store_true", help="one scale per layer x head (default: per layer)")
+    p.add_argument("--samples", type=int, default=16, help="held-out sequences")
+    p.add_argument("--batch", type=int, default=4, help="sequences per gradient step")
+    p.add_argument("--steps", type=int, default=40, help="Adam steps on the scales")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="order of the held-out documents")
+    p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
+    p.add_argument("--out", required=True, help="the calibrated model directory")
 
     p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
     p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
@@ -178,7 +198,15 @@ def cmd_eval(args) -> int:
                         samples=args.samples or 2, out=args.out, tokenizer=args.tokenizer,
                         mitigations=args.mitigations, compare=args.compare, data=args.data, buckets=args.buckets,
                         margin=args.margin, min_position=args.min_position, prefill_chunk=args.prefill_chunk,
-                        calibration_length=args.calibration_length, seed=args.seed)
+                        calibration_length=args.calibration_length, seed=args.seed, variant_specs=args.variants)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from longctx.pipeline.evaluate.calibrate import calibrate
+    calibrate(args.checkpoint, length=args.length, data=args.data, out=args.out, param=args.param,
+              per_head=args.per_head, samples=args.samples, batch=args.batch, steps=args.steps, lr=args.lr,
+              seed=args.seed, tokenizer=args.tokenizer)
     return 0
 
 
@@ -329,7 +357,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
-            "node": cmd_node, "run": cmd_run, "eval": cmd_eval, "launch": cmd_launch}
+            "node": cmd_node, "run": cmd_run, "eval": cmd_eval, "calibrate": cmd_calibrate,
+            "launch": cmd_launch}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,7 +7,9 @@ The paper's training-free fixes for state collapse:
 - input_scale λ_B <= 1: every step writes less;
 - state_norm: every K tokens the state is shrunk to at most τ (per layer x head; τ given or
   calibrated as multiplier x ||h|| at the end of a prompt of the training length);
-- window r: the output reads only what the last r tokens wrote.
+- window r: the output reads only what the last r tokens wrote;
+- a_scale s > 0 (beyond the paper: Mamba Modulation's scale on A's spectrum, a_t = exp(s·Δ_t·A)), usually
+  fitted per layer by `longctx calibrate`.
 
 `MitigationsConfig` is the YAML section; `resolve` turns it into one `LayerMitigations`
 per layer, which `Mamba2LM.set_mitigations` hands to the mixers. The scan kernels
@@ -35,6 +37,7 @@ class StateNormConfig:
 class MitigationsConfig:
     decay_scale: Any = 1.0         # λ_α in (0, 1]: scalar, one per layer, or per layer x head
     input_scale: Any = 1.0         # λ_B: same shapes
+    a_scale: Any = 1.0             # s > 0 on A (a_t = exp(s·Δ_t·A)), as Mamba Modulation: same shapes
     state_norm: StateNormConfig = field(default_factory=StateNormConfig)
     window: int = 0                # 0: off; else sliding window of this many tokens
 
@@ -62,22 +65,26 @@ def _per_layer_head(value, n_layer: int, nheads: int, key: str) -> Optional[List
                      f"{n_layer} lists of {nheads} (per layer x head), got {value!r}")
 
 
-def _check_scale(value, key: str) -> None:
+def _check_scale(value, key: str, at_most_one: bool = True) -> None:
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_scale(v, f"{key}[{i}]")
+            _check_scale(v, f"{key}[{i}]", at_most_one)
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):     # YAML's yes/true is not a scale
         raise ValueError(f"{key}: {value!r} is not a number")
-    if not 0 < value <= 1:
+    if at_most_one and not 0 < value <= 1:
         raise ValueError(f"{key}: {value!r} is outside (0, 1]: a scale only forgets more or writes less")
+    if not 0 < value:
+        raise ValueError(f"{key}: {value!r} must be positive (A stays negative: the state decays)")
 
 
 def check_scales(cfg: MitigationsConfig, where: str) -> None:
-    """decay_scale and input_scale are numbers in (0, 1], scalar or per layer (x head); `where` prefixes the key."""
-    for name in ("decay_scale", "input_scale"):
+    """decay_scale and input_scale are numbers in (0, 1], a_scale positive, scalar or per layer (x head);
+    `where` prefixes the key."""
+    for name in ("decay_scale", "input_scale", "a_scale"):
         value = getattr(cfg, name)
-        _check_scale(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, f"{where}.{name}")
+        _check_scale(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, f"{where}.{name}",
+                     at_most_one=name != "a_scale")
 
 
 def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
@@ -87,6 +94,7 @@ def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
     check_scales(cfg, "mitigations")
     decay = _per_layer_head(cfg.decay_scale, n_layer, nheads, "decay_scale")
     inp = _per_layer_head(cfg.input_scale, n_layer, nheads, "input_scale")
+    a_sc = _per_layer_head(cfg.a_scale, n_layer, nheads, "a_scale")
     sn = cfg.state_norm
     if sn.every < 0:
         raise ValueError(f"mitigations.state_norm.every must be >= 0, got {sn.every}")
@@ -108,6 +116,7 @@ def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
         layers.append(LayerMitigations(
             decay_scale=None if all(v == 1.0 for v in decay[i]) else decay[i],
             input_scale=None if all(v == 1.0 for v in inp[i]) else inp[i],
+            a_scale=None if all(v == 1.0 for v in a_sc[i]) else a_sc[i],
             state_norm_every=int(sn.every),
             state_norm_threshold=None if thresholds is None else thresholds[i],
             window=int(cfg.window)))

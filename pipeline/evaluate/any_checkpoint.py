@@ -16,6 +16,7 @@ from ..model.load import find_checkpoint, load_any
 from ..model.mitigations import calibrate_state_norm
 from .passkey import build_prompt
 from .run import comparison_table, run_eval, tokenizer_for
+from .variants import parse_variants
 
 DEFAULT_LENGTHS = {"passkey": [1024, 4096], "length": [16384], "states": [16384]}
 
@@ -33,9 +34,11 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
                         depths: Optional[Sequence[float]] = None, samples: int = 2, out=None,
                         tokenizer: Optional[str] = None, mitigations: Sequence[str] = (), compare: bool = False,
                         data: Optional[str] = None, buckets: int = 16, margin: float = 0.5, min_position: int = 64,
-                        prefill_chunk: int = 4096, calibration_length: Optional[int] = None, seed: int = 0) -> dict:
+                        prefill_chunk: int = 4096, calibration_length: Optional[int] = None, seed: int = 0,
+                        variant_specs: Sequence[str] = ()) -> dict:
     """One evaluation (passkey | length | states) of any checkpoint; with `mitigations` (KEY=VAL, the
-    mitigations section's keys) the model runs with them, with `compare` also without. Writes its
+    mitigations section's keys) the model runs with them, with `compare` also without; `variant_specs`
+    (NAME=KEY=VAL[,...], variants.py) name any number of variants side by side instead. Writes its
     files into `out` (default eval-KIND/), prints the comparison table, returns the results."""
     source = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,19 +48,39 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
     lengths = list(lengths) if lengths else DEFAULT_LENGTHS[kind]
     depths = list(depths) if depths else [0.0, 0.5, 1.0]
 
-    variants = None
-    if mitigations or compare:
-        overrides = OmegaConf.to_container(OmegaConf.from_dotlist(list(mitigations)))
-        mit = merge_overrides(MitigationsConfig(), overrides, "--mitigations")
+    def with_mitigations(m, overrides: dict, where: str):
+        mit = merge_overrides(MitigationsConfig(), overrides, where)
         calibrated = None
         if mit.state_norm.every and not mit.state_norm.thresholds:
             L = calibration_length or train_length or 2048
             prompt = torch.as_tensor(build_prompt(tok, L, 0.5, "12345")[None], device=device)
-            calibrated = calibrate_state_norm(model, prompt, mit.state_norm.multiplier, chunk_len=prefill_chunk)
-        layers = resolve(mit, model.config.n_layer, model.config.nheads, calibrated=calibrated)
+            calibrated = calibrate_state_norm(m, prompt, mit.state_norm.multiplier, chunk_len=prefill_chunk)
+        return resolve(mit, m.config.n_layer, m.config.nheads, calibrated=calibrated)
+
+    variants, models = None, {}
+    if variant_specs and (mitigations or compare):
+        raise ValueError("--variants names every variant itself: give it without --mitigations / --compare")
+    if mitigations or compare:
+        layers = with_mitigations(model, OmegaConf.to_container(OmegaConf.from_dotlist(list(mitigations))),
+                                  "--mitigations")
         variants = {"with mitigations": layers}
         if compare:
             variants = {"without": None, "with mitigations": layers}
+    if variant_specs:
+        variants, loaded = {}, {}
+        for spec in parse_variants(list(variant_specs)):
+            m = model
+            if spec.checkpoint:
+                if spec.checkpoint not in loaded:
+                    loaded[spec.checkpoint] = load_any(Path(spec.checkpoint)).to(device).eval()
+                m = loaded[spec.checkpoint]
+                if m.config.vocab_size != model.config.vocab_size:
+                    raise ValueError(f"--variants {spec.name!r}: {spec.checkpoint} has a vocabulary of "
+                                     f"{m.config.vocab_size} ids, {source} of {model.config.vocab_size}: the same "
+                                     "prompts would be other text for it")
+                models[spec.name] = m
+            variants[spec.name] = (with_mitigations(m, spec.mitigations, f"--variants {spec.name}")
+                                   if spec.mitigations else "as is")
     stream = None
     if data and kind != "passkey":
         stream = PackedStream(DocumentSource(heldout_of(data), str(Path(out or ".") / ".cache")), tok.eos_id,
@@ -65,7 +88,7 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
     out = Path(out or f"eval-{kind}")
     results = run_eval(kind, model, tok, out, lengths=lengths, depths=depths, samples=samples, seed=seed,
                        prefill_chunk=prefill_chunk, buckets=buckets, margin=margin, min_position=min_position,
-                       train_length=train_length, variants=variants, stream=stream)
+                       train_length=train_length, variants=variants, models=models, stream=stream)
     print(comparison_table(kind, results))
     print(f"wrote {out}")
     return results

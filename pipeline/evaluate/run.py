@@ -114,10 +114,12 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
              min_position: int = MIN_POSITION,
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
+             models: Optional[Dict[str, object]] = None,
              write: bool = True, should_stop: Optional[Callable[[], None]] = None,
              share: RankShare = EVERYTHING) -> dict:
-    """Run one evaluation for each variant (name -> LayerMitigations list or None) and write its files.
-    Without variants the model runs as it is. `should_stop` is called between passkey batches (it may
+    """Run one evaluation for each variant (name -> LayerMitigations list, None, or "as is") and write its
+    files. Without variants the model runs as it is; `models` names another model for a variant (a second
+    checkpoint), evaluated on the same prompts and text. `should_stop` is called between passkey batches (it may
     raise to end the evaluation). With a `share` over ranks, each computes its part (passkey batches, or
     whole variants of the long-text kinds) and every rank returns all results."""
     if kind not in KINDS:
@@ -138,17 +140,20 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
     mine = range(len(names)) if spec.splits_within else share.mine(len(names))
     done = {}
     for i in mine:
-        saved = model.mitigations
+        m = (models or {}).get(names[i], model)
+        saved = m.mitigations
         if variants[names[i]] != "as is":
-            model.set_mitigations(variants[names[i]])
+            m.set_mitigations(variants[names[i]])
         try:
-            done[i] = spec.run(model, tok, row, options)
+            done[i] = spec.run(m, tok, row, options)
         finally:
-            model.set_mitigations(saved)
+            m.set_mitigations(saved)
     results = dict(zip(names, done.values() if spec.splits_within else share.gather(done, len(names))))
     if write:
         payload = next(iter(results.values())) if len(results) == 1 else {"variants": results}
         spec.write(results, payload, out, [(train_length, "training length")] if train_length else [])
+        if len(results) > 1:
+            (out / "table.md").write_text(comparison_table(kind, results) + "\n")
     return results
 
 

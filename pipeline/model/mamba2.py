@@ -142,6 +142,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
         A = -torch.exp(self.A_log.float())
+        if self.mitigation is not None and self.mitigation.a_scale is not None:   # before any path: decoding too
+            A = A * torch.as_tensor(self.mitigation.a_scale, dtype=A.dtype, device=A.device)
         gate_in_scan = not self.config.rmsnorm
         y = ops.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),

@@ -25,13 +25,14 @@ class LayerMitigations:
 
     decay_scale: Optional[List[float]] = None      # one per head
     input_scale: Optional[List[float]] = None
+    a_scale: Optional[List[float]] = None          # A x this (per head): in every path, decoding included
     state_norm_every: int = 0
     state_norm_threshold: Optional[List[float]] = None
     window: int = 0
 
     @property
     def active(self) -> bool:
-        return bool(self.decay_scale or self.input_scale or self.state_norm_every or self.window)
+        return bool(self.decay_scale or self.input_scale or self.a_scale or self.state_norm_every or self.window)
 
 
 @torch.no_grad()

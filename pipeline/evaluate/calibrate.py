@@ -1,0 +1,110 @@
+"""`longctx calibrate CKPT --length L --data PREPARED --param decay|A [--per-head] --out DIR`.
+
+One scale per layer (or per layer x head), fitted to minimize the held-out loss of sequences of L tokens read
+without state resets (the collapse setting): on the decay (MambaExtend's idea, our decay_scale λ in (0, 1]) or on
+A (Mamba Modulation's, a_scale s > 0: a_t = exp(s·Δ_t·A)). Decision: the fit is by gradient on the scales alone,
+the model frozen: Adam on an unconstrained parameter (λ = exp(-w²), s = exp(w)), starting at the identity, on
+`samples` held-out sequences in mini-batches; the loss is differentiable in the scales through the scan, and a
+few dozen steps on 16 sequences suffice for a handful of numbers (zeroth-order search would need as many
+forwards per step as there are scales). The output is a model directory (mamba_ssm layout,
+longctx_mitigations.json beside it) that loads with its scales; they apply in the parallel forward, chunked
+prefill and recurrent decoding alike (Mamba2Mixer.forward scales A before choosing the path; decay_scale goes
+to every scan), and calibration.json records the fit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from longctx.data.splits import heldout_of
+from longctx.data.stream import DocumentSource, PackedStream
+
+from ..model.load import load_any
+from ..model.mitigations import LayerMitigations
+from ..training.loss import lm_loss
+from .run import tokenizer_for
+
+PARAMS = {"decay": "decay_scale", "A": "a_scale"}
+
+
+def _scales(param: str, w: torch.Tensor) -> torch.Tensor:
+    """λ = exp(-w²) in (0, 1]; s = exp(w) > 0. Adam moves w by about lr a step whatever the gradient's size,
+    so these maps make a step a similar change of log λ (or log s) near the identity as far from it."""
+    return torch.exp(-w.square()) if param == "decay" else torch.exp(w)
+
+
+def _identity(param: str, shape) -> torch.Tensor:
+    """w next to no change: λ = exp(-0.001) (w = 0 would be a stationary point), s = 1."""
+    return torch.full(shape, math.sqrt(1e-3) if param == "decay" else 0.0)
+
+
+def _install(model, base, param: str, scales: torch.Tensor) -> None:
+    """Each layer's scan gets its scales (tensors: the loss is differentiable in them) on top of `base`."""
+    for i, layer in enumerate(model.backbone.layers):
+        m = base[i] if base is not None and base[i] is not None else LayerMitigations()
+        layer.mixer.mitigation = replace(m, **{PARAMS[param]: scales[i].expand(model.config.nheads)})
+
+
+def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", per_head: bool = False,
+              samples: int = 16, batch: int = 4, steps: int = 40, lr: float = 0.05, seed: int = 0,
+              tokenizer: Optional[str] = None, log=print) -> dict:
+    if param not in PARAMS:
+        raise ValueError(f"--param must be one of {', '.join(PARAMS)}, got {param!r}")
+    if samples < 1 or batch < 1 or steps < 1:
+        raise ValueError("--samples, --batch and --steps must be >= 1")
+    source, out = Path(checkpoint), Path(out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_any(source).to(device).float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = tokenizer_for(source, tokenizer, model.config.vocab_size)
+    stream = PackedStream(DocumentSource(heldout_of(data), str(out / ".cache")), tok.eos_id, seed=seed)
+    rows = stream.next_batch(samples, length)
+    ids, labels = torch.as_tensor(rows.input_ids, device=device), torch.as_tensor(rows.labels, device=device)
+    base = model.mitigations
+    heads = model.config.nheads if per_head else 1
+    w = _identity(param, (model.config.n_layer, heads)).to(device).requires_grad_()
+    opt = torch.optim.Adam([w], lr=lr)
+
+    def loss_at(scales, start, stop):
+        _install(model, base, param, scales)
+        return lm_loss(model(ids[start:stop]).logits, labels[start:stop])   # no seq_idx: no state resets
+
+    with torch.no_grad():
+        before = sum(float(loss_at(_scales(param, w), s, s + batch)) * len(ids[s:s + batch])
+                     for s in range(0, samples, batch)) / samples
+    t0, history = time.perf_counter(), []
+    for step in range(steps):
+        start = (step * batch) % samples
+        loss = loss_at(_scales(param, w), start, start + batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        if step % 10 == 0 or step == steps - 1:
+            log(f"calibrate: step {step + 1}/{steps}  loss {history[-1]:.4f}  {PARAMS[param]} "
+                f"{[round(v, 4) for v in _scales(param, w).detach().mean(1).tolist()]}")
+    scales = _scales(param, w).detach()
+    with torch.no_grad():
+        after = sum(float(loss_at(scales, s, s + batch)) * len(ids[s:s + batch])
+                    for s in range(0, samples, batch)) / samples
+    fitted = [replace(base[i] if base is not None and base[i] is not None else LayerMitigations(),
+                      **{PARAMS[param]: scales[i].expand(model.config.nheads).tolist()})
+              for i in range(model.config.n_layer)]
+    model.set_mitigations(fitted)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    record = dict(checkpoint=str(source), param=param, key=PARAMS[param], per_head=per_head, length=length,
+                  data=heldout_of(data), samples=samples, batch=batch, steps=steps, lr=lr, seed=seed,
+                  heldout_loss_before=before, heldout_loss_after=after, seconds=round(time.perf_counter() - t0, 1),
+                  scales=scales.tolist(), loss_history=history,
+                  layers=[asdict(m) for m in fitted])
+    (out / "calibration.json").write_text(json.dumps(record, indent=1))
+    log(f"calibrate: held-out loss at {length} tokens {before:.4f} -> {after:.4f}; wrote {out}")
+    return record
