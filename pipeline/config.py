@@ -108,6 +108,9 @@ class EvalConfig:
     prefill_chunk: int = 4096       # tokens per forward when reading prompts recurrently
     # mitigations put on top of the stage's for a second loss-vs-position curve (with vs without)
     compare_mitigations: Dict[str, Any] = field(default_factory=dict)
+    # more named variants, each mitigations on top of the stage's, evaluated beside "as trained" on the same
+    # prompts (passkey, loss against position): {name: {decay_scale: 0.9}, ...}
+    variants: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,6 +225,11 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         if cfg.eval.compare_mitigations:
             check_scales(merge_overrides(cfg.mitigations, cfg.eval.compare_mitigations, "eval.compare_mitigations"),
                          "eval.compare_mitigations")
+        for name, overrides in cfg.eval.variants.items():
+            if name in ("as trained", "with mitigations"):
+                raise ValueError(f"eval.variants.{name}: the name is taken (the model as trained, "
+                                 "eval.compare_mitigations); choose another")
+            check_scales(merge_overrides(cfg.mitigations, overrides, f"eval.variants.{name}"), f"eval.variants.{name}")
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     if not cfg.model.from_pretrained:

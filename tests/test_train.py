@@ -201,7 +201,7 @@ def test_train_runs_as_a_single_process_without_a_launcher(uninterrupted):
     cfg = write_config(tmp, "single")
     r = subprocess.run([sys.executable, "-m", "longctx", "train", str(cfg), "curriculum.stages.1.steps=1",
                         "curriculum.stages.0.steps=2", "eval.compare_mitigations.decay_scale=0.5",
-                        "train.document_resets=false"],
+                        "eval.variants={half input: {input_scale: 0.5}}", "train.document_resets=false"],
                        capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -209,9 +209,11 @@ def test_train_runs_as_a_single_process_without_a_launcher(uninterrupted):
     assert [x["seq_len"] for x in recs] == [64, 64, 128]
     # loss against position as trained and with eval.compare_mitigations on top of the stage's
     curves = json.loads((tmp / "single" / "eval" / "step_0000003" / "loss_vs_position.json").read_text())["variants"]
-    assert set(curves) == {"as trained", "with mitigations"}
-    assert curves["as trained"]["mean_loss"] != curves["with mitigations"]["mean_loss"]
-    assert "collapse_point_mitigated" in recs[-1]
+    assert set(curves) == {"as trained", "with mitigations", "half input"}
+    assert len({c["mean_loss"] for c in curves.values()}) == 3
+    assert "collapse_point_mitigated" in recs[-1] and set(recs[-1]["collapse_point_variants"]) == {"half input"}
+    passkey = json.loads((tmp / "single" / "eval" / "step_0000003" / "passkey.json").read_text())["variants"]
+    assert recs[-1]["passkey_accuracy_variants"] == {"half input": passkey["half input"]["mean_accuracy"]}
 
 
 def test_sequence_parallel_run_equals_one_process(uninterrupted):

@@ -23,7 +23,8 @@ def eval_tokens(cfg: Config, p: StagePlan, world: int) -> int:
         return 0
     split = world if cfg.train.zero_stage < 3 else 1
     items: List[int] = []                  # token counts, in the order the evaluation hands them out
-    variants = 2 if ev.compare_mitigations else 1      # as trained, and with eval.compare_mitigations
+    # as trained, with eval.compare_mitigations, and each of eval.variants
+    variants = 1 + bool(ev.compare_mitigations) + len(ev.variants)
     if "passkey" in ev.kinds:
         cases = [(L, None, None) for L in ev.passkey_lengths for _ in ev.passkey_depths
                  for _ in range(ev.passkey_samples)]

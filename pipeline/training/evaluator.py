@@ -106,15 +106,21 @@ class Evaluator:
             raise EvaluationInterrupted("passkey")
 
     def _variants(self, p):
-        """With eval.compare_mitigations: the model as trained (with the stage's mitigations) and with those
-        on top, each evaluated on the same prompts; else None (the model as it is)."""
+        """With eval.compare_mitigations ("with mitigations") or eval.variants (named): the model as trained (with
+        the stage's mitigations) and with each on top, all on the same prompts; else None (the model as it is)."""
         ev = self.cfg.eval
-        if not ev.compare_mitigations:
+        extra = dict({"with mitigations": ev.compare_mitigations} if ev.compare_mitigations else {}, **ev.variants)
+        if not extra:
             return None
-        mitigated = self.mitigations.resolve(merge_overrides(self.mitigations.stage_config(p),
-                                                             ev.compare_mitigations, "eval.compare_mitigations"), p)
+        stage = self.mitigations.stage_config(p)
+        variants = {name: self.mitigations.resolve(merge_overrides(stage, overrides, f"eval.variants.{name}"), p)
+                    for name, overrides in extra.items()}
         self.model.set_mitigations(self.mitigations.of(p))
-        return {"as trained": "as is", "with mitigations": mitigated}
+        return {"as trained": "as is", **variants}
+
+    def _named(self, results: dict, field: str) -> dict:
+        """eval.variants' results of one field, by name (for the metrics record)."""
+        return {name: results[name][field] for name in self.cfg.eval.variants}
 
     def passkey(self, p, step, record, metrics, out) -> None:
         ev = self.cfg.eval
@@ -125,10 +131,15 @@ class Evaluator:
         record["passkey_accuracy"] = res["mean_accuracy"]
         for L, acc in res["per_length"].items():
             metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
-        if variants:
+        if "with mitigations" in results:
             record["passkey_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
             for L, acc in results["with mitigations"]["per_length"].items():
                 metrics.scalar(f"eval/passkey_accuracy_mitigated_{L}", acc, step)
+        if self.cfg.eval.variants:
+            record["passkey_accuracy_variants"] = self._named(results, "mean_accuracy")
+            for name in self.cfg.eval.variants:
+                for L, acc in results[name]["per_length"].items():
+                    metrics.scalar(f"eval/passkey_accuracy_{name}_{L}", acc, step)
         metrics.image("eval/passkey", out / "passkey.png", step)
 
     def length(self, p, step, record, metrics, out) -> None:
@@ -138,8 +149,10 @@ class Evaluator:
                            margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(p))
         res = results["as trained" if variants else "model"]
         record["collapse_point"] = res["collapse_point"]
-        if variants:
+        if "with mitigations" in results:
             record["collapse_point_mitigated"] = results["with mitigations"]["collapse_point"]
+        if self.cfg.eval.variants:
+            record["collapse_point_variants"] = self._named(results, "collapse_point")
         metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
 
     def states(self, p, step, record, metrics, out) -> None:
