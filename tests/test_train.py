@@ -14,7 +14,7 @@ from longctx.data.stream import PackedStream, open_splits
 from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.training.loss import lm_loss
 from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
-from tests.training import STEPS, assert_same_run, records, run_cmd, session_pids, write_config
+from tests.training import STEPS, assert_same_run, records, run_cmd, session_pids, sigkill_mid_stage, write_config
 
 
 def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupted):
@@ -44,17 +44,7 @@ def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupte
 def test_sigkill_mid_stage_then_resume_reproduces_the_uninterrupted_run(uninterrupted):
     tmp, full = uninterrupted
     cfg = write_config(tmp, "killed")
-    proc = subprocess.Popen(run_cmd(cfg), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(metrics.read_text().splitlines())
-    assert done < STEPS[0], f"the run reached step {done} before the kill; it must die mid-stage"
+    sigkill_mid_stage(run_cmd(cfg), tmp / "killed")
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout

@@ -1,15 +1,12 @@
 """Training from a carried state (curriculum.stages[].carry_state) through `longctx run`: the state passes
 from micro-step to micro-step, survives a SIGKILL through its checkpoint, and is the same split over two
 sequence-parallel ranks as in one process."""
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.training import STEPS, assert_same_run, records, run_cmd, write_config
+from tests.training import STEPS, assert_same_run, records, run_cmd, sigkill_mid_stage, write_config
 
 BATCH_THEN_DOCUMENT = ["curriculum.stages.0.carry_state=batch", "curriculum.stages.1.carry_state=document",
                        "curriculum.stages.1.mitigations={}", "eval.kinds=[heldout]"]
@@ -44,18 +41,7 @@ def test_sigkill_then_resume_carries_the_saved_states_on(carried):
     the uninterrupted run's losses (from zero states it would differ)."""
     tmp, _, full, _ = carried
     cfg = write_config(tmp, "carried_killed")
-    proc = subprocess.Popen(run_cmd(cfg, *BATCH_THEN_DOCUMENT), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp / "carried_killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(metrics.read_text().splitlines())
-    assert done < STEPS[0], f"the run reached step {done} before the kill; it must die mid-stage"
+    sigkill_mid_stage(run_cmd(cfg, *BATCH_THEN_DOCUMENT), tmp / "carried_killed")
     r = _run(run_cmd(cfg, *BATCH_THEN_DOCUMENT), "resumed run")
     assert "resumed from" in r.stdout
     assert_same_run(records(tmp / "carried_killed"), full)

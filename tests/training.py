@@ -1,7 +1,10 @@
 """A small 2-stage training config and the helpers the training tests share (local and SLURM runs)."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,3 +72,20 @@ def assert_same_run(got, expect):
                 assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
 
 
+
+
+def sigkill_mid_stage(cmd, run_dir, after_steps: int = 3) -> int:
+    """Start `cmd` (a `longctx run`), SIGKILL its whole process group once `after_steps` steps are logged;
+    the steps it had logged. Asserts the run died inside stage 0."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert done < STEPS[0], f"the run reached step {done} before the kill; it must die mid-stage"
+    return done

@@ -287,7 +287,8 @@ class Mamba2LM(nn.Module):
         """One LayerCarry per layer (CarriedStates.entering): each forward then starts from it and records
         the final state (`carried_final`); None: every forward starts from zeros."""
         if layers is not None and len(layers) != len(self.backbone.layers):
-            raise ValueError(f"carried states for {len(layers)} layers given, the model has {len(self.backbone.layers)}")
+            raise ValueError(f"carried states for {len(layers)} layers given, "
+                             f"the model has {len(self.backbone.layers)}")
         for i, layer in enumerate(self.backbone.layers):
             layer.mixer.carry = None if layers is None else layers[i]
 

@@ -13,8 +13,8 @@ from typing import List
 
 from ..config import Config, ConfigError
 from ..mitigations import merge_overrides
-from ..model.mitigations import STATE_NORM_UNSUPPORTED
 from ..model.carry import CARRY_MODES
+from ..model.mitigations import STATE_NORM_UNSUPPORTED
 from .schedule import DECAYS, end_lr
 
 

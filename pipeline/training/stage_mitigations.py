@@ -40,8 +40,8 @@ class StageMitigations:
         n_layer, nheads = self.module.config.n_layer, self.module.config.nheads
         calibrated = None
         if mit.state_norm.every and not mit.state_norm.thresholds:
-            self.module.set_mitigations(resolve(type(mit)(decay_scale=mit.decay_scale, input_scale=mit.input_scale, a_scale=mit.a_scale),
-                                                n_layer, nheads))
+            scales = type(mit)(decay_scale=mit.decay_scale, input_scale=mit.input_scale, a_scale=mit.a_scale)
+            self.module.set_mitigations(resolve(scales, n_layer, nheads))
             was_training = self.module.training
             self.module.eval()
             calibrated = calibrate_state_norm(self.module, self.prompt(p.seq_len), mit.state_norm.multiplier)
