@@ -76,9 +76,12 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
         _install(model, base, param, scales)
         return lm_loss(model(ids[start:stop]).logits, labels[start:stop])   # no seq_idx: no state resets
 
-    with torch.no_grad():
-        before = sum(float(loss_at(_scales(param, w), s, s + batch)) * len(ids[s:s + batch])
-                     for s in range(0, samples, batch)) / samples
+    def mean_loss(scales):
+        with torch.no_grad():
+            return sum(float(loss_at(scales, s, s + batch)) * len(ids[s:s + batch])
+                       for s in range(0, samples, batch)) / samples
+
+    before = mean_loss(torch.ones_like(w))          # the model as it came (λ = 1 or s = 1 exactly)
     t0, history = time.perf_counter(), []
     for step in range(steps):
         start = (step * batch) % samples
@@ -91,9 +94,7 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
             log(f"calibrate: step {step + 1}/{steps}  loss {history[-1]:.4f}  {PARAMS[param]} "
                 f"{[round(v, 4) for v in _scales(param, w).detach().mean(1).tolist()]}")
     scales = _scales(param, w).detach()
-    with torch.no_grad():
-        after = sum(float(loss_at(scales, s, s + batch)) * len(ids[s:s + batch])
-                    for s in range(0, samples, batch)) / samples
+    after = mean_loss(scales)
     fitted = [replace(base[i] if base is not None and base[i] is not None else LayerMitigations(),
                       **{PARAMS[param]: scales[i].expand(model.config.nheads).tolist()})
               for i in range(model.config.n_layer)]
