@@ -19,8 +19,10 @@ if [ ! -d "$BASE" ]; then
   longctx run configs/collapse/short-state128.yaml
 fi
 for mode in none batch document; do
+  resume="$BASE/$(cat "$BASE/latest")"            # the first time: from the collapse study's last checkpoint
+  [ -f "$OUT/carry-$mode/checkpoints/latest" ] && resume=auto
   longctx run configs/length_generalization/continue.yaml "run.dir=$OUT/carry-$mode" \
-    "curriculum.stages.1.carry_state=$mode" "run.resume=$BASE/$(cat "$BASE/latest")"
+    "curriculum.stages.1.carry_state=$mode" "run.resume=$resume"
 done
 for param in decay A; do
   [ -f "$OUT/calibrated-$param/calibration.json" ] ||

@@ -82,7 +82,13 @@ def _write_length(results: Dict[str, dict], payload, out: Path, marks) -> None:
     (out / "loss_vs_position.json").write_text(json.dumps(payload, indent=1))
     series = {n: ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["mean_loss"] for b in r["buckets"]])
               for n, r in results.items()}
-    marks += [(r["collapse_point"], f"collapse ({n})") for n, r in results.items() if r["collapse_point"]]
+    collapsed: Dict[int, list] = {}
+    for n, r in results.items():
+        if r["collapse_point"]:
+            collapsed.setdefault(r["collapse_point"], []).append(n)
+    # one label per position: several variants collapsing at one bucket would print over each other
+    marks += [(at, f"collapse ({names[0]})" if len(names) == 1 else f"collapse ({len(names)} variants)")
+              for at, names in collapsed.items()]
     curves(series, out / "loss_vs_position.png", "position (tokens)", "loss (nats)", marks=marks)
 
 
