@@ -135,7 +135,8 @@ def test_ray_job_script_prepares_on_a_ray_head(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        time.sleep(3)
+        # submitted as soon as the job server listens, as an operator's script would: before its agent has
+        # registered, the server answers "No available agent", which prepare.sh retries
         r = subprocess.run(["bash", str(ROOT / "launch/ray/prepare.sh")], cwd=ROOT, capture_output=True, text=True,
                            timeout=600, env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
                                              "LONGCTX_CONFIG": str(cfg), "PYTHON": sys.executable})

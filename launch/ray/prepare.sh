@@ -19,5 +19,23 @@ if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${HOME
 fi
 
 read -r -a overrides <<< "${LONGCTX_OVERRIDES}"
-exec ray job submit --address "${RAY_ADDRESS}" -- \
-  "${PYTHON}" -m longctx prepare "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" data.prepare.ray_address=auto
+# A job server whose cluster has just started answers "No available agent to submit job, please try again
+# later" until its agent registers: that (and only that) is retried, every 5 s, LONGCTX_SUBMIT_ATTEMPTS times.
+attempts="${LONGCTX_SUBMIT_ATTEMPTS:-24}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+for ((attempt = 1; ; attempt++)); do
+  set +e
+  ray job submit --address "${RAY_ADDRESS}" -- \
+    "${PYTHON}" -m longctx prepare "${LONGCTX_CONFIG}" "${overrides[@]}" "$@" data.prepare.ray_address=auto 2>&1 |
+    tee "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" -ne 0 ] && [ "$attempt" -lt "$attempts" ] && grep -q "No available agent to submit job" "$log"; then
+    echo "prepare.sh: the job server at ${RAY_ADDRESS} has no agent yet; submitting again in 5 s" \
+      "(attempt $attempt of $attempts)" >&2
+    sleep 5
+    continue
+  fi
+  exit "$rc"
+done
