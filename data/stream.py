@@ -162,7 +162,7 @@ class PackedStream:
         self.source, self.eos_id, self.seed, self.shuffle = source, int(eos_id), int(seed), shuffle
         self.epoch, self.doc, self.offset = 0, 0, 0
         self.lanes: Optional[dict] = None      # row-stable streams in use (next_lane_batch), else None
-        self._order_epoch, self._order = None, None
+        self._orders: "OrderedDict[int, np.ndarray]" = OrderedDict()   # the last two epochs' orders
         self._cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()    # recent documents (one per lane)
         self._cache_size = 2
 
@@ -185,12 +185,15 @@ class PackedStream:
         self.lanes = copy.deepcopy(state.get("lanes"))
 
     def _order_of(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
+        """The epoch's document order. Two are kept: lanes (next_lane_batch) near an epoch's end read from
+        both, and a permutation of every document per row would cost more than the row."""
+        if epoch not in self._orders:
             n = len(self.source)
-            self._order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                           else np.arange(n))
-            self._order_epoch = epoch
-        return self._order
+            self._orders[epoch] = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                                   else np.arange(n))
+            while len(self._orders) > 2:
+                self._orders.popitem(last=False)
+        return self._orders[epoch]
 
     def _length(self, epoch: int, doc: int) -> int:
         """Tokens of the doc-th document of the epoch's order, EOS included, without reading it."""

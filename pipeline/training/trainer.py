@@ -217,6 +217,10 @@ class Trainer:
         _set_rng_state(trainer["rng"])
         self.pending = trainer.get("pending")
         carried = self.checkpoints.load_rank_state(*found, self.rank)
+        if carried is not None and trainer["identity"]["world_size"] != self.world:
+            carried = None                   # rows are laid out over another world: the stage's states restart
+            if self.rank == 0:
+                print("resume: the world size changed; carried states start again from zeros", flush=True)
         if carried is not None and carried.get("carried") is not None:
             self.carried = CarriedStates.from_state_dict(carried["carried"], self.device)
             self.stage_of_carried = carried["stage"]
