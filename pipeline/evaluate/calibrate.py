@@ -44,11 +44,16 @@ def _identity(param: str, shape) -> torch.Tensor:
     return torch.full(shape, math.sqrt(1e-3) if param == "decay" else 0.0)
 
 
+def _with_scale(base, i: int, param: str, scale) -> LayerMitigations:
+    """Layer i's mitigations as the model came (`base`: model.mitigations, or None) with `param`'s scale set."""
+    m = base[i] if base is not None and base[i] is not None else LayerMitigations()
+    return replace(m, **{PARAMS[param]: scale})
+
+
 def _install(model, base, param: str, scales: torch.Tensor) -> None:
     """Each layer's scan gets its scales (tensors: the loss is differentiable in them) on top of `base`."""
     for i, layer in enumerate(model.backbone.layers):
-        m = base[i] if base is not None and base[i] is not None else LayerMitigations()
-        layer.mixer.mitigation = replace(m, **{PARAMS[param]: scales[i].expand(model.config.nheads)})
+        layer.mixer.mitigation = _with_scale(base, i, param, scales[i].expand(model.config.nheads))
 
 
 def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", per_head: bool = False,
@@ -95,8 +100,7 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
                 f"{[round(v, 4) for v in _scales(param, w).detach().mean(1).tolist()]}")
     scales = _scales(param, w).detach()
     after = mean_loss(scales)
-    fitted = [replace(base[i] if base is not None and base[i] is not None else LayerMitigations(),
-                      **{PARAMS[param]: scales[i].expand(model.config.nheads).tolist()})
+    fitted = [_with_scale(base, i, param, scales[i].expand(model.config.nheads).tolist())
               for i in range(model.config.n_layer)]
     model.set_mitigations(fitted)
     out.mkdir(parents=True, exist_ok=True)

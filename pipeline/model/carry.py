@@ -71,9 +71,6 @@ class CarriedStates:
             states = states * keep[None, :, None, None, None].to(states.dtype)
         return [LayerCarry(tail=t, state=s) for t, s in zip(tails, states)]
 
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.tails.float()).all() & torch.isfinite(self.states).all())
-
     def from_last_rank(self, sp) -> "CarriedStates":
         """Under sequence parallelism: every rank of the group gets the last rank's (the sequence's end)."""
         tails = sp.broadcast_from_last(self.tails.contiguous())

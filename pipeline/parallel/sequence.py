@@ -76,11 +76,7 @@ class SequenceParallel:
     # -- the mixer's two sequence-wide operations --------------------------------------------------
     def conv(self, xBC, weight, bias, seq_idx):
         """kernels.causal_conv1d over the whole sequence, for this segment's rows."""
-        K = weight.shape[-1]
-        before = halo(xBC, K - 1, self)
-        k = before.shape[1]
-        out, _ = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=self._halo_docs(seq_idx, k))
-        return out[:, k:]
+        return self.conv_from(xBC, weight, bias, seq_idx, None)[0]
 
     def conv_from(self, xBC, weight, bias, seq_idx, tail):
         """`conv` with a carried tail entering the sequence (on the first rank); (this segment's rows, the
