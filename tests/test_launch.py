@@ -118,32 +118,70 @@ def test_deepspeed_hostfile_script_trains_on_localhost(tmp_path):
     assert "node 0 (localhost) of ['localhost']" in r.stdout
 
 
-def test_ray_job_script_prepares_on_a_ray_head(tmp_path):
-    """launch/ray/prepare.sh against a head started with `ray start --head` on 127.0.0.1."""
-    cfg = config(tmp_path)
-    port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else dict(os.environ)
-    head = subprocess.Popen([shutil.which("ray") or "ray", "start", "--head", "--node-ip-address=127.0.0.1",
-                             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             "--num-cpus=2", "--include-dashboard=true", "--block"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    try:
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1, as an operator starts one, stopped on exit.
+
+    Every port is its own: the suite's session Ray (tests/conftest.py) runs on this machine too, and a head
+    whose dashboard agent finds its HTTP port (52365 by default) taken loses the agent and never takes jobs."""
+
+    def __init__(self, agent_port: int | None = None):
+        self.dash = free_port()
+        self.env = ({**os.environ, "RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists()
+                    else dict(os.environ))
+        self.args = [shutil.which("ray") or "ray", "start", "--head", "--node-ip-address=127.0.0.1",
+                     f"--port={free_port()}", f"--dashboard-port={self.dash}", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-agent-listen-port={agent_port or free_port()}",
+                     f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+                     "--block"]
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, env=self.env)
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", dash), timeout=0.5).close()
+                socket.create_connection(("127.0.0.1", self.dash), timeout=0.5).close()
                 break
             except OSError:
                 time.sleep(0.5)
-        # submitted as soon as the job server listens, as an operator's script would: before its agent has
-        # registered, the server answers "No available agent", which prepare.sh retries
-        r = subprocess.run(["bash", str(ROOT / "launch/ray/prepare.sh")], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600, env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
-                                             "LONGCTX_CONFIG": str(cfg), "PYTHON": sys.executable})
+        return self
+
+    def prepare(self, cfg, **env):
+        """launch/ray/prepare.sh submitted to this head as soon as its job server listens, as an operator's
+        script would: before the agent has registered the server answers "No available agent", retried."""
+        return subprocess.run(["bash", str(ROOT / "launch/ray/prepare.sh")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600,
+                              env={**self.env, "RAY_ADDRESS": f"http://127.0.0.1:{self.dash}",
+                                   "LONGCTX_CONFIG": str(cfg), "PYTHON": sys.executable, **env})
+
+    def __exit__(self, *exc):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def test_ray_job_script_prepares_on_a_ray_head(tmp_path):
+    """launch/ray/prepare.sh against a head started with `ray start --head` on 127.0.0.1."""
+    cfg = config(tmp_path)
+    with RayHead() as head:
+        r = head.prepare(cfg)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout + r.stderr
         manifest = json.loads((tmp_path / "mds" / "manifest.json").read_text())
         assert manifest["documents"] == 30
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
+
+
+def test_ray_job_script_names_the_cause_when_the_heads_agent_never_starts(tmp_path):
+    """Another program holds the agent's port: the agent dies at start, so the job server never gets an
+    agent. prepare.sh gives up after its attempts with a message that says where to look and what to do."""
+    cfg = config(tmp_path)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        with RayHead(agent_port=taken.getsockname()[1]) as head:
+            r = head.prepare(cfg, LONGCTX_SUBMIT_ATTEMPTS="2")
+    assert r.returncode != 0
+    assert "no agent yet; submitting again in 5 s (attempt 1 of 2)" in r.stderr
+    assert "still had no agent after 2 attempts" in r.stderr
+    assert "dashboard_agent.log" in r.stderr and "--dashboard-agent-listen-port" in r.stderr
+    assert not (tmp_path / "mds" / "DONE").exists()

@@ -37,5 +37,13 @@ for ((attempt = 1; ; attempt++)); do
     sleep 5
     continue
   fi
+  if [ "$rc" -ne 0 ] && grep -q "No available agent to submit job" "$log"; then
+    # The agent never registered: it most often died at start, and the raylet with it. The usual cause is a
+    # port taken by another Ray on the same machine (the agent's HTTP port is 52365 unless set).
+    echo "prepare.sh: the job server at ${RAY_ADDRESS} still had no agent after $attempts attempts." \
+      "The head's dashboard agent did not start: read dashboard_agent.log in the head's Ray session logs" \
+      "(/tmp/ray/session_latest/logs by default). If another Ray runs on that machine, start the head" \
+      "with its own ports (ray start --head --dashboard-agent-listen-port=PORT ...)." >&2
+  fi
   exit "$rc"
 done
