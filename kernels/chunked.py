@@ -8,7 +8,7 @@ state at each chunk end is passed on (linear in the number of chunks):
         + exp(cum_t) C_t . H_c                                          (carried state)
     H_{c+1} = exp(cum_end) H_c + sum_s exp(cum_end - cum_s) u_s outer(x_s, B_s)
 
-with cum the running sum of log a inside the chunk and u = input_scale * dt.
+with cum the running sum of log a inside the chunk (kept in base 2: exp2) and u = input_scale * dt.
 Document boundaries (seq_idx) mask every term that would cross one.
 
 Mitigations:
@@ -36,7 +36,10 @@ from .common import (
     log_decays,
     per_head,
 )
+from .intra_chunk import group_scores, intra_chunk
 from .layout import Chunks, documents, pad_rows, window_key_chunks
+
+LOG2E = 1.0 / math.log(2.0)
 
 
 def _chunk_len(chunk_size: int, length: int, state_norm) -> int:
@@ -67,7 +70,7 @@ def _pass_states(written, chunk_decay, initial, Q, length, state_norm, tau):
         if state_norm is not None and end < length and state_norm.is_norm_position(end):
             s = state_norm.scale(state, tau)
             state = state * s[:, :, None, None]
-            log_s = torch.log(s)
+            log_s = torch.log2(s)
         if c + 1 < nc:
             entry.append(log_s)
     return torch.stack(carried, dim=1), state, torch.stack(entry, dim=-1)
@@ -79,17 +82,18 @@ def _read_out(Ch, states, from_start):
     return torch.einsum("bctHn,bcHpn,bHct->bctHp", Ch, states, from_start)
 
 
-def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, docs, from_start, cdt):
+def _window_band(y, r, Q, Cc, Bc, xu, cum, entry, written, initial, docs, from_start, cdt):
     """Add to y (b,c,Q,h,p) what the last r inputs before each chunk contribute (cross-chunk band)
-    and the decayed initial state for positions t < r."""
-    b, nc, _, h, p = xc.shape
-    total = cum[..., -1]                                                   # (b,h,c) log decay across a chunk
-    pos = torch.arange(Q, device=xc.device)
+    and the decayed initial state for positions t < r. xu: the inputs scaled by u."""
+    b, nc, _, h, p = xu.shape
+    Ch = heads_of_groups(Cc, h)
+    total = cum[..., -1]                                                   # (b,h,c) log2 decay across a chunk
+    pos = torch.arange(Q, device=xu.device)
     full_states = torch.zeros_like(written)                               # (b,c,h,p,n)
     between = entry                         # Λ_d[c]: log decay from key chunk end to chunk c start
     for d, whole in window_key_chunks(nc, Q, r):
         if whole:                                                          # whole key chunk c-d inside the window
-            coef = torch.exp(between[..., d:])                             # (b,h,c-d)
+            coef = torch.exp2(between[..., d:])                             # (b,h,c-d)
             if docs is not None:
                 coef = coef * docs.reaches(d, cdt)
             full_states = torch.cat([full_states[:, :d], full_states[:, d:]
@@ -98,19 +102,18 @@ def _window_band(y, r, Q, Ch, Bh, xc, u, cum, entry, written, initial, docs, fro
             in_window = (pos[:, None] + d * Q - pos[None, :]) < r          # (Q_t, Q_i)
             doc = None if docs is None else docs.by_chunk
             mask = in_window if doc is None else in_window & (doc[:, d:, :, None] == doc[:, :-d, None, :])[:, None]
-            decay = torch.exp(cum[..., d:, :, None] + between[..., d:, None, None]
+            decay = torch.exp2(cum[..., d:, :, None] + between[..., d:, None, None]
                               + (total[..., :-d, None] - cum[..., :-d, :])[..., None, :])
-            scores = torch.einsum("bcthn,bcshn->bhcts", Ch[:, d:], Bh[:, :-d]) * decay * u[..., :-d, None, :]
-            scores = scores * mask.to(cdt)
-            y = torch.cat([y[:, :d], y[:, d:] + torch.einsum("bhcts,bcshp->bcthp", scores, xc[:, :-d])], dim=1)
+            scores = group_scores(Cc[:, d:], Bc[:, :-d], decay) * mask.to(cdt)
+            y = torch.cat([y[:, :d], y[:, d:] + torch.einsum("bhcts,bcshp->bcthp", scores, xu[:, :-d])], dim=1)
         between = torch.cat([between[..., :d + 1], between[..., d + 1:] + (entry + total)[..., 1:nc - d]], dim=-1)
 
     y = y + _read_out(Ch, full_states, from_start)
 
     if initial is not None:                                                # t < r still sees the initial state
         to_chunk = torch.cumsum(torch.cat([torch.zeros_like(total[..., :1]), (entry + total)[..., :-1]], -1), -1)
-        gain = torch.exp(cum + (to_chunk + entry)[..., None])              # (b,h,c,Q)
-        t_global = torch.arange(nc * Q, device=xc.device).view(nc, Q)
+        gain = torch.exp2(cum + (to_chunk + entry)[..., None])              # (b,h,c,Q)
+        t_global = torch.arange(nc * Q, device=xu.device).view(nc, Q)
         gain = gain * (t_global < r).to(cdt)
         if docs is not None:
             gain = gain * docs.in_first_document(cdt)
@@ -138,12 +141,14 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
     xc = pad_rows(x.to(cdt), pad).view(b, nc, Q, h, p)
     Bc = pad_rows(B.to(cdt), pad).view(b, nc, Q, -1, n)
     Cc = pad_rows(C.to(cdt), pad).view(b, nc, Q, -1, n)
-    Bh, Ch = heads_of_groups(Bc, h), heads_of_groups(Cc, h)                     # (b,c,Q,h,n)
+    xu = xc * u.permute(0, 2, 3, 1)[..., None]                                  # every term reads u_s x_s
 
     docs = documents(seq_idx, chunks)
     doc = None if docs is None else docs.by_chunk                               # (b,c,Q)
 
-    cum = torch.cumsum(log_a, dim=-1)                                           # (b,h,c,Q)
+    # Decays are powers of 2 from here on: torch's CPU exp leaves its vector path for inputs below about
+    # -87 and for -inf (masked pairs, fast-forgetting heads), 10-100x slower there; exp2 does not.
+    cum = torch.cumsum(log_a, dim=-1) * LOG2E                                   # (b,h,c,Q) log2 decays
 
     # 1. intra-chunk: decayed, causally masked C.B scores (band-limited under a window)
     idx = torch.arange(Q, device=x.device)
@@ -151,20 +156,16 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
     if window is not None:
         causal = causal & (idx[:, None] - idx[None, :] < window)
     mask = causal if doc is None else causal & (doc[:, :, :, None] == doc[:, :, None, :])[:, None]
-    seg = cum[..., :, None] - cum[..., None, :]                                 # (b,h,c,Q_t,Q_s)
-    decay = torch.exp(torch.where(mask, seg, torch.full_like(seg, -math.inf)))
-    CB = torch.einsum("bcthn,bcshn->bhcts", Ch, Bh)
-    scores = CB * decay * u[..., None, :]
-    y = torch.einsum("bhcts,bcshp->bcthp", scores, xc)
+    y = intra_chunk(Cc, Bc, cum, xu, mask)                                      # (b,c,Q,h,p)
 
     # 2. what each chunk writes into the state at its end
-    to_end = torch.exp(cum[..., -1:] - cum) * u                                 # (b,h,c,Q)
+    to_end = torch.exp2(cum[..., -1:] - cum)                                     # (b,h,c,Q)
     if docs is not None:
         to_end = to_end * docs.writes_to_end(cdt)
-    written = torch.einsum("bhcs,bcshp,bcshn->bchpn", to_end, xc, Bh)
+    written = torch.einsum("bhcs,bcshp,bcshn->bchpn", to_end, xu, heads_of_groups(Bc, h))
 
     # 3. pass the state from chunk to chunk (sequential over chunks only)
-    chunk_decay = torch.exp(cum[..., -1])                                       # (b,h,c)
+    chunk_decay = torch.exp2(cum[..., -1])                                       # (b,h,c)
     if docs is not None:
         chunk_decay = chunk_decay * docs.passes_state(cdt)
     initial = initial_states.to(cdt) if initial_states is not None else None
@@ -173,13 +174,13 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
                                          Q, l, state_norm, tau)
 
     # 4. read out what came before the chunk
-    from_start = torch.exp(cum)                                                 # (b,h,c,Q)
+    from_start = torch.exp2(cum)                                                 # (b,h,c,Q)
     if docs is not None:
         from_start = from_start * docs.reads_entering(cdt)
     if window is None:
-        y = y + _read_out(Ch, carried, from_start)
+        y = y + _read_out(heads_of_groups(Cc, h), carried, from_start)
     else:
-        y = _window_band(y, window, Q, Ch, Bh, xc, u, cum, entry, written, initial, docs, from_start, cdt)
+        y = _window_band(y, window, Q, Cc, Bc, xu, cum, entry, written, initial, docs, from_start, cdt)
 
     y = y.reshape(b, L, h, p)[:, :l]
     y = finish_output(y, x, D, z).to(x.dtype)

@@ -219,3 +219,36 @@ def test_bad_arguments_are_clear_errors():
         ssd(**args, decay_scale=1.5)
     with pytest.raises(ValueError, match="input_scale must be a scalar or one value per head"):
         ssd(**args, input_scale=torch.ones(5))
+
+
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_intra_chunk_backward_equals_autograd_of_the_plain_expression(with_documents):
+    """kernels/intra_chunk.py's hand-written backward against autograd through the expression it replaces
+    (float64; two groups of two heads, so the per-group C.B and its gradient summed over heads are checked;
+    with documents, pairs across a boundary are masked and must get no gradient)."""
+    from longctx.kernels.intra_chunk import intra_chunk
+    g = torch.Generator().manual_seed(3)
+    b, c, Q, gr, k, p, n = 2, 3, 5, 2, 2, 3, 4
+    h = gr * k
+    Cc, Bc = (torch.randn(b, c, Q, gr, n, generator=g, dtype=F64).requires_grad_() for _ in range(2))
+    cum = (-torch.rand(b, h, c, Q, generator=g, dtype=F64) * 3).cumsum(-1).requires_grad_()
+    xu = torch.randn(b, c, Q, h, p, generator=g, dtype=F64).requires_grad_()
+    mask = torch.ones(Q, Q, dtype=torch.bool).tril()
+    if with_documents:
+        doc = torch.tensor([0, 0, 1, 1, 1] * c).view(1, c, Q).expand(b, c, Q)
+        mask = mask & (doc[:, :, :, None] == doc[:, :, None, :])[:, None]
+
+    def plain(Cc, Bc, cum, xu):
+        seg = cum[..., :, None] - cum[..., None, :]
+        decay = torch.where(mask, torch.exp2(seg), torch.zeros_like(seg))
+        CB = torch.einsum("bcthn,bcshn->bhcts", Cc.repeat_interleave(k, dim=3), Bc.repeat_interleave(k, dim=3))
+        return torch.einsum("bhcts,bcshp->bcthp", CB * decay, xu)
+
+    dy = torch.randn(b, c, Q, h, p, generator=g, dtype=F64)
+    ours = intra_chunk(Cc, Bc, cum, xu, mask)
+    grads = torch.autograd.grad(ours, (Cc, Bc, cum, xu), dy)
+    want = plain(Cc, Bc, cum, xu)
+    want_grads = torch.autograd.grad(want, (Cc, Bc, cum, xu), dy)
+    assert rel_err(ours, want) < 1e-13
+    for name, a, e in zip(("C", "B", "cum", "xu"), grads, want_grads):
+        assert rel_err(a, e) < 1e-12, name
