@@ -51,26 +51,42 @@ def _inputs(length, heads, headdim, d_state, device, dtype, seed=0):
                 D=rnd(heads, dt=torch.float32), dt_bias=rnd(heads, scale=0.1, dt=torch.float32))  # fp32 parameters
 
 
+def _fwd_bwd(fn: Callable, inputs: Dict[str, torch.Tensor]):
+    for t in inputs.values():
+        t.grad = None
+    y = fn(**inputs)
+    y.float().square().mean().backward()
+    return y
+
+
+def _timed(fn: Callable, inputs: Dict[str, torch.Tensor]) -> tuple:
+    """(ms of one forward + backward, its output)."""
+    if inputs["x"].is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    y = _fwd_bwd(fn, inputs)
+    if inputs["x"].is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3, y
+
+
 def _time_fwd_bwd(fn: Callable, inputs: Dict[str, torch.Tensor], repeats: int) -> tuple:
     """Median ms of forward + backward, and the last output (for the error column)."""
-    def once():
-        for t in inputs.values():
-            t.grad = None
-        y = fn(**inputs)
-        y.float().square().mean().backward()
-        return y
+    return _time_interleaved([fn], inputs, repeats)[0]
 
-    once()  # warm-up (allocator, lazy init)
-    times, y = [], None
+
+def _time_interleaved(fns: Sequence[Callable], inputs: Dict[str, torch.Tensor], repeats: int) -> List[tuple]:
+    """(median ms, last output) of each function, timed in turn (A B A B ...) after one warm-up of each, so
+    that a machine whose speed drifts during the run slows every function alike and their ratios hold."""
+    for fn in fns:
+        _fwd_bwd(fn, inputs)            # warm-up (allocator, lazy init)
+    times: List[List[float]] = [[] for _ in fns]
+    outputs = [None] * len(fns)
     for _ in range(repeats):
-        if inputs["x"].is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        y = once()
-        if inputs["x"].is_cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), y.detach()
+        for i, fn in enumerate(fns):
+            ms, outputs[i] = _timed(fn, inputs)
+            times[i].append(ms)
+    return [(statistics.median(t), y.detach()) for t, y in zip(times, outputs)]
 
 
 def _mamba_ssm():

@@ -67,19 +67,19 @@ def minimal_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=T
 def run_minimal_bench(lengths: Sequence[int], heads: int, headdim: int, d_state: int, chunks: Sequence[int],
                       repeats: int = 2) -> List[dict]:
     """Forward+backward of our torch scan and of ssd_minimal_discrete on the same inputs, each at every chunk
-    size, in one process. `vs_minimal` = minimal's best / ours at its best (> 1: ours faster); `auto` is
+    size, in one process, timed in turn. `vs_minimal` = minimal's best / ours at its best (> 1: ours faster); `auto` is
     our scan with chunk_size "auto" (what the model uses on this device)."""
     from longctx.kernels import auto_chunk_size, ssd
 
-    from .kernels import _inputs, _rel, _time_fwd_bwd
+    from .kernels import _inputs, _rel, _time_fwd_bwd, _time_interleaved
     rows = []
     for length in lengths:
         inputs = _inputs(length, heads, headdim, d_state, "cpu", torch.float32)
         ours, ref = {}, {}
         for q in chunks:
-            ours[q], y = _time_fwd_bwd(lambda **a: ssd(**a, backend="torch", dt_softplus=True, chunk_size=q),
-                                       inputs, repeats)
-            ref[q], y_min = _time_fwd_bwd(lambda **a: minimal_scan(**a, chunk_size=q), inputs, repeats)
+            (ours[q], y), (ref[q], y_min) = _time_interleaved(
+                [lambda **a: ssd(**a, backend="torch", dt_softplus=True, chunk_size=q),
+                 lambda **a: minimal_scan(**a, chunk_size=q)], inputs, repeats)
             err = _rel(y, y_min)
         auto = auto_chunk_size(length, "cpu")
         auto_ms = ours[auto] if auto in ours else _time_fwd_bwd(
