@@ -31,19 +31,20 @@ for ((attempt = 1; ; attempt++)); do
     tee "$log"
   rc=${PIPESTATUS[0]}
   set -e
-  if [ "$rc" -ne 0 ] && [ "$attempt" -lt "$attempts" ] && grep -q "No available agent to submit job" "$log"; then
+  if [ "$rc" -eq 0 ] || ! grep -q "No available agent to submit job" "$log"; then
+    exit "$rc"
+  fi
+  if [ "$attempt" -lt "$attempts" ]; then
     echo "prepare.sh: the job server at ${RAY_ADDRESS} has no agent yet; submitting again in 5 s" \
       "(attempt $attempt of $attempts)" >&2
     sleep 5
     continue
   fi
-  if [ "$rc" -ne 0 ] && grep -q "No available agent to submit job" "$log"; then
-    # The agent never registered: it most often died at start, and the raylet with it. The usual cause is a
-    # port taken by another Ray on the same machine (the agent's HTTP port is 52365 unless set).
-    echo "prepare.sh: the job server at ${RAY_ADDRESS} still had no agent after $attempts attempts." \
-      "The head's dashboard agent did not start: read dashboard_agent.log in the head's Ray session logs" \
-      "(/tmp/ray/session_latest/logs by default). If another Ray runs on that machine, start the head" \
-      "with its own ports (ray start --head --dashboard-agent-listen-port=PORT ...)." >&2
-  fi
+  # The agent never registered: it most often died at start, and the raylet with it. The usual cause is a
+  # port taken by another Ray on the same machine (the agent's HTTP port is 52365 unless set).
+  echo "prepare.sh: the job server at ${RAY_ADDRESS} still had no agent after $attempts attempts." \
+    "The head's dashboard agent did not start: read dashboard_agent.log in the head's Ray session logs" \
+    "(/tmp/ray/session_latest/logs by default). If another Ray runs on that machine, start the head" \
+    "with its own ports (ray start --head --dashboard-agent-listen-port=PORT ...)." >&2
   exit "$rc"
 done
