@@ -36,7 +36,7 @@ from .common import (
     log_decays,
     per_head,
 )
-from .intra_chunk import group_scores, intra_chunk
+from .intra_chunk import chunks_first, group_scores, intra_chunk
 from .layout import Chunks, documents, pad_rows, window_key_chunks
 
 LOG2E = 1.0 / math.log(2.0)
@@ -104,8 +104,8 @@ def _window_band(y, r, Q, Cc, Bc, xu, cum, entry, written, initial, docs, from_s
             mask = in_window if doc is None else in_window & (doc[:, d:, :, None] == doc[:, :-d, None, :])[:, None]
             decay = torch.exp2(cum[..., d:, :, None] + between[..., d:, None, None]
                               + (total[..., :-d, None] - cum[..., :-d, :])[..., None, :])
-            scores = group_scores(Cc[:, d:], Bc[:, :-d], decay) * mask.to(cdt)
-            y = torch.cat([y[:, :d], y[:, d:] + torch.einsum("bhcts,bcshp->bcthp", scores, xu[:, :-d])], dim=1)
+            scores = group_scores(Cc[:, d:], Bc[:, :-d], chunks_first(decay)) * chunks_first(mask).to(cdt)
+            y = torch.cat([y[:, :d], y[:, d:] + torch.einsum("bchts,bcshp->bcthp", scores, xu[:, :-d])], dim=1)
         between = torch.cat([between[..., :d + 1], between[..., d + 1:] + (entry + total)[..., 1:nc - d]], dim=-1)
 
     y = y + _read_out(Ch, full_states, from_start)

@@ -61,6 +61,9 @@ class TrainConfig:
     weight_decay: float = 0.1       # AdamW, not on norms, biases, A_log, D, dt_bias
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])   # AdamW betas
     activation_checkpointing: bool = False   # recompute each block in backward (long sequences)
+    # torch.compile each block's training forward (inductor; the first steps of each shape pay the compile).
+    # A block that fails to compile runs eagerly. Evaluation and decoding stay eager
+    compile: bool = False
     max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss
     collective_timeout_s: int = 900  # a collective waiting longer fails the run (a rank lost on another node)
     # reset the scan state at document starts (seq_idx); false: packed documents flow into each other,

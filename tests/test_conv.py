@@ -39,3 +39,37 @@ def test_document_boundary_sees_zeros_before_it():
 def test_bad_tail_shape_is_an_error():
     with pytest.raises(ValueError, match="conv tail must be"):
         causal_conv1d(torch.randn(1, 4, 3), torch.randn(3, 1, 4), tail=torch.zeros(1, 2, 3))
+
+
+def plain_masked_conv(x, w, b, tail, seq_idx):
+    """The definition, one masked product per tap, differentiated by autograd: the reference for the written-out
+    backward."""
+    from longctx.kernels.common import document_ids
+    w = w[:, 0, :]
+    K, (bsz, l, d) = w.shape[-1], x.shape
+    full = torch.cat([tail, x], 1)
+    doc = document_ids(seq_idx)
+    doc_full = torch.cat([doc[:, :1].expand(bsz, K - 1), doc], 1)
+    out = b.expand(bsz, l, d)
+    for k in range(K):
+        out = out + full[:, k:k + l] * (doc_full[:, k:k + l] == doc)[..., None] * w[:, k]
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("K", [2, 4])
+def test_gradients_equal_autograd_of_the_plain_masked_conv(K):
+    # documents of 1, 2 and more rows, a boundary right after the tail, and reused seq_idx values
+    seq = torch.tensor([[0, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0, 1], [5] * 4 + [6] * 9])
+    args = [torch.randn(2, 13, 3, dtype=torch.float64), torch.randn(3, 1, K, dtype=torch.float64),
+            torch.randn(3, dtype=torch.float64), torch.randn(2, K - 1, 3, dtype=torch.float64)]
+    ours = [a.clone().requires_grad_() for a in args]
+    ref = [a.clone().requires_grad_() for a in args]
+    out, _ = causal_conv1d(ours[0], ours[1], ours[2], tail=ours[3], seq_idx=seq)
+    expected = plain_masked_conv(*ref, seq)
+    assert rel_err(out, expected) <= 1e-12
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected.backward(g)
+    for name, a, r in zip(("x", "weight", "bias", "tail"), ours, ref):
+        assert rel_err(a.grad, r.grad) <= 1e-12, name

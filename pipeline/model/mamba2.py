@@ -176,6 +176,16 @@ class GatedMLP(nn.Module):
         return self.fc2(y * F.silu(gate))
 
 
+def compiler_failure(device) -> Optional[str]:
+    """None if torch.compile builds and runs a forward and a backward on `device`, else the error's first line."""
+    try:
+        x = torch.ones(8, device=device, requires_grad=True)
+        torch.compile(lambda t: (t * 2).sin().sum(), dynamic=False)(x).backward()
+        return None
+    except Exception as e:      # any failure of the toolchain: the caller runs eagerly and says why
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 class Block(nn.Module):
     """Pre-norm residual block; the residual stream is carried separately (fp32 if configured)."""
 
@@ -194,7 +204,20 @@ class Block(nn.Module):
         residual = hidden if residual is None else hidden + residual
         return residual.float() if self.residual_in_fp32 else residual
 
+    def compile_training_forward(self):
+        """Run the training forward (no cache) through torch.compile; evaluation and decoding stay eager (their
+        many prompt lengths and the step path would each cost a compile). A frame that fails to compile runs
+        eagerly: torch's own fallback (dynamo's suppress_errors), which also covers graphs after a break."""
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True
+        self.compiled_forward = torch.compile(self._forward, dynamic=None)
+
     def forward(self, hidden, residual=None, seq_idx=None, cache=None):
+        if cache is None and self.training and getattr(self, "compiled_forward", None) is not None:
+            return self.compiled_forward(hidden, residual, seq_idx)
+        return self._forward(hidden, residual, seq_idx, cache)
+
+    def _forward(self, hidden, residual=None, seq_idx=None, cache=None):
         residual = self._residual(hidden, residual)
         hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), seq_idx=seq_idx, cache=cache)
         if self.mlp is not None:
@@ -306,6 +329,16 @@ class Mamba2LM(nn.Module):
 
     def enable_gradient_checkpointing(self, on: bool = True):
         self.backbone.gradient_checkpointing = on
+
+    def compile_blocks(self) -> Optional[str]:
+        """`train.compile`: each block's training forward through torch.compile (Block.compile_training_forward).
+        Returns None, or why the blocks stay eager: a toolchain that cannot build kernels fails only at the first
+        backward (compiled lazily, past torch's forward fallback), so it is tried first on a small function."""
+        reason = compiler_failure(self.lm_head.weight.device)
+        if reason is None:
+            for layer in self.backbone.layers:
+                layer.compile_training_forward()
+        return reason
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, input_ids, seq_idx=None, cache: Optional[Mamba2Cache] = None, num_last_tokens: int = 0):

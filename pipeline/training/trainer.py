@@ -138,6 +138,11 @@ class Trainer:
                     raise ConfigError(f"{where}: eval.passkey_lengths: {e}") from None
         if cfg.train.activation_checkpointing:
             model.enable_gradient_checkpointing()
+        if cfg.train.compile:
+            failure = model.compile_blocks()
+            if failure and self.rank == 0:
+                print(f"train.compile: torch.compile cannot build kernels here ({failure}); the blocks run eagerly",
+                      flush=True)
         self.model = model
 
         cache = cfg.data.cache_dir or str(self.run_dir / "cache")
