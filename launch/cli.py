@@ -131,11 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-bare", action="store_true",
                    help="train: the trainer (a real `longctx run` of each stage of --config) against a bare PyTorch "
                         "loop of the same model, shapes and optimizer, for each --procs")
+    p.add_argument("--compile", action="store_true",
+                   help="train: each stage of --config, one process: the first step under train.compile (its "
+                        "compile) and eager against compiled steps, in turn")
     p.add_argument("--config", dest="bench_config", default="configs/demo.yaml",
-                   help="train --vs-bare: the model, batch and data to time")
+                   help="train --vs-bare / --compile: the model, batch and data to time")
     p.add_argument("--procs", default="1,2", help="train --vs-bare: comma-separated process counts")
     p.add_argument("--steps", type=int, default=20, help="train --vs-bare: optimizer steps per measurement "
-                                                        "(the first 3 are warm-up)")
+                                                        "(the first 3 are warm-up); --compile: steps per block")
     return parser
 
 
@@ -327,6 +330,9 @@ def bench_train(args, out: Path) -> None:
     if args.vs_bare:
         from longctx.pipeline.bench.bare import run_vs_bare
         rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=args.steps)
+    elif args.compile:
+        from longctx.pipeline.bench.compiled import run_compile_bench
+        rows = run_compile_bench(args.bench_config, steps=args.steps)
     else:
         from longctx.pipeline.bench.train import run_train_bench
         rows = run_train_bench(repeats=args.repeats)

@@ -210,7 +210,9 @@ class Block(nn.Module):
         eagerly: torch's own fallback (dynamo's suppress_errors), which also covers graphs after a break."""
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
-        self.compiled_forward = torch.compile(self._forward, dynamic=None)
+        # static shapes: a stage keeps one shape, so each stage pays one compile; automatic dynamic shapes at
+        # the second stage made every step slower than eager (the chunk loops over a symbolic length)
+        self.compiled_forward = torch.compile(self._forward, dynamic=False)
 
     def forward(self, hidden, residual=None, seq_idx=None, cache=None):
         if cache is None and self.training and getattr(self, "compiled_forward", None) is not None:
