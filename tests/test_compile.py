@@ -7,9 +7,7 @@ import textwrap
 
 import pytest
 import torch
-import torch._dynamo.utils
 
-from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.loss import lm_loss
 from tests.training import records, run_cmd, write_config
 
@@ -32,28 +30,43 @@ def train_steps(model, steps=3):
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
+def run_script(body: str, env=None) -> subprocess.CompletedProcess:
+    """`body` in a fresh interpreter: inductor imports triton in compiled mode, which would stop the Triton
+    interpreter tests that share the suite's process from running there."""
+    script = "import torch\nfrom longctx.pipeline.model import Mamba2Config, Mamba2LM\n" \
+             f"from tests.test_compile import CONFIG, train_steps\n{textwrap.dedent(body)}"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=500,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 @pytest.mark.timeout(600)
 def test_compiled_blocks_train_like_eager_and_keep_the_state_dict():
-    torch.manual_seed(0)
-    eager = Mamba2LM(Mamba2Config(**CONFIG)).train()
-    compiled = Mamba2LM(Mamba2Config(**CONFIG)).train()
-    compiled.load_state_dict(eager.state_dict())
-    keys = list(compiled.state_dict())
-    assert compiled.compile_blocks() is None
-    assert all(layer.compiled_forward is not None for layer in compiled.backbone.layers)
-    want, want_params = train_steps(eager)
-    got, got_params = train_steps(compiled)
-    assert got == pytest.approx(want, rel=1e-5)
-    for a, b in zip(got_params, want_params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert list(compiled.state_dict()) == keys        # checkpoints and exports see the plain model
-    # evaluation (no training mode) and decoding stay eager: a compiled frame would count a call
-    torch._dynamo.utils.counters.clear()
-    compiled.eval()
-    with torch.no_grad():
-        compiled(torch.randint(0, 257, (1, 40)))
-        compiled.generate(torch.randint(0, 257, (1, 8)), max_new_tokens=2)
-    assert torch._dynamo.utils.counters["frames"]["total"] == 0
+    r = run_script("""
+        import pytest
+        import torch._dynamo.utils
+        torch.manual_seed(0)
+        eager = Mamba2LM(Mamba2Config(**CONFIG)).train()
+        compiled = Mamba2LM(Mamba2Config(**CONFIG)).train()
+        compiled.load_state_dict(eager.state_dict())
+        keys = list(compiled.state_dict())
+        assert compiled.compile_blocks() is None
+        assert all(layer.compiled_forward is not None for layer in compiled.backbone.layers)
+        want, want_params = train_steps(eager)
+        got, got_params = train_steps(compiled)
+        assert got == pytest.approx(want, rel=1e-5), (got, want)
+        for a, b in zip(got_params, want_params):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert list(compiled.state_dict()) == keys        # checkpoints and exports see the plain model
+        # evaluation (no training mode) and decoding stay eager: a compiled frame would count a call
+        torch._dynamo.utils.counters.clear()
+        compiled.eval()
+        with torch.no_grad():
+            compiled(torch.randint(0, 257, (1, 40)))
+            compiled.generate(torch.randint(0, 257, (1, 8)), max_new_tokens=2)
+        assert torch._dynamo.utils.counters["frames"]["total"] == 0, dict(torch._dynamo.utils.counters["frames"])
+        print("COMPILED-OK")
+    """)
+    assert r.returncode == 0 and "COMPILED-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 @pytest.mark.timeout(600)
@@ -65,13 +78,12 @@ def test_a_block_that_cannot_compile_runs_eagerly(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "g++").write_text("#!/bin/sh\necho 'g++: broken toolchain' >&2\nexit 1\n")
     (bin_dir / "g++").chmod(0o755)
-    script = textwrap.dedent(f"""
-        import torch
-        from longctx.pipeline.model import Mamba2Config, Mamba2LM
-        from tests.test_compile import train_steps
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))     # no kernel compiled earlier is reused
+    r = run_script("""
         torch.manual_seed(0)
-        eager = Mamba2LM(Mamba2Config(**{CONFIG!r})).train()
-        compiled = Mamba2LM(Mamba2Config(**{CONFIG!r})).train()
+        eager = Mamba2LM(Mamba2Config(**CONFIG)).train()
+        compiled = Mamba2LM(Mamba2Config(**CONFIG)).train()
         compiled.load_state_dict(eager.state_dict())
         reason = compiled.compile_blocks()
         print("REASON", reason)
@@ -82,11 +94,7 @@ def test_a_block_that_cannot_compile_runs_eagerly(tmp_path):
         assert got == want, (got, want)
         assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
         print("EAGER-FALLBACK-OK")
-    """)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
-               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))     # no kernel compiled earlier is reused
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=500, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """, env)
     assert r.returncode == 0 and "EAGER-FALLBACK-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
