@@ -194,6 +194,7 @@ class Block(nn.Module):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = block_norm(config)
         self.mixer = Mamba2Mixer(config, layer_idx)
+        self.compiled_forward = None          # train.compile: set by compile_training_forward
         if config.d_intermediate > 0:
             self.norm2 = block_norm(config)
             self.mlp = GatedMLP(config.d_model, config.d_intermediate)
@@ -207,15 +208,14 @@ class Block(nn.Module):
     def compile_training_forward(self):
         """Run the training forward (no cache) through torch.compile; evaluation and decoding stay eager (their
         many prompt lengths and the step path would each cost a compile). A frame that fails to compile runs
-        eagerly: torch's own fallback (dynamo's suppress_errors), which also covers graphs after a break."""
-        import torch._dynamo
-        torch._dynamo.config.suppress_errors = True
+        eagerly: torch's own fallback (dynamo's suppress_errors, set by Mamba2LM.compile_blocks), which also
+        covers graphs after a break."""
         # static shapes: a stage keeps one shape, so each stage pays one compile; automatic dynamic shapes at
         # the second stage made every step slower than eager (the chunk loops over a symbolic length)
         self.compiled_forward = torch.compile(self._forward, dynamic=False)
 
     def forward(self, hidden, residual=None, seq_idx=None, cache=None):
-        if cache is None and self.training and getattr(self, "compiled_forward", None) is not None:
+        if cache is None and self.training and self.compiled_forward is not None:
             return self.compiled_forward(hidden, residual, seq_idx)
         return self._forward(hidden, residual, seq_idx, cache)
 
@@ -338,6 +338,8 @@ class Mamba2LM(nn.Module):
         backward (compiled lazily, past torch's forward fallback), so it is tried first on a small function."""
         reason = compiler_failure(self.lm_head.weight.device)
         if reason is None:
+            import torch._dynamo
+            torch._dynamo.config.suppress_errors = True       # one process-wide switch, set once
             for layer in self.backbone.layers:
                 layer.compile_training_forward()
         return reason
