@@ -113,3 +113,43 @@ def test_a_compiled_run_equals_the_eager_run(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), x["step"]
+
+
+@pytest.mark.timeout(600)
+def test_compiled_blocks_under_sequence_parallelism_do_not_recompile_every_step():
+    """Two gloo processes, each block compiled, the sequence split over both (state passing): after the first
+    steps nothing compiles again. The collectives' byte counter, traced, had changed at every call, so each
+    step failed dynamo's guards and recompiled until its limit sent the blocks back to eager."""
+    r = run_script("""
+        import tempfile
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+        import torch._dynamo.utils
+        from longctx.pipeline.parallel import Groups
+        from longctx.pipeline.training.loss import sequence_loss
+
+        def worker(rank, init_file):
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+            torch.manual_seed(0)
+            model = Mamba2LM(Mamba2Config(**CONFIG)).train()
+            sp = Groups(2, rank).get(2)
+            model.set_sequence_parallel(sp)
+            assert model.compile_blocks() is None
+            g = torch.Generator().manual_seed(0)
+            compiled_after = []
+            for step in range(12):
+                ids = torch.randint(0, 257, (2, 65), generator=g)
+                cols = slice(32 * rank, 32 * rank + 32)
+                loss, _ = sequence_loss(model(ids[:, :-1][:, cols]).logits, ids[:, 1:][:, cols], sp)
+                loss.backward()
+                model.zero_grad()
+                compiled_after.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            assert compiled_after[-1] == compiled_after[2], compiled_after
+            print("NO-RECOMPILE", rank, compiled_after[-1], flush=True)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.start_processes(worker, args=(f"{tmp}/init",), nprocs=2, start_method="fork")
+    """)
+    assert r.returncode == 0 and r.stdout.count("NO-RECOMPILE") == 2, r.stdout[-3000:] + r.stderr[-3000:]

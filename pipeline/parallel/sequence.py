@@ -44,6 +44,10 @@ class SequenceParallel:
 
     `bytes_sent` counts the payload this rank contributes to collectives (all-gather: its
     own buffer; all-reduce: the buffer), for `longctx bench sp`.
+
+    The collectives run eagerly under torch.compile (train.compile): traced, the counter's new value at
+    every call failed dynamo's guards, so each step recompiled until dynamo's limit sent the block back
+    to eager for good.
     """
 
     def __init__(self, group, rank: int, size: int):
@@ -52,6 +56,7 @@ class SequenceParallel:
         self.seq_halo: Optional[torch.Tensor] = None    # seq_idx of the rows before this segment
 
     # -- collectives ------------------------------------------------------------------------------
+    @torch.compiler.disable
     def all_gather(self, t: torch.Tensor) -> List[torch.Tensor]:
         t = t.contiguous()
         out = [torch.empty_like(t) for _ in range(self.size)]
@@ -59,6 +64,7 @@ class SequenceParallel:
         self.bytes_sent += t.numel() * t.element_size()
         return out
 
+    @torch.compiler.disable
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, group=self.group)
         self.bytes_sent += t.numel() * t.element_size()
@@ -125,6 +131,7 @@ class SequenceParallel:
         final = carry[:, -1][..., None, None] * incoming + local.to(cdt)
         return (y.to(cdt) + correction).to(y.dtype), final
 
+    @torch.compiler.disable
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """t as the group's last rank holds it, on every rank of the group."""
         dist.broadcast(t, src=dist.get_global_rank(self.group, self.size - 1), group=self.group)
