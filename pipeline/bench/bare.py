@@ -5,7 +5,9 @@ The trainer side is a real `longctx run` (DeepSpeed engine, loader, metrics, the
 stage with no evaluation; its speed is the median of the step records' `tokens_per_s` (wall time from one
 step's end to the next: loader, logging and checks included), warm-up steps left out. The bare side is
 what a user would write by hand: gloo processes, random token rows, forward + backward per micro-batch,
-one flat all-reduce of the gradients, clipping, AdamW, each step timed the same way. Both run with the
+one flat all-reduce of the gradients, clipping, AdamW, each step timed the same way; a stage with
+`carry_state` starts each micro-batch from the previous one's detached final state, as truncated BPTT
+written by hand would (the last rank's under sequence parallelism, sent to the group). Both run with the
 threads per process `longctx run` gives its ranks (cores / processes).
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ def threads_per_process(nproc: int) -> int:
 
 
 def _bare_worker(rank, world, model_cfg, plan, steps, lr, clip, weight_decay, init_file, out_dir):
+    from ..model.carry import LayerCarry
     from ..parallel import Groups
     from ..training.trainer import adamw
     torch.set_num_threads(threads_per_process(world))
@@ -57,12 +60,16 @@ def _bare_worker(rank, world, model_cfg, plan, steps, lr, clip, weight_decay, in
         # packed documents of 200 tokens: the state resets at each start, as in the trainer's rows
         seq_idx = (torch.arange(plan.seq_len)[cols] // 200).expand(plan.micro_batch, seg).contiguous().to(torch.int32)
         params = [p for p in model.parameters() if p.requires_grad]
-        seconds = []
+        seconds, carried = [], None
         for s in range(steps):
             t0 = time.perf_counter()
             for m in range(plan.grad_accum):
                 rows = ids[s, m]
+                if plan.carry_state != "none":
+                    model.set_carried(carried.entering() if carried else [LayerCarry() for _ in model.backbone.layers])
                 loss, _ = sequence_loss(model(rows[:, :-1][:, cols], seq_idx=seq_idx).logits, rows[:, 1:][:, cols], sp)
+                if plan.carry_state != "none":
+                    carried = model.carried_final() if sp is None else model.carried_final().from_last_rank(sp)
                 (loss / plan.grad_accum).backward()
             if world > 1:                                  # one flat all-reduce, the mean over every rank
                 flat = torch.cat([p.grad.reshape(-1) for p in params])
