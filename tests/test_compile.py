@@ -153,3 +153,13 @@ def test_compiled_blocks_under_sequence_parallelism_do_not_recompile_every_step(
                 mp.start_processes(worker, args=(f"{tmp}/init",), nprocs=2, start_method="fork")
     """)
     assert r.returncode == 0 and r.stdout.count("NO-RECOMPILE") == 2, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_the_model_and_sequence_parallelism_import_without_dynamo():
+    """train.compile's eager collectives are marked when blocks are compiled, not at import: marking them
+    imports dynamo, which had added seconds to the start of every process (eval, export, each rank)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, longctx.pipeline.model, longctx.pipeline.parallel; "
+                        "print('DYNAMO' if 'torch._dynamo' in sys.modules else 'NO-DYNAMO')"],
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0 and "NO-DYNAMO" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -339,7 +339,10 @@ class Mamba2LM(nn.Module):
         reason = compiler_failure(self.lm_head.weight.device)
         if reason is None:
             import torch._dynamo
+
+            from ..parallel.sequence import keep_collectives_eager
             torch._dynamo.config.suppress_errors = True       # one process-wide switch, set once
+            keep_collectives_eager()
             for layer in self.backbone.layers:
                 layer.compile_training_forward()
         return reason

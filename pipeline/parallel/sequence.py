@@ -56,7 +56,6 @@ class SequenceParallel:
         self.seq_halo: Optional[torch.Tensor] = None    # seq_idx of the rows before this segment
 
     # -- collectives ------------------------------------------------------------------------------
-    @torch.compiler.disable
     def all_gather(self, t: torch.Tensor) -> List[torch.Tensor]:
         t = t.contiguous()
         out = [torch.empty_like(t) for _ in range(self.size)]
@@ -64,7 +63,6 @@ class SequenceParallel:
         self.bytes_sent += t.numel() * t.element_size()
         return out
 
-    @torch.compiler.disable
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, group=self.group)
         self.bytes_sent += t.numel() * t.element_size()
@@ -131,7 +129,6 @@ class SequenceParallel:
         final = carry[:, -1][..., None, None] * incoming + local.to(cdt)
         return (y.to(cdt) + correction).to(y.dtype), final
 
-    @torch.compiler.disable
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """t as the group's last rank holds it, on every rank of the group."""
         dist.broadcast(t, src=dist.get_global_rank(self.group, self.size - 1), group=self.group)
@@ -154,6 +151,19 @@ class SequenceParallel:
         zs = None if z is None else torch.cat([z.new_zeros(b, k, h, p), z], 1)
         y = kernels.ssd(xs, torch.cat([hdt, dt], 1), A, Bs, Cs, z=zs, seq_idx=self._halo_docs(seq_idx, k), **kw)
         return y[:, k:]
+
+
+def keep_collectives_eager() -> None:
+    """Run SequenceParallel's collectives outside torch.compile's tracing (train.compile; called by
+    Mamba2LM.compile_blocks). Traced, their byte counter's new value at every call failed dynamo's guards, so
+    each step recompiled until dynamo's limit sent the blocks back to eager. Not applied at import:
+    torch.compiler.disable imports dynamo, seconds of every process's start-up."""
+    for name in ("all_gather", "all_reduce", "broadcast_from_last"):
+        method = getattr(SequenceParallel, name)
+        if not getattr(method, "runs_eagerly", False):
+            eager = torch.compiler.disable(method)
+            eager.runs_eagerly = True
+            setattr(SequenceParallel, name, eager)
 
 
 def halo(t: torch.Tensor, width: int, sp: SequenceParallel) -> torch.Tensor:
