@@ -73,9 +73,12 @@ def extract_key(text: str) -> str:
     return "".join(re.findall(r"\d", text))[:5]
 
 
+PROMPTS_PER_BATCH, NEW_TOKENS = 8, 8    # evaluate_passkey's defaults (eval_budget prices the trainer's calls by them)
+
+
 @torch.no_grad()
 def evaluate_passkey(model, tok, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int = 0,
-                     prefill_chunk: int = 4096, batch_size: int = 8, max_new_tokens: int = 8,
+                     prefill_chunk: int = 4096, batch_size: int = PROMPTS_PER_BATCH, max_new_tokens: int = NEW_TOKENS,
                      batch_tokens: int = BATCH_TOKENS, between_batches: Optional[Callable[[], None]] = None,
                      share: RankShare = EVERYTHING) -> dict:
     """Accuracy per (length, depth) and every sample's output. `between_batches` is called before each

@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import List
 
 from ..config import Config
-from ..evaluate.passkey import prompt_batches
+from ..evaluate.passkey import NEW_TOKENS, PROMPTS_PER_BATCH, prompt_batches
 from .curriculum import StagePlan
 
 WARN_ABOVE = 0.10
-PASSKEY_BATCH, PASSKEY_NEW_TOKENS = 8, 8      # evaluate_passkey's defaults, as the trainer calls it
 
 
 def eval_tokens(cfg: Config, p: StagePlan, world: int) -> int:
@@ -28,7 +27,7 @@ def eval_tokens(cfg: Config, p: StagePlan, world: int) -> int:
     if "passkey" in ev.kinds:
         cases = [(L, None, None) for L in ev.passkey_lengths for _ in ev.passkey_depths
                  for _ in range(ev.passkey_samples)]
-        batches = [sum(L + PASSKEY_NEW_TOKENS for L, _, _ in b) for b in prompt_batches(cases, PASSKEY_BATCH)]
+        batches = [sum(L + NEW_TOKENS for L, _, _ in b) for b in prompt_batches(cases, PROMPTS_PER_BATCH)]
         items += batches * variants
     if "length" in ev.kinds:
         items += [ev.length_max] * variants

@@ -101,6 +101,11 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
 
 
+def _float64_mean(losses) -> torch.Tensor:
+    """This rank's mean of its micro-batches' losses in float64 (0 when there are none), to sum over ranks."""
+    return torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
+
+
 class Trainer:
     def __init__(self, cfg: Config, where: str = "<config>"):
         import deepspeed
@@ -354,7 +359,7 @@ class Trainer:
     def _agree(self, means, finite) -> tuple:
         """The step's collective: (finite on every rank, per micro-batch), the loss averaged over ranks
         (meaningful when every micro-batch is kept), whether any rank was asked to stop."""
-        local = torch.stack(means).double().mean() if all(finite) else torch.zeros((), dtype=torch.float64)
+        local = _float64_mean(means if all(finite) else [])
         summed = torch.tensor([float(not ok) for ok in finite] + [0.0, float(self.stop_requested)],
                               dtype=torch.float64, device=self.device)
         summed[-2] = local
@@ -364,8 +369,7 @@ class Trainer:
 
     def _mean_loss(self, kept_means) -> float:
         """The loss over the kept micro-batches, averaged over ranks (after a step with bad ones)."""
-        local = torch.stack(kept_means).double().mean() if kept_means else torch.zeros((), dtype=torch.float64)
-        summed = local.reshape(1).to(self.device)
+        summed = _float64_mean(kept_means).reshape(1).to(self.device)
         self.dist.all_reduce(summed)
         return float(summed[0]) / self.world
 
