@@ -45,9 +45,7 @@ class SequenceParallel:
     `bytes_sent` counts the payload this rank contributes to collectives (all-gather: its
     own buffer; all-reduce: the buffer), for `longctx bench sp`.
 
-    The collectives run eagerly under torch.compile (train.compile): traced, the counter's new value at
-    every call failed dynamo's guards, so each step recompiled until dynamo's limit sent the block back
-    to eager for good.
+    Under torch.compile (train.compile) the collectives run eagerly: `keep_collectives_eager`.
     """
 
     def __init__(self, group, rank: int, size: int):
