@@ -252,3 +252,40 @@ def test_intra_chunk_backward_equals_autograd_of_the_plain_expression(with_docum
     assert rel_err(ours, want) < 1e-13
     for name, a, e in zip(("C", "B", "cum", "xu"), grads, want_grads):
         assert rel_err(a, e) < 1e-12, name
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_long_calls_run_by_segments_and_match_the_reference(monkeypatch, case):
+    """Calls longer than SEGMENT_TOKENS run segment by segment, the state carried (kept within the caches):
+    outputs, final states and every gradient still equal the step-by-step reference. Segments of 8 positions
+    here, so every case but the one-chunk one runs in several."""
+    from longctx.kernels import chunked
+    monkeypatch.setattr(chunked, "SEGMENT_TOKENS", 8)
+    passes = []
+    one_pass = chunked._one_pass
+    monkeypatch.setattr(chunked, "_one_pass", lambda *a, **k: passes.append(1) or one_pass(*a, **k))
+    c = CASES[case]
+    args, kw = make_inputs(c)
+    y0, s0, g0 = run(ssd_naive, args, kw)
+    y1, s1, g1 = run(ssd, args, kw, chunk_size=c["chunk"], backend="torch")
+    assert len(passes) == (1 if c["chunk"] >= c["l"] else -(-c["l"] // max(c["chunk"], 8 // c["chunk"] * c["chunk"])))
+    assert rel_err(y1, y0) <= 1e-10 and rel_err(s1, s0) <= 1e-10
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) <= 1e-10, name
+
+
+def test_a_document_starting_exactly_at_a_segment_start_takes_no_state(monkeypatch):
+    from longctx.kernels import chunked
+    monkeypatch.setattr(chunked, "SEGMENT_TOKENS", 8)
+    c = dict(b=2, l=24, h=2, p=3, g=1, n=4, chunk=4, opts={"init", "D"})
+    args, kw = make_inputs(c)
+    seq = torch.zeros(2, 24, dtype=torch.int32)
+    seq[0, 8:] = 1           # row 0: a new document at the second segment's first position
+    seq[1, 5:] = 1           # row 1: one crossing it
+    seq[1, 16:] = 7
+    kw["seq_idx"] = seq
+    y0, s0, g0 = run(ssd_naive, args, kw)
+    y1, s1, g1 = run(ssd, args, kw, chunk_size=4, backend="torch")
+    assert rel_err(y1, y0) <= 1e-10 and rel_err(s1, s0) <= 1e-10
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) <= 1e-10, name
