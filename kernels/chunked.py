@@ -135,8 +135,8 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None,
     kw = dict(chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
               decay_scale=decay_scale, input_scale=input_scale)
     # a window reads across segment starts and state-norm positions count from the call's start: one pass
-    seg = max(1, min(int(chunk_size), x.shape[1]))
-    seg = max(seg, SEGMENT_TOKENS // seg * seg)         # whole chunks: the chunks are those of one pass
+    q = _chunk_len(chunk_size, x.shape[1], None)
+    seg = max(q, SEGMENT_TOKENS // q * q)               # whole chunks: the chunks are those of one pass
     if x.shape[1] > seg and window is None and state_norm is None:
         y, final = _by_segments(seg, x, dt, A, B, C, z, seq_idx, initial_states, kw)
     else:

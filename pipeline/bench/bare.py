@@ -66,10 +66,11 @@ def _bare_worker(rank, world, model_cfg, plan, steps, lr, clip, weight_decay, in
             for m in range(plan.grad_accum):
                 rows = ids[s, m]
                 if plan.carry_state != "none":
-                    model.set_carried(carried.entering() if carried else [LayerCarry() for _ in model.backbone.layers])
+                    model.set_carried([LayerCarry() for _ in model.backbone.layers] if carried is None
+                                      else carried.entering())
                 loss, _ = sequence_loss(model(rows[:, :-1][:, cols], seq_idx=seq_idx).logits, rows[:, 1:][:, cols], sp)
                 if plan.carry_state != "none":
-                    carried = model.carried_final() if sp is None else model.carried_final().from_last_rank(sp)
+                    carried = model.carried_final()
                 (loss / plan.grad_accum).backward()
             if world > 1:                                  # one flat all-reduce, the mean over every rank
                 flat = torch.cat([p.grad.reshape(-1) for p in params])

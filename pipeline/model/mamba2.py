@@ -318,11 +318,13 @@ class Mamba2LM(nn.Module):
             layer.mixer.carry = None if layers is None else layers[i]
 
     def carried_final(self) -> CarriedStates:
-        """The final state of every layer after the last forward under `set_carried`."""
+        """The final state of every layer after the last forward under `set_carried`: the sequence's end, so under
+        sequence parallelism the last rank's, on every rank of the group (a collective)."""
         carries = [layer.mixer.carry for layer in self.backbone.layers]
         if any(c is None or c.final_state is None for c in carries):
             raise RuntimeError("no carried state recorded: call set_carried(...) before the forward")
-        return CarriedStates.of(carries)
+        final = CarriedStates.of(carries)
+        return final if self.sequence_parallel is None else final.from_last_rank(self.sequence_parallel)
 
     def halo_width(self) -> int:
         """Rows before a segment that some layer reads: the conv's d_conv-1, a window's r-1."""

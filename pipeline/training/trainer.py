@@ -352,9 +352,7 @@ class Trainer:
         is what the same rows start from next."""
         if p.carry_state == "none":
             return
-        final = self.model.carried_final()
-        sp = self.model.sequence_parallel
-        self.carried = final.from_last_rank(sp) if sp is not None else final
+        self.carried = self.model.carried_final()
 
     def _agree(self, means, finite) -> tuple:
         """The step's collective: (finite on every rank, per micro-batch), the loss averaged over ranks
