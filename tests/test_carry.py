@@ -3,7 +3,6 @@ with the first one's final state, gives the logits and gradients of one call ove
 import pytest
 import torch
 
-from longctx.pipeline.model.carry import LayerCarry
 from tests.conftest import rel_err
 from tests.test_model import small_model
 
@@ -11,7 +10,7 @@ from tests.test_model import small_model
 def halves(model, ids, seq_idx=None, rows=None):
     """Logits of ids read as two halves, the second entered with the first's final state."""
     half = ids.shape[1] // 2
-    model.set_carried([LayerCarry() for _ in model.backbone.layers])
+    model.enter_carried(None)
     first = model(ids[:, :half], seq_idx=None if seq_idx is None else seq_idx[:, :half]).logits
     model.set_carried(model.carried_final().entering(rows))
     second_idx = None if seq_idx is None else seq_idx[:, half:] - seq_idx[:, half:half + 1]
@@ -56,3 +55,38 @@ def test_a_row_that_does_not_take_the_carried_state_starts_from_zeros():
 def test_carried_final_before_a_carried_forward_is_a_clear_error():
     with pytest.raises(RuntimeError, match="set_carried"):
         small_model().carried_final()
+
+
+def _last_rank_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from longctx.pipeline.model.carry import CarriedStates
+    from longctx.pipeline.parallel import Groups
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sp = Groups(world, rank).get(world)
+        calls = []
+        real = sp.broadcast_from_last
+        sp.broadcast_from_last = lambda t: calls.append(t.numel()) or real(t)
+        g = torch.Generator().manual_seed(rank)
+        # the trainer's layout and dtypes under bf16: tails in the model's dtype, states fp32
+        mine = CarriedStates(torch.randn(2, 3, 3, 40, generator=g).to(torch.bfloat16),
+                             torch.randn(2, 3, 4, 8, 16, generator=g))
+        before = {k: v.clone() for k, v in mine.state_dict().items()}
+        got = mine.from_last_rank(sp)
+        torch.save({"mine": before, "got": got.state_dict(), "calls": calls}, f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_gets_the_last_ranks_carried_state_exactly_in_one_broadcast(tmp_path):
+    import torch.multiprocessing as mp
+    mp.start_processes(_last_rank_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
+    for got in (r0["got"], r1["got"]):
+        for key in ("tails", "states"):
+            assert got[key].dtype == r1["mine"][key].dtype and torch.equal(got[key], r1["mine"][key])
+    assert not torch.equal(r0["mine"]["states"], r1["mine"]["states"])       # rank 0 really took rank 1's
+    # a collective costs milliseconds on gloo: one per micro-step, not one per tensor
+    assert r0["calls"] == r1["calls"] == [2 * 3 * 3 * 40 + 2 * 3 * 4 * 8 * 16]

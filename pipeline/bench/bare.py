@@ -40,7 +40,6 @@ def threads_per_process(nproc: int) -> int:
 
 
 def _bare_worker(rank, world, model_cfg, plan, steps, lr, clip, weight_decay, init_file, out_dir):
-    from ..model.carry import LayerCarry
     from ..parallel import Groups
     from ..training.trainer import adamw
     torch.set_num_threads(threads_per_process(world))
@@ -66,8 +65,7 @@ def _bare_worker(rank, world, model_cfg, plan, steps, lr, clip, weight_decay, in
             for m in range(plan.grad_accum):
                 rows = ids[s, m]
                 if plan.carry_state != "none":
-                    model.set_carried([LayerCarry() for _ in model.backbone.layers] if carried is None
-                                      else carried.entering())
+                    model.enter_carried(carried)
                 loss, _ = sequence_loss(model(rows[:, :-1][:, cols], seq_idx=seq_idx).logits, rows[:, 1:][:, cols], sp)
                 if plan.carry_state != "none":
                     carried = model.carried_final()

@@ -72,10 +72,12 @@ class CarriedStates:
         return [LayerCarry(tail=t, state=s) for t, s in zip(tails, states)]
 
     def from_last_rank(self, sp) -> "CarriedStates":
-        """Under sequence parallelism: every rank of the group gets the last rank's (the sequence's end)."""
-        tails = sp.broadcast_from_last(self.tails.contiguous())
-        states = sp.broadcast_from_last(self.states.contiguous())
-        return CarriedStates(tails, states)
+        """Under sequence parallelism: every rank of the group gets the last rank's (the sequence's end).
+        One broadcast per micro-step (a collective costs milliseconds on gloo however small): the tails travel
+        in the states' dtype, which holds them exactly (fp32 holds every bf16 / fp16 value)."""
+        both = torch.cat([self.tails.reshape(-1).to(self.states.dtype), self.states.reshape(-1)])
+        tails, states = sp.broadcast_from_last(both).split([self.tails.numel(), self.states.numel()])
+        return CarriedStates(tails.view(self.tails.shape).to(self.tails.dtype), states.view(self.states.shape))
 
     def state_dict(self) -> dict:
         return {"tails": self.tails.cpu(), "states": self.states.cpu()}

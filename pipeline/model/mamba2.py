@@ -317,6 +317,13 @@ class Mamba2LM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             layer.mixer.carry = None if layers is None else layers[i]
 
+    def enter_carried(self, carried: Optional[CarriedStates], rows: Optional[torch.Tensor] = None) -> List[LayerCarry]:
+        """Each forward from now starts from `carried` (its `entering(rows)`), or from zeros where None; returns
+        the layers' entering states, so the same can be entered again (a retaken step)."""
+        layers = [LayerCarry() for _ in self.backbone.layers] if carried is None else carried.entering(rows)
+        self.set_carried(layers)
+        return layers
+
     def carried_final(self) -> CarriedStates:
         """The final state of every layer after the last forward under `set_carried`: the sequence's end, so under
         sequence parallelism the last rank's, on every rank of the group (a collective)."""

@@ -29,7 +29,7 @@ from ..config import Config, ConfigError, model_config
 from ..evaluate.passkey import build_prompt
 from ..evaluate.share import from_distributed
 from ..model import Mamba2LM
-from ..model.carry import CarriedStates, LayerCarry
+from ..model.carry import CarriedStates
 from ..parallel import Groups
 from ..parallel.shm import release_shm_buffers
 from . import rank_status
@@ -339,13 +339,8 @@ class Trainer:
         document its lane's previous row was in (README, "Length generalization")."""
         if p.carry_state == "none":
             return None
-        if self.carried is None:
-            state = [LayerCarry() for _ in self.model.backbone.layers]
-        else:
-            continues = rows.continues if p.carry_state == "document" and self.cfg.train.document_resets else None
-            state = self.carried.entering(None if continues is None else torch.as_tensor(continues))
-        self.model.set_carried(state)
-        return state
+        continues = rows.continues if p.carry_state == "document" and self.cfg.train.document_resets else None
+        return self.model.enter_carried(self.carried, None if continues is None else torch.as_tensor(continues))
 
     def _keep_carried(self, p) -> None:
         """After a micro-batch's forward: its final state (the sequence's end: the last rank of an SP group)
