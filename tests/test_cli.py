@@ -77,6 +77,9 @@ def test_bench_kernels_vs_minimal_times_both_scans_on_the_same_problem(tmp_path)
     for row in rows:     # the transcription computes what our scan computes
         assert row["max_rel_err_vs_minimal"] < 1e-5
         assert set(row["ours_ms"]) == set(row["minimal_ms"]) == {"32", "64"} and row["vs_minimal"] > 0
+    # growth over 4x the length: the two lengths timed in turn (512 against 128; 128 has no quarter)
+    assert rows[0]["growth_vs_quarter"] is None and rows[1]["growth_vs_quarter"] > 0
+    assert f"| {rows[1]['growth_vs_quarter']:.2f} |" in r.stdout
 
 
 def test_bench_train_vs_bare_refuses_a_batch_that_does_not_split(tmp_path):

@@ -9,6 +9,7 @@ of chunks), which is what our sequential pass is measured against.
 from __future__ import annotations
 
 import json
+import statistics
 from typing import List, Sequence
 
 import torch
@@ -71,10 +72,10 @@ def run_minimal_bench(lengths: Sequence[int], heads: int, headdim: int, d_state:
     our scan with chunk_size "auto" (what the model uses on this device)."""
     from longctx.kernels import auto_chunk_size, ssd
 
-    from .kernels import _inputs, _rel, _time_fwd_bwd, _time_interleaved
+    from .kernels import _rel, _time_fwd_bwd, _time_interleaved
     rows = []
     for length in lengths:
-        inputs = _inputs(length, heads, headdim, d_state, "cpu", torch.float32)
+        inputs = _inputs_for(length, heads, headdim, d_state)
         ours, ref = {}, {}
         for q in chunks:
             (ours[q], y), (ref[q], y_min) = _time_interleaved(
@@ -85,7 +86,10 @@ def run_minimal_bench(lengths: Sequence[int], heads: int, headdim: int, d_state:
         auto_ms = ours[auto] if auto in ours else _time_fwd_bwd(
             lambda **a: ssd(**a, backend="torch", dt_softplus=True, chunk_size="auto"), inputs, repeats)[0]
         best, best_ref = min(ours, key=ours.get), min(ref, key=ref.get)
-        rows.append({"length": length, "heads": heads, "headdim": headdim, "d_state": d_state,
+        quarter = length // 4 if length // 4 in lengths else None
+        rows.append({"growth_vs_quarter": None if quarter is None else growth_in_turn(
+                         length, quarter, heads, headdim, d_state, repeats),
+                     "length": length, "heads": heads, "headdim": headdim, "d_state": d_state,
                      "ours_ms": ours, "minimal_ms": ref, "ours_best_chunk": best, "ours_best_ms": ours[best],
                      "minimal_best_chunk": best_ref, "minimal_best_ms": ref[best_ref],
                      "vs_minimal": ref[best_ref] / ours[best], "auto_chunk": auto, "auto_ms": auto_ms,
@@ -94,14 +98,37 @@ def run_minimal_bench(lengths: Sequence[int], heads: int, headdim: int, d_state:
     return rows
 
 
+def growth_in_turn(length: int, shorter: int, heads: int, headdim: int, d_state: int, repeats: int) -> float:
+    """time(length) / time(shorter) of our scan (chunk_size auto), the two lengths timed in turn (A B A B ...
+    after a warm-up of each): the rows' times come minutes apart, and a machine whose speed drifts in between
+    would move the ratio by as much as the growth is meant to show."""
+    from longctx.kernels import ssd
+
+    from .kernels import _fwd_bwd, _timed
+
+    def scan(**a):
+        return ssd(**a, backend="torch", dt_softplus=True, chunk_size="auto")
+    inputs = [_inputs_for(n, heads, headdim, d_state) for n in (length, shorter)]
+    for i in inputs:
+        _fwd_bwd(scan, i)
+    times = [[], []]
+    for _ in range(repeats):
+        for k, i in enumerate(inputs):
+            times[k].append(_timed(scan, i)[0])
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def _inputs_for(length, heads, headdim, d_state):
+    from .kernels import _inputs
+    return _inputs(length, heads, headdim, d_state, "cpu", torch.float32)
+
+
 def print_minimal(rows: List[dict]) -> None:
     print("| length | ours, best chunk (ms) | ssd_minimal, best chunk (ms) | vs minimal | auto chunk (ms) | "
-          "auto vs minimal | time / time at 1/4 the length |")
+          "auto vs minimal | time / time at 1/4 the length (timed in turn) |")
     print("|---|---|---|---|---|---|---|")
-    by_len = {r["length"]: r for r in rows}
     for r in rows:
-        quarter = by_len.get(r["length"] // 4)
-        growth = f"{r['auto_ms'] / quarter['auto_ms']:.2f}" if quarter else "-"
+        growth = "-" if r["growth_vs_quarter"] is None else f"{r['growth_vs_quarter']:.2f}"
         print(f"| {r['length']:,} | {r['ours_best_ms']:.0f} (Q={r['ours_best_chunk']}) | {r['minimal_best_ms']:.0f} "
               f"(Q={r['minimal_best_chunk']}) | {r['vs_minimal']:.2f}× | {r['auto_ms']:.0f} (Q={r['auto_chunk']}) | "
               f"{r['auto_vs_minimal']:.2f}× | {growth} |")
