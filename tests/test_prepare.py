@@ -132,11 +132,24 @@ def test_rerun_is_idempotent_and_new_inputs_add_only_their_work(tmp_path):
     first = prepare(cfg, TokenizerConfig(), log=logs.append)
     parts = sorted(os.listdir(tmp_path / "out" / "parts"))
     mtimes = {p: os.path.getmtime(tmp_path / "out" / "parts" / p) for p in parts}
+    merged = [tmp_path / "out" / name for name in ("manifest.json", "train/index.json", "train/lengths.npy",
+                                                   "heldout/index.json", "heldout/lengths.npy")]
+    stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in merged}
     logs.clear()
     again = prepare(cfg, TokenizerConfig(), log=logs.append)
     assert data_of(again) == data_of(first) and again["run"]["parts_tokenized"] == 0
     assert any("nothing to tokenize" in line for line in logs)
     assert {p: os.path.getmtime(tmp_path / "out" / "parts" / p) for p in parts} == mtimes
+    # complete and unchanged: the indexes, lengths and manifest are not merged and written again
+    assert any("nothing rewritten" in line for line in logs)
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in merged} == stamps
+    # a file the merge writes gone: merged again, the same as before
+    index = (tmp_path / "out" / "heldout" / "index.json").read_text()
+    (tmp_path / "out" / "heldout" / "index.json").unlink()
+    logs.clear()
+    assert data_of(prepare(cfg, TokenizerConfig(), log=logs.append)) == data_of(first)
+    assert not any("nothing rewritten" in line for line in logs)
+    assert (tmp_path / "out" / "heldout" / "index.json").read_text() == index
 
     with open(tmp_path / "in" / "z.jsonl", "w") as f:
         f.writelines(json.dumps({"text": good_text(900 + i)}) + "\n" for i in range(20))

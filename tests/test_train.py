@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,9 +46,15 @@ def test_sigkill_mid_stage_then_resume_reproduces_the_uninterrupted_run(uninterr
     tmp, full = uninterrupted
     cfg = write_config(tmp, "killed")
     sigkill_mid_stage(run_cmd(cfg), tmp / "killed")
+    # what killed ranks leave: mosaicml-streaming's shared memory, registered under its first prefix
+    from streaming.base.shared.prefix import _get_path
+    leaked = Path("/dev/shm") / _get_path(0, "locals")
+    if not leaked.exists():
+        leaked.write_bytes(bytes(8))
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout
+    assert not leaked.exists()           # removed before the shards were opened again
     assert_same_run(records(tmp / "killed"), full)
 
 
