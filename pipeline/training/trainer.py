@@ -152,9 +152,10 @@ class Trainer:
 
         cache = cfg.data.cache_dir or str(self.run_dir / "cache")
         with self._host_local_world():       # training reads only train/, every evaluation only heldout/
-            # a killed run leaves the shards' shared memory registered, and opening them again would fail: each
-            # host's first rank removes it while the others wait. Here, not in `longctx run`: the ranks import
-            # mosaicml-streaming anyway, while the launcher would spend ~6 s on it before starting them
+            # a killed run leaves mosaicml-streaming's shared memory in /dev/shm (and a stream with a remote is
+            # refused a local cache still registered there): each host's first rank removes it while the others
+            # wait. Here, not in `longctx run`: the ranks import streaming anyway, the launcher would spend ~6 s
+            # on it before starting them
             from streaming.base.util import clean_stale_shared_memory
             clean_stale_shared_memory()
             source, heldout = open_splits(shards, cache)
