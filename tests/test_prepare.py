@@ -207,6 +207,40 @@ def test_hf_tokenizer_matches_tokenizers_library(tmp_path):
     got = sorted(tuple(int(x) for x in s["tokens"]) for s in read_back(str(tmp_path / "out")))
     assert got == [e for e in expect if len(e) >= 5]
     assert manifest["tokenizer"]["eos_id"] == ref.token_to_id("<|endoftext|>")
+    # another end-of-text id: the same tokens and parts (documents are written without it), another identity,
+    # which the manifest must record (training refuses shards whose manifest names another tokenizer)
+    again = prepare(config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out")),
+                    TokenizerConfig(kind="hf", path=str(tmp_path / "tokenizer.json"), eos_id=0))
+    assert again["parts"] == manifest["parts"] and manifest["tokenizer"]["eos_id"] != 0
+    assert again["tokenizer"]["eos_id"] == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["tokenizer"]["eos_id"] == 0
+
+
+def test_a_run_killed_while_merging_other_parts_leaves_no_done_and_the_next_merges_again(tmp_path, monkeypatch):
+    """A config that drops an input tokenizes nothing but merges the indexes again; killed between the
+    indexes and the manifest, the output must not look complete (the next run would trust indexes that
+    the manifest does not describe)."""
+    import longctx.data.prepare as module
+    os.makedirs(tmp_path / "in")
+    for name in ("a", "b"):
+        with open(tmp_path / "in" / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": f"{name} " + good_text(i)}) + "\n" for i in range(30))
+    both = config([str(tmp_path / "in" / "*.jsonl")], str(tmp_path / "out"))
+    first = prepare(both, TokenizerConfig())
+    index = (tmp_path / "out" / "train" / "index.json").read_text()
+    merge = module._finish_splits
+
+    def killed(*args):
+        merge(*args)
+        raise RuntimeError("killed after merging the indexes")
+    monkeypatch.setattr(module, "_finish_splits", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(config([str(tmp_path / "in" / "a.jsonl")], str(tmp_path / "out")), TokenizerConfig())
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / "DONE").exists()
+    assert (tmp_path / "out" / "train" / "index.json").read_text() != index      # a's parts only
+    assert data_of(prepare(both, TokenizerConfig())) == data_of(first)
+    assert (tmp_path / "out" / "train" / "index.json").read_text() == index
 
 
 def test_s3_to_s3_read_back_with_plain_streaming_dataset(tmp_path, s3_endpoint):

@@ -1,9 +1,15 @@
-"""DeepSpeed's CPU all-reduce buffers in /dev/shm, which DeepSpeed never removes."""
+"""Shared memory in /dev/shm that runs leave behind: DeepSpeed's CPU all-reduce buffers, which DeepSpeed never
+removes, and (the flag below) mosaicml-streaming's registrations of killed runs."""
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+
+# Set by `longctx run` for its ranks: one machine, this run's own, so mosaicml-streaming's shared memory found
+# there at start is a killed run's. Not set by `longctx node` (SLURM, hostfile): a shared node may hold another
+# job's live streams, which streaming's clean-up would remove too.
+CLEAN_STREAMING_SHM = "LONGCTX_CLEAN_STREAMING_SHM"
 
 
 def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
