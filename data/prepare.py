@@ -374,7 +374,8 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
     need_sha = [f for f in files if (f.url, f.size, f.version) not in known_sha]
 
     started = False
-    if todo or previous.get("parts") != [f"part-{pid}" for pid in ids]:
+    parts = [f"part-{pid}" for pid in ids]
+    if todo or previous.get("parts") != parts:
         # the output is incomplete until this run finishes: a run killed while merging another set of parts
         # leaves no DONE behind, so the next one merges again instead of trusting the files it finds
         storage.remove(storage.join(p.output, DONE))
@@ -409,7 +410,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                 ray.shutdown()
     else:
         log(f"prepare: all {len(items)} work items already done; nothing to tokenize")
-        if _complete_as_recorded(p.output, previous, ids, tok):
+        if _complete_as_recorded(p.output, previous, parts, tok):
             log(f"prepare: {p.output} is complete and made of exactly these parts; nothing rewritten")
             return {**previous, "run": {"wall_seconds": round(time.time() - t0, 3), "parts_tokenized": 0,
                                         "input_bytes": 0, "unchanged": True}}
@@ -418,13 +419,13 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                    {"todo": [ids[i] for i in todo], "bytes": work_bytes, "t0": t0})
 
 
-def _complete_as_recorded(output: str, manifest: dict, ids: List[str], tok) -> bool:
+def _complete_as_recorded(output: str, manifest: dict, parts: List[str], tok) -> bool:
     """Whether a finished output (DONE) was merged from exactly these parts, records this tokenizer (its
     name and end-of-text id are not in the part ids: the tokens do not depend on them, the manifest does)
     and still has every file the merge writes: merging again would write the same files. Skipping it
     spares every `longctx run` of prepared data the merge, and with it mosaicml-streaming's import
     (about 7 s here)."""
-    if (manifest.get("parts") != [f"part-{pid}" for pid in ids] or manifest.get("tokenizer") != identity(tok)
+    if (manifest.get("parts") != parts or manifest.get("tokenizer") != identity(tok)
             or not storage.exists(storage.join(output, DONE))):
         return False
     return all(storage.exists(storage.join(output, split, name))

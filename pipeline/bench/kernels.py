@@ -75,16 +75,18 @@ def _time_fwd_bwd(fn: Callable, inputs: Dict[str, torch.Tensor], repeats: int) -
     return _time_interleaved([fn], inputs, repeats)[0]
 
 
-def _time_interleaved(fns: Sequence[Callable], inputs: Dict[str, torch.Tensor], repeats: int) -> List[tuple]:
+def _time_interleaved(fns: Sequence[Callable], inputs, repeats: int) -> List[tuple]:
     """(median ms, last output) of each function, timed in turn (A B A B ...) after one warm-up of each, so
-    that a machine whose speed drifts during the run slows every function alike and their ratios hold."""
-    for fn in fns:
-        _fwd_bwd(fn, inputs)            # warm-up (allocator, lazy init)
+    that a machine whose speed drifts during the run slows every function alike and their ratios hold.
+    `inputs`: the arguments every function takes (a dict), or a list with each function's own."""
+    each = inputs if isinstance(inputs, list) else [inputs] * len(fns)
+    for fn, args in zip(fns, each):
+        _fwd_bwd(fn, args)              # warm-up (allocator, lazy init)
     times: List[List[float]] = [[] for _ in fns]
     outputs = [None] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            ms, outputs[i] = _timed(fn, inputs)
+            ms, outputs[i] = _timed(fn, each[i])
             times[i].append(ms)
     return [(statistics.median(t), y.detach()) for t, y in zip(times, outputs)]
 

@@ -9,7 +9,6 @@ of chunks), which is what our sequential pass is measured against.
 from __future__ import annotations
 
 import json
-import statistics
 from typing import List, Sequence
 
 import torch
@@ -104,18 +103,13 @@ def growth_in_turn(length: int, shorter: int, heads: int, headdim: int, d_state:
     would move the ratio by as much as the growth is meant to show."""
     from longctx.kernels import ssd
 
-    from .kernels import _fwd_bwd, _timed
+    from .kernels import _time_interleaved
 
     def scan(**a):
         return ssd(**a, backend="torch", dt_softplus=True, chunk_size="auto")
-    inputs = [_inputs_for(n, heads, headdim, d_state) for n in (length, shorter)]
-    for i in inputs:
-        _fwd_bwd(scan, i)
-    times = [[], []]
-    for _ in range(repeats):
-        for k, i in enumerate(inputs):
-            times[k].append(_timed(scan, i)[0])
-    return statistics.median(times[0]) / statistics.median(times[1])
+    (long_ms, _), (short_ms, _) = _time_interleaved(
+        [scan, scan], [_inputs_for(n, heads, headdim, d_state) for n in (length, shorter)], repeats)
+    return long_ms / short_ms
 
 
 def _inputs_for(length, heads, headdim, d_state):
