@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +70,17 @@ class DocumentSource:
     A damaged shard stops the reader with an error naming the file; it never yields a wrong document."""
 
     def __init__(self, shards: str, cache_dir: Optional[str] = None):
-        from streaming import StreamingDataset
-
         from .prepare import SHARD_HASH
+        from .streaming_shm import open_dataset
         remote = shards if shards.startswith("s3://") else None
         local = cache_dir if remote else shards
         if remote and not cache_dir:
             raise ValueError("reading s3:// shards needs a local cache directory (data.cache_dir)")
         self.shards, self.remote = shards, remote
-        self.ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1, validate_hash=SHARD_HASH)
+        self.ds, release = open_dataset(remote=remote, local=local, shuffle=False, batch_size=1,
+                                        validate_hash=SHARD_HASH)
+        # its shared memory goes when the source does (or close()), not only when the process exits
+        self.close = weakref.finalize(self, release)
         self.index_path = Path(local) / "index.json"     # a remote dataset's index is downloaded there
         self._checked: set = set()
         self._lengths = None

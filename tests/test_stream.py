@@ -272,3 +272,76 @@ def test_lanes_are_row_stable_document_streams_exact_per_rank_and_resumable(shar
     after = whole.next_batch(1, L)
     assert np.array_equal(after.input_ids[0], np.concatenate([docs[k % len(docs)] for k in range(furthest, furthest + L)])[:L])
     assert whole.state_dict()["lanes"] is None
+
+
+def _registration(prefix: int) -> list:
+    """mosaicml-streaming's shared-memory files of one registration number."""
+    import glob
+    return sorted(glob.glob(f"/dev/shm/{prefix:06}_*"))
+
+
+def test_readers_opened_one_after_another_give_their_shared_memory_back(shards):
+    """Streaming keeps every reader's registration, and an attachment to every registration it looked past,
+    until the process exits: a process opening readers in turn (evaluating checkpoints, this suite) ran out of
+    file descriptors. A reader gone is a registration gone, descriptors included."""
+    import os
+    keep = DocumentSource(shards)          # one stays open: every later reader looks past its registration
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        source = DocumentSource(shards)
+        prefix = source.ds._shm_prefix_int
+        assert source.tokens(0).size and _registration(prefix)
+        del source
+        assert _registration(prefix) == []
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    closed = DocumentSource(shards)
+    prefix = closed.ds._shm_prefix_int
+    closed.close()
+    assert _registration(prefix) == []
+    assert keep.tokens(1).size and _registration(keep.ds._shm_prefix_int)
+
+
+def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_its_cache_reusable(shards, tmp_path):
+    """A SIGKILLed reader leaves its registration; with a remote, its local cache stays refused ("Reused local
+    directory", when it was killed before its first download) until the registration is removed. release_stale_streaming_shm removes it and its file lock although a free
+    number lies below it (where streaming's own clean-up stops), and keeps the registrations of live readers
+    (which streaming's own clean-up removes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from longctx.data.streaming_shm import open_dataset
+    from longctx.pipeline.parallel.shm import release_stale_streaming_shm
+    live, gap = DocumentSource(shards), DocumentSource(shards)
+    cache = tmp_path / "cache"
+    reader = ("import sys, time\nfrom longctx.data.streaming_shm import open_dataset\n"
+              f"ds, _ = open_dataset(remote={shards!r}, local={str(cache)!r}, shuffle=False, batch_size=1)\n"
+              "print(ds._shm_prefix_int, flush=True)\ntime.sleep(600)\n")    # killed before it downloads
+    # its own process group, killed whole (as a job is): Python's resource tracker, a child, dies with it
+    proc = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        killed = int(proc.stdout.readline())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    leaked = _registration(killed)
+    assert leaked
+    with pytest.raises(ValueError, match="Reused local directory"):
+        open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
+    later = DocumentSource(shards)     # opened after the kill: it looked past the leaked registration
+    gap_prefix = gap.ds._shm_prefix_int
+    gap.close()
+    assert gap_prefix < killed and _registration(gap_prefix) == []
+    lock = os.path.join(tempfile.gettempdir(), f"{killed:06}_cache_filelock")
+    open(lock, "a").close()     # what a killed reader of compressed or remote shards leaves (its number stays taken)
+
+    removed = release_stale_streaming_shm()
+    assert set(leaked) | {lock} <= set(removed)
+    assert _registration(killed) == [] and not os.path.exists(lock)
+    for reader in (live, later):
+        assert _registration(reader.ds._shm_prefix_int) and reader.tokens(0).size
+    again, release = open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
+    assert again[0]["tokens"].size
+    release()

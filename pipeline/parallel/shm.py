@@ -1,15 +1,13 @@
 """Shared memory in /dev/shm that runs leave behind: DeepSpeed's CPU all-reduce buffers, which DeepSpeed never
-removes, and (the flag below) mosaicml-streaming's registrations of killed runs."""
+removes, and mosaicml-streaming's registrations of killed runs."""
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
-
-# Set by `longctx run` for its ranks: one machine, this run's own, so mosaicml-streaming's shared memory found
-# there at start is a killed run's. Not set by `longctx node` (SLURM, hostfile): a shared node may hold another
-# job's live streams, which streaming's clean-up would remove too.
-CLEAN_STREAMING_SHM = "LONGCTX_CLEAN_STREAMING_SHM"
+import re
+import tempfile
+from collections import defaultdict
 
 
 def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
@@ -43,3 +41,38 @@ def release_stale_shm_buffers() -> list:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return stale
+
+
+# mosaicml-streaming's names: /dev/shm/<6-digit prefix>_<what> and, in the temporary directory, its file locks
+_STREAMING_NAME = re.compile(r"^(\d{6})_[a-z_]+$")
+_STREAMING_FILELOCKS = ("barrier_filelock", "cache_filelock")
+
+
+def release_stale_streaming_shm() -> list:
+    """Remove mosaicml-streaming registrations of which no live process maps any file: those of killed runs
+    (a SIGKILL runs no clean-up). Returns the paths removed. Run it before this host's readers open.
+
+    Not streaming's `clean_stale_shared_memory`: that removes every registration from 000000 up to the first
+    free number, live ones included (another job's on a shared node, this host's other ranks'), and none past a
+    gap. A leaked registration costs more than memory: a reader with a remote is refused a local cache still
+    registered there ("Reused local directory", when the killed reader had not downloaded yet), and a file
+    lock left in the temporary directory keeps its number taken for good (streaming skips it). The one race
+    left: another job creating a registration between its file's creation and its mapping (inside Python's
+    SharedMemory, microseconds)."""
+    paths = defaultdict(list)
+    for path in glob.glob("/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"):
+        if _STREAMING_NAME.match(os.path.basename(path)):
+            paths[os.path.basename(path)[:6]].append(path)
+    for what in _STREAMING_FILELOCKS:      # a lock left without its registration still holds the number
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), f"[0-9][0-9][0-9][0-9][0-9][0-9]_{what}")):
+            paths[os.path.basename(path)[:6]].append(path)
+    if not paths:
+        return []
+    mapped = _mapped_paths()
+    stale = sorted(p for group in paths.values() if mapped.isdisjoint(group) for p in group)
+    removed = []
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError, PermissionError):    # another user's, or gone meanwhile
+            os.unlink(path)
+            removed.append(path)
+    return removed
