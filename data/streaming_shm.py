@@ -7,13 +7,15 @@ streaming issue #457). A process that opens readers one after another (evaluatin
 suite) therefore holds ~9 descriptors per reader for every reader registered before it: quadratic growth, until
 `OSError: [Errno 24] Too many open files`. `open_dataset` records the shared memory a dataset's construction
 created or attached to, closes the attachments to other registrations at once, and the release it returns gives
-the rest back: descriptors and mappings closed, the registration's names removed, so the next reader finds the
-number free.
+the rest back: descriptors and mappings closed, the registration's names and (when no other rank of the host
+shares it) its file locks removed, so the next reader finds the number free.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import os
+import tempfile
 import threading
 from typing import Callable, List, Tuple
 
@@ -35,19 +37,29 @@ class _AtexitRecorder:
         return getattr(atexit, name)
 
 
-def _release(cleanups: List[Callable]) -> None:
+def _release(cleanups: List[Callable], locks: List[str]) -> None:
     for cleanup in cleanups:
         atexit.unregister(cleanup)       # nothing keeps the closed wrappers alive until exit
-        # FileNotFoundError: another process of the same registration removed the names first; BufferError: an
-        # array over the buffer is still alive (it keeps its mapping until it goes)
-        with contextlib.suppress(FileNotFoundError, BufferError):
+        try:
             cleanup()
+        except FileNotFoundError:        # another process of the same registration removed the names first
+            pass
+        except BufferError:              # an array over the buffer is still alive: its mapping stays, not the name
+            for shm in cleanup.__self__.created_shms:
+                with contextlib.suppress(FileNotFoundError):
+                    shm.unlink()
+    for lock in locks:                   # left in place, a lock keeps the number taken (streaming skips it)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
     cleanups.clear()
+    locks.clear()
 
 
 def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
-    """(StreamingDataset(**kwargs), release): after release() the dataset must not be read again."""
+    """(StreamingDataset(**kwargs), release): after release() the dataset must not be read again. Datasets are
+    opened here one at a time; one constructed meanwhile in another thread without it would be recorded too."""
     from streaming import StreamingDataset
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared import memory
 
     recorder = _AtexitRecorder()
@@ -56,7 +68,7 @@ def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
         try:
             dataset = StreamingDataset(**kwargs)
         except BaseException:
-            _release(recorder.cleanups)
+            _release(recorder.cleanups, [])
             raise
         finally:
             memory.atexit = saved
@@ -64,5 +76,8 @@ def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
     # registration would look live (mapped) for as long as this dataset is
     own = f"{dataset._shm_prefix_int:06}_"
     ours = [c for c in recorder.cleanups if c.__self__.shm.name.lstrip("/").startswith(own)]
-    _release([c for c in recorder.cleanups if c not in ours])
-    return dataset, lambda: _release(ours)
+    _release([c for c in recorder.cleanups if c not in ours], [])
+    # its file locks, unless other ranks of this host share the registration (and may hold them)
+    locks = ([os.path.join(tempfile.gettempdir(), own + what) for what in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+             if dataset._unique_rank_world.ranks_per_node == 1 else [])
+    return dataset, lambda: _release(ours, locks)

@@ -61,7 +61,8 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    from longctx.pipeline.parallel.shm import release_shm_buffers, release_stale_shm_buffers
+    from longctx.pipeline.parallel.shm import CLEAN_STREAMING_SHM, release_shm_buffers, release_stale_shm_buffers
+    env[CLEAN_STREAMING_SHM] = "1"
     stale = release_stale_shm_buffers()
     if stale:
         print(f"removed {len(stale)} DeepSpeed buffer(s) in /dev/shm left by killed runs", flush=True)

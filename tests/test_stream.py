@@ -275,22 +275,26 @@ def test_lanes_are_row_stable_document_streams_exact_per_rank_and_resumable(shar
 
 
 def _registration(prefix: int) -> list:
-    """mosaicml-streaming's shared-memory files of one registration number."""
+    """mosaicml-streaming's files of one registration number: shared memory, and file locks that hold it."""
     import glob
-    return sorted(glob.glob(f"/dev/shm/{prefix:06}_*"))
+    import tempfile
+    return sorted(glob.glob(f"/dev/shm/{prefix:06}_*") + glob.glob(f"{tempfile.gettempdir()}/{prefix:06}_*_filelock"))
 
 
 def test_readers_opened_one_after_another_give_their_shared_memory_back(shards):
     """Streaming keeps every reader's registration, and an attachment to every registration it looked past,
     until the process exits: a process opening readers in turn (evaluating checkpoints, this suite) ran out of
-    file descriptors. A reader gone is a registration gone, descriptors included."""
+    file descriptors. A reader gone is a registration gone, descriptors and file locks included."""
     import os
+    import tempfile
     keep = DocumentSource(shards)          # one stays open: every later reader looks past its registration
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         source = DocumentSource(shards)
         prefix = source.ds._shm_prefix_int
         assert source.tokens(0).size and _registration(prefix)
+        # what decompressing or downloading a shard leaves: streaming's file lock, which outlives its use
+        open(os.path.join(tempfile.gettempdir(), f"{prefix:06}_cache_filelock"), "a").close()
         del source
         assert _registration(prefix) == []
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
@@ -307,6 +311,7 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
     number lies below it (where streaming's own clean-up stops), and keeps the registrations of live readers
     (which streaming's own clean-up removes)."""
     import os
+    import select
     import signal
     import subprocess
     import sys
@@ -322,6 +327,7 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
     # its own process group, killed whole (as a job is): Python's resource tracker, a child, dies with it
     proc = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
+        assert select.select([proc.stdout], [], [], 120)[0], "the reader did not open within 120 s"
         killed = int(proc.stdout.readline())
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

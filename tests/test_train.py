@@ -13,6 +13,7 @@ import torch
 
 from longctx.data.stream import PackedStream, open_splits
 from longctx.pipeline.model import Mamba2LM
+from longctx.pipeline.parallel.shm import release_stale_streaming_shm
 from longctx.pipeline.training.loss import lm_loss
 from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
 from tests.training import STEPS, assert_same_run, records, run_cmd, session_pids, sigkill_mid_stage, write_config
@@ -46,6 +47,7 @@ def test_sigkill_mid_stage_then_resume_reproduces_the_uninterrupted_run(uninterr
     tmp, full = uninterrupted
     cfg = write_config(tmp, "killed")
     registrations = lambda: set(glob.glob("/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"))  # mosaicml-streaming's
+    release_stale_streaming_shm()      # earlier leftovers: the killed run might reuse their names
     before = registrations()
     sigkill_mid_stage(run_cmd(cfg), tmp / "killed")
     leaked = registrations() - before          # what the killed ranks' readers leave

@@ -43,36 +43,52 @@ def release_stale_shm_buffers() -> list:
     return stale
 
 
+# Set by `longctx run` for its ranks: one machine, the run's own. Not set by `longctx node` (SLURM, hostfile): a
+# shared node may hold another job's live registrations in a container with its own process namespace, whose
+# mappings no /proc here shows.
+CLEAN_STREAMING_SHM = "LONGCTX_CLEAN_STREAMING_SHM"
+
 # mosaicml-streaming's names: /dev/shm/<6-digit prefix>_<what> and, in the temporary directory, its file locks
 _STREAMING_NAME = re.compile(r"^(\d{6})_[a-z_]+$")
 _STREAMING_FILELOCKS = ("barrier_filelock", "cache_filelock")
 
 
+def _removal_order(path: str) -> int:
+    """A registration's number is free to streaming once its `_locals` is gone and no lock holds it: those go
+    last, so a reader looking for a number meanwhile never takes one whose other files still exist."""
+    name = os.path.basename(path)
+    return 2 if name.endswith("_filelock") else 1 if name.endswith("_locals") else 0
+
+
 def release_stale_streaming_shm() -> list:
-    """Remove mosaicml-streaming registrations of which no live process maps any file: those of killed runs
-    (a SIGKILL runs no clean-up). Returns the paths removed. Run it before this host's readers open.
+    """Remove this user's mosaicml-streaming registrations of which no live process maps any file: those of
+    killed runs (a SIGKILL runs no clean-up). Returns the paths removed. Run it before this host's readers open.
 
     Not streaming's `clean_stale_shared_memory`: that removes every registration from 000000 up to the first
-    free number, live ones included (another job's on a shared node, this host's other ranks'), and none past a
-    gap. A leaked registration costs more than memory: a reader with a remote is refused a local cache still
-    registered there ("Reused local directory", when the killed reader had not downloaded yet), and a file
-    lock left in the temporary directory keeps its number taken for good (streaming skips it). The one race
-    left: another job creating a registration between its file's creation and its mapping (inside Python's
-    SharedMemory, microseconds)."""
-    paths = defaultdict(list)
-    for path in glob.glob("/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"):
-        if _STREAMING_NAME.match(os.path.basename(path)):
-            paths[os.path.basename(path)[:6]].append(path)
-    for what in _STREAMING_FILELOCKS:      # a lock left without its registration still holds the number
-        for path in glob.glob(os.path.join(tempfile.gettempdir(), f"[0-9][0-9][0-9][0-9][0-9][0-9]_{what}")):
-            paths[os.path.basename(path)[:6]].append(path)
-    if not paths:
+    free number, live ones included (this host's other readers'), and none past a gap. A leaked registration
+    costs more than memory: a reader with a remote is refused a local cache still registered there ("Reused
+    local directory", when the killed reader had not downloaded yet), and a file lock left in the temporary
+    directory keeps its number taken for good (streaming skips it). The one race left: a reader creating a
+    registration between its file's creation and its mapping (inside Python's SharedMemory, microseconds)."""
+    uid, groups = os.getuid(), defaultdict(list)
+    patterns = ["/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"] + [
+        os.path.join(tempfile.gettempdir(), f"[0-9][0-9][0-9][0-9][0-9][0-9]_{what}") for what in _STREAMING_FILELOCKS]
+    for pattern in patterns:      # a lock left without its registration still holds the number
+        for path in glob.glob(pattern):
+            name = os.path.basename(path)
+            with contextlib.suppress(FileNotFoundError):
+                if _STREAMING_NAME.match(name) and os.stat(path).st_uid == uid:
+                    groups[name[:6]].append(path)
+    if not groups:
         return []
-    mapped = _mapped_paths()
-    stale = sorted(p for group in paths.values() if mapped.isdisjoint(group) for p in group)
+    # read after the listing: a registration made since has its files mapped by now, and counts as live
+    live = {os.path.basename(p)[:6] for p in _mapped_paths() if _STREAMING_NAME.match(os.path.basename(p))}
     removed = []
-    for path in stale:
-        with contextlib.suppress(FileNotFoundError, PermissionError):    # another user's, or gone meanwhile
-            os.unlink(path)
-            removed.append(path)
+    for number, paths in sorted(groups.items()):
+        if number in live:
+            continue
+        for path in sorted(paths, key=_removal_order):
+            with contextlib.suppress(FileNotFoundError):      # gone meanwhile
+                os.unlink(path)
+                removed.append(path)
     return removed

@@ -31,7 +31,7 @@ from ..evaluate.share import from_distributed
 from ..model import Mamba2LM
 from ..model.carry import CarriedStates
 from ..parallel import Groups
-from ..parallel.shm import release_shm_buffers, release_stale_streaming_shm
+from ..parallel.shm import CLEAN_STREAMING_SHM, release_shm_buffers, release_stale_streaming_shm
 from . import rank_status
 from .checkpoint import EXIT_STOPPED, Checkpointer, write_stop_marker
 from .compatibility import check_resume, run_identity
@@ -153,15 +153,13 @@ class Trainer:
         cache = cfg.data.cache_dir or str(self.run_dir / "cache")
         with self._host_local_world():       # training reads only train/, every evaluation only heldout/
             # a killed run leaves mosaicml-streaming's registrations in /dev/shm (and a reader with a remote is
-            # refused a local cache still registered there): this host's first rank removes those no live process
-            # maps, the others wait. Here, not in the launcher: it would import streaming for it (~6 s), and a
-            # SLURM or hostfile node has no launcher of ours
-            if os.environ["LOCAL_RANK"] == "0":
-                removed = release_stale_streaming_shm()
-                if removed:
-                    print(f"rank {self.rank}: removed {len(removed)} file(s) of killed runs' mosaicml-streaming "
-                          "registrations (/dev/shm)", flush=True)
-            self.dist.barrier()
+            # refused a local cache still registered there): under `longctx run` the first rank removes those no
+            # live process maps while the others wait. Here, not in the launcher: the ranks import streaming
+            # anyway, the launcher would spend ~6 s on it before starting them
+            if os.environ.get(CLEAN_STREAMING_SHM) == "1":
+                if self.rank == 0:
+                    self._release_stale_streaming_shm()
+                self.dist.barrier()
             source, heldout = open_splits(shards, cache)
         self.stream = PackedStream(source, self.tok.eos_id, seed=cfg.run.seed)
         # None: no held-out document, and preflight found that nothing in this run reads one
@@ -193,6 +191,16 @@ class Trainer:
         self.evaluator = Evaluator(cfg, model, self.tok, self.eval_stream, self.mitigations, self.documents,
                                    self.device, write=self.rank == 0, should_stop=self.stop_agreed,
                                    share=from_distributed(dist, cfg.train.zero_stage))
+
+    @staticmethod
+    def _release_stale_streaming_shm() -> None:
+        try:
+            removed = release_stale_streaming_shm()
+        except OSError as e:       # the others wait at the barrier: a clean-up that fails must not stop this rank
+            print(f"could not remove killed runs' mosaicml-streaming registrations ({e}); continuing", flush=True)
+            return
+        if removed:
+            print(f"removed {len(removed)} file(s) of killed runs' mosaicml-streaming registrations", flush=True)
 
     @contextlib.contextmanager
     def _host_local_world(self):
