@@ -42,6 +42,8 @@ def uninterrupted(tmp_path_factory):
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are released when the run ends
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are released when the run ends, and so is the readers'
+    # shared memory by the ranks themselves (not by Python's resource tracker after them, which warns)
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
+    assert "leaked shared_memory" not in r.stderr, r.stderr[-3000:]
     return tmp, records(tmp / "full")

@@ -505,9 +505,14 @@ class Trainer:
         if self.dist.is_initialized():
             self.dist.barrier()
             self.dist.destroy_process_group()
-        # after the barrier no rank uses it any more
+        # after the barrier no rank uses them any more
         release_shm_buffers(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
                             rank=os.environ.get("LOCAL_RANK", "0"))
+        # the readers' shared memory: `longctx train` leaves by os._exit, which runs no finalizer (Python's
+        # resource tracker would remove it, warning of "leaked shared_memory objects")
+        for stream in (self.stream, self.eval_stream):
+            if stream is not None:
+                stream.source.close()
 
 
 def train(cfg: Config, where: str = "<config>") -> int:
