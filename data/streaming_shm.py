@@ -40,13 +40,12 @@ class _AtexitRecorder:
 def _release(cleanups: List[Callable], locks: List[str]) -> None:
     for cleanup in cleanups:
         atexit.unregister(cleanup)       # nothing keeps the closed wrappers alive until exit
-        try:
-            cleanup()
-        except FileNotFoundError:        # another process of the same registration removed the names first
-            pass
-        except BufferError:              # an array over the buffer is still alive: its mapping stays, not the name
-            for shm in cleanup.__self__.created_shms:
-                with contextlib.suppress(FileNotFoundError):
+        # FileNotFoundError: another process of the same registration removed the names first
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                cleanup()
+            except BufferError:          # an array over the buffer is still alive: its mapping stays, not the name
+                for shm in cleanup.__self__.created_shms:
                     shm.unlink()
     for lock in locks:                   # left in place, a lock keeps the number taken (streaming skips it)
         with contextlib.suppress(FileNotFoundError):

@@ -48,9 +48,9 @@ def release_stale_shm_buffers() -> list:
 # mappings no /proc here shows.
 CLEAN_STREAMING_SHM = "LONGCTX_CLEAN_STREAMING_SHM"
 
-# mosaicml-streaming's names: /dev/shm/<6-digit prefix>_<what> and, in the temporary directory, its file locks
+# mosaicml-streaming's names: /dev/shm/<6-digit number>_<what> and, in the temporary directory, its file locks
 _STREAMING_NAME = re.compile(r"^(\d{6})_[a-z_]+$")
-_STREAMING_FILELOCKS = ("barrier_filelock", "cache_filelock")
+_NUMBER_GLOB = "[0-9]" * 6
 
 
 def _removal_order(path: str) -> int:
@@ -70,9 +70,11 @@ def release_stale_streaming_shm() -> list:
     local directory", when the killed reader had not downloaded yet), and a file lock left in the temporary
     directory keeps its number taken for good (streaming skips it). The one race left: a reader creating a
     registration between its file's creation and its mapping (inside Python's SharedMemory, microseconds)."""
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK  # the ranks import streaming anyway
+
     uid, groups = os.getuid(), defaultdict(list)
-    patterns = ["/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"] + [
-        os.path.join(tempfile.gettempdir(), f"[0-9][0-9][0-9][0-9][0-9][0-9]_{what}") for what in _STREAMING_FILELOCKS]
+    patterns = [f"/dev/shm/{_NUMBER_GLOB}_*"] + [
+        os.path.join(tempfile.gettempdir(), f"{_NUMBER_GLOB}_{what}") for what in (BARRIER_FILELOCK, CACHE_FILELOCK)]
     for pattern in patterns:      # a lock left without its registration still holds the number
         for path in glob.glob(pattern):
             name = os.path.basename(path)
