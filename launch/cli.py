@@ -134,11 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="train: each stage of --config, one process: the first step under train.compile (its "
                         "compile) and eager against compiled steps, in turn")
+    p.add_argument("--plateau", action="store_true",
+                   help="train: the first stage of --config in one process on its prepared shards, loss and the "
+                        "loss on the passkey's digits (the key, its repeat in the needle, the answer) every 100 "
+                        "steps: how soon the model learns to copy")
     p.add_argument("--config", dest="bench_config", default="configs/demo.yaml",
-                   help="train --vs-bare / --compile: the model, batch and data to time")
+                   help="train --vs-bare / --compile / --plateau: the model, batch and data")
     p.add_argument("--procs", default="1,2", help="train --vs-bare: comma-separated process counts")
-    p.add_argument("--steps", type=int, default=20, help="train --vs-bare: optimizer steps per measurement "
-                                                        "(the first 3 are warm-up); --compile: steps per block")
+    p.add_argument("--steps", type=int, default=None, help="train --vs-bare: optimizer steps per measurement "
+                                                          "(default 20, the first 3 are warm-up); --compile: steps "
+                                                          "per block (default 20); --plateau: steps to train "
+                                                          "(default: the stage's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="train --plateau: config overrides, e.g. train.betas=[0.9,0.999] run.seed=1")
     return parser
 
 
@@ -327,12 +335,18 @@ def bench_data(args, out: Path) -> None:
 
 
 def bench_train(args, out: Path) -> None:
-    if args.vs_bare:
+    if args.plateau:
+        from longctx.pipeline.bench.plateau import run_plateau
+        from longctx.pipeline.config import load_config
+        rows = run_plateau(load_config(args.bench_config, args.overrides), args.bench_config, args.steps)
+        _save_json(rows, out)           # printed as they came
+        return
+    elif args.vs_bare:
         from longctx.pipeline.bench.bare import run_vs_bare
-        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=args.steps)
+        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=args.steps or 20)
     elif args.compile:
         from longctx.pipeline.bench.compiled import run_compile_bench
-        rows = run_compile_bench(args.bench_config, steps=args.steps)
+        rows = run_compile_bench(args.bench_config, steps=args.steps or 20)
     else:
         from longctx.pipeline.bench.train import run_train_bench
         rows = run_train_bench(repeats=args.repeats)
@@ -358,6 +372,9 @@ BENCHES = {"kernels": bench_kernels, "data": bench_data, "train": bench_train, "
 
 
 def cmd_bench(args) -> int:
+    if args.overrides and not (args.what == "train" and args.plateau):
+        raise SystemExit(f"longctx bench: config overrides ({' '.join(args.overrides)}) apply to "
+                         "`bench train --plateau` only")
     BENCHES[args.what](args, Path(args.out or f"bench_results/{args.what}.json"))
     return 0
 
