@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="train --vs-bare: optimizer steps per measurement "
                                                           "(default 20, the first 3 are warm-up); --compile: steps "
                                                           "per block (default 20); --plateau: steps to train "
-                                                          "(default: the stage's)")
+                                                          "(default and at most: the stage's)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="train --plateau: config overrides, e.g. train.betas=[0.9,0.999] run.seed=1")
     return parser
@@ -335,6 +335,8 @@ def bench_data(args, out: Path) -> None:
 
 
 def bench_train(args, out: Path) -> None:
+    if args.plateau + args.vs_bare + args.compile > 1:
+        raise SystemExit("longctx bench train: --plateau, --vs-bare and --compile are separate benchmarks; give one")
     if args.plateau:
         from longctx.pipeline.bench.plateau import run_plateau
         from longctx.pipeline.config import load_config
@@ -343,10 +345,10 @@ def bench_train(args, out: Path) -> None:
         return
     elif args.vs_bare:
         from longctx.pipeline.bench.bare import run_vs_bare
-        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=args.steps or 20)
+        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=20 if args.steps is None else args.steps)
     elif args.compile:
         from longctx.pipeline.bench.compiled import run_compile_bench
-        rows = run_compile_bench(args.bench_config, steps=args.steps or 20)
+        rows = run_compile_bench(args.bench_config, steps=20 if args.steps is None else args.steps)
     else:
         from longctx.pipeline.bench.train import run_train_bench
         rows = run_train_bench(repeats=args.repeats)

@@ -3,6 +3,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from longctx.data.synthetic import SyntheticConfig, make_document, passkey_docum
 from longctx.pipeline.bench.plateau import PLACES, digit_places
 
 LONGCTX = [sys.executable, "-m", "longctx"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 class _Texts:
@@ -50,10 +52,17 @@ def test_each_digit_of_a_key_is_told_by_its_place_and_a_key_cut_from_its_context
     assert found[0, 0] == {name: _keys(texts[0]) for name in PLACES}
     whole = [v for v in found.values() if len(v) == 3]
     assert len(whole) >= 3 and all(len(set(v.values())) == 1 and len(next(iter(v.values()))) == 5 for v in whole)
-    # digits that are no passkey's (make_document's "The value of amber is 123.") have no place
-    fact_digits = sum(1 for r in range(place.shape[0]) for t in range(place.shape[1])
-                      if 48 <= batch.labels[r, t] <= 57 and place[r, t] < 0)
-    assert fact_digits > 0
+    assert all(0 <= batch.labels[r, t] - ord("0") <= 9 for r, t in zip(*np.nonzero(place >= 0)))
+    # make_document's passkey has all three places; the digits of its facts ("The value of amber is 123.") none
+    doc = make_document(random.Random(4), 400)
+    key = _keys(doc)
+    assert f"The passkey is {key}. Remember it. {key} is the passkey." in doc and "The value of " in doc
+    row = PackedStream(_Texts([doc]), 256, shuffle=False).next_batch(1, len(doc))
+    row_place = digit_places(row.input_ids, row.labels, row.seq_idx)
+    for index in range(3):
+        assert "".join(chr(c) for c in row.labels[row_place == index]) == key, PLACES[index]
+    digits = (row.labels >= ord("0")) & (row.labels <= ord("9"))
+    assert (digits & (row_place < 0)).sum() == digits.sum() - 15 > 0      # every digit but the key's three copies
     # a row that starts inside a key's context cannot tell its place: those digits are left out, not guessed
     inside = texts[0].index("Remember it.") + 5
     cut = PackedStream(_Texts(texts[:1]), 256, shuffle=False)
@@ -62,6 +71,15 @@ def test_each_digit_of_a_key_is_told_by_its_place_and_a_key_cut_from_its_context
     row_place = digit_places(row.input_ids, row.labels, row.seq_idx)
     assert (row_place == PLACES.index("answer")).sum() == 5
     assert (row_place == PLACES.index("repeat")).sum() == 0
+    # a row that starts inside the question's "? " reads "The passkey is 12345." like a needle: left out, not
+    # counted as the key itself; from the "?" on, it is the answer
+    question = texts[0].index("? The passkey is")
+    for skipped, want in ((2, -1), (1, -1), (0, PLACES.index("answer"))):
+        cut = PackedStream(_Texts(texts[:1]), 256, shuffle=False)
+        cut.offset = question + skipped
+        row = cut.next_batch(1, len(texts[0]) - question - skipped)
+        got = digit_places(row.input_ids, row.labels, row.seq_idx)
+        assert set(got[(row.labels >= ord("0")) & (row.labels <= ord("9"))].tolist()) == {want}, skipped
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +95,30 @@ def shards(tmp_path_factory, ray_session):
 @pytest.mark.timeout(300)
 def test_bench_plateau_trains_the_first_stage_and_reports_the_loss_at_each_place(tmp_path, shards):
     out = tmp_path / "plateau.json"
-    r = subprocess.run(LONGCTX + ["bench", "train", "--plateau", "--steps", "6", "--out", str(out),
-                                  f"data.shards={shards}", "train.betas=[0.9,0.999]"],
-                       capture_output=True, text=True, timeout=240)
+    # --steps past the stage's end stops at it: the override of the stage's steps reached the run
+    r = subprocess.run(LONGCTX + ["bench", "train", "--plateau", "--steps", "9", "--out", str(out),
+                                  f"data.shards={shards}", "curriculum.stages[0].steps=5", "curriculum.stages[0].warmup_steps=2",
+                                  "train.betas=[0.9,0.999]"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [row["step"] for row in rows] == [6]
+    assert [row["step"] for row in rows] == [5]
     assert rows[0]["loss"] > 0 and all(rows[0][name] > 0 for name in PLACES)
-    assert "step 6" in r.stdout
+    assert "step 5" in r.stdout
 
 
 @pytest.mark.timeout(120)
-def test_bench_refuses_overrides_it_would_ignore_and_a_tokenizer_it_cannot_read(tmp_path, shards):
-    r = subprocess.run(LONGCTX + ["bench", "kernels", "run.seed=1"], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "apply to `bench train --plateau` only" in r.stderr
-    r = subprocess.run(LONGCTX + ["bench", "train", "--plateau", f"data.shards={shards}", "tokenizer.kind=hf",
-                                  "tokenizer.path=/nonexistent/tokenizer.json"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "needs tokenizer.kind=byte" in r.stderr
+@pytest.mark.parametrize("args, message", [
+    (["kernels", "run.seed=1"], "apply to `bench train --plateau` only"),
+    (["train", "--plateau", "--vs-bare"], "separate benchmarks"),
+    (["train", "--plateau", "tokenizer.kind=hf", "tokenizer.path=/nowhere/tokenizer.json"],
+     "tokenizer.kind is 'hf'; bench train --plateau needs tokenizer.kind=byte"),
+    (["train", "--plateau", "train.precision=bf16"], "needs train.precision=fp32"),
+    (["train", "--plateau", "curriculum.stages[0].carry_state=document"],
+     "needs curriculum.stages[0].carry_state=none"),
+    (["train", "--plateau", "--steps", "0"], "--steps must be positive"),
+])
+def test_bench_refuses_what_it_would_ignore_or_get_wrong_naming_it(args, message):
+    shards = ["data.shards=/nowhere/mds"] if args[0] == "train" else []     # refused before any data is read
+    r = subprocess.run(LONGCTX + ["bench", *args, *shards], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]

@@ -17,6 +17,8 @@ Byte tokenizer only: the digits are its bytes 0x30-0x39.
 from __future__ import annotations
 
 import dataclasses
+import random
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -26,13 +28,20 @@ import torch.nn.functional as F
 
 from longctx.data.stream import IGNORE, PackedStream, open_splits
 
-from ..config import Config, model_config
+from ..config import Config
 
 PLACES = ("first", "repeat", "answer")
 # the text right before each place (the byte tokenizer's inputs); the answer's is checked first, as it ends
 # like the first's
 _BEFORE = ((2, b"? The passkey is "), (1, b"Remember it. "), (0, b"The passkey is "))
 _DIGIT_LO, _DIGIT_HI = ord("0"), ord("9")
+
+
+def _answer_ruled_out(seq_idx_row: np.ndarray, start: int, t: int) -> bool:
+    """Whether "The passkey is " at `start` is seen to be no answer's: the two bytes before it are in the row
+    (the answer's text was checked on them), or its document begins within them."""
+    before = seq_idx_row[max(0, start - 2):start]
+    return len(before) == 2 or (len(before) == 1 and before[0] != seq_idx_row[t])
 
 
 def digit_places(input_ids: np.ndarray, labels: np.ndarray, seq_idx: np.ndarray) -> np.ndarray:
@@ -53,6 +62,8 @@ def digit_places(input_ids: np.ndarray, labels: np.ndarray, seq_idx: np.ndarray)
                 start = t + 1 - len(before)
                 if start >= 0 and np.all(seq_idx[r, start:t + 1] == seq_idx[r, t]) and \
                         bytes(input_ids[r, start:t + 1].astype(np.uint8)) == before:
+                    if index == 0 and not _answer_ruled_out(seq_idx[r], start, t):
+                        break                      # an answer whose "? " the row cut off would read as the key
                     place[r, t:end] = index
                     break
             t = end
@@ -61,29 +72,47 @@ def digit_places(input_ids: np.ndarray, labels: np.ndarray, seq_idx: np.ndarray)
 
 def run_plateau(cfg: Config, where: str, steps: Optional[int] = None, every: int = 100) -> List[Dict]:
     """Train the first stage of `cfg` for `steps` steps (default and at most the stage's) on its prepared
-    shards; one record per `every` steps (means over them)."""
+    shards; one record per `every` steps (means over them). What the bench does not do as the trainer does
+    (a carried state, mixed precision) is refused, naming the key."""
     from longctx.data.tokenizer import load_tokenizer
 
-    from ..model import Mamba2LM
-    from ..training.curriculum import learning_rate, plan
+    from ..training.curriculum import plan
     from ..training.preflight import preflight
-    from ..training.trainer import adamw
-    if cfg.tokenizer.kind != "byte":
-        raise ValueError(f"{where}: tokenizer.kind is {cfg.tokenizer.kind!r}; bench train --plateau reads the "
-                         "passkey digits as bytes, so it needs tokenizer.kind=byte")
+    from ..training.stage_mitigations import StageMitigations
+    from ..training.trainer import EVAL_SEED_OFFSET, adamw, build_model
+    stage = cfg.curriculum.stages[0]
+    for key, value, wanted in (("tokenizer.kind", cfg.tokenizer.kind, "byte"),
+                               ("train.precision", cfg.train.precision, "fp32"),
+                               ("curriculum.stages[0].carry_state", stage.carry_state, "none")):
+        if value != wanted:
+            raise ValueError(f"{where}: {key} is {value!r}; bench train --plateau needs {key}={wanted} (it reads the "
+                             "passkey digits as bytes, trains in fp32 and starts every row from a zero state)")
+    if steps is not None and steps <= 0:
+        raise ValueError(f"bench train --plateau: --steps must be positive, got {steps}")
     tok = load_tokenizer(cfg.tokenizer)
     shards = preflight(cfg, where, tok)            # the shards exist and were made with this tokenizer
-    mcfg = model_config(cfg)
     # the first stage alone: later stages may need more processes (sequence parallelism) than this one
-    alone = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, stages=cfg.curriculum.stages[:1]))
-    plans = plan(alone, 1, mcfg.chunk_size, where)
-    first = plans[0]
-    steps = first.steps if steps is None else min(steps, first.steps)
+    alone = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, stages=[stage]))
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    model = Mamba2LM(mcfg).train()
+    model = build_model(cfg).train()
+    first = plan(alone, 1, model.config.chunk_size, where)[0]
+    steps = first.steps if steps is None else min(steps, first.steps)
     optimizer = adamw(model, first.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
-    train, _ = open_splits(shards)
-    stream = PackedStream(train, tok.eos_id, seed=cfg.run.seed)
+    with tempfile.TemporaryDirectory() as cache:
+        train, heldout = open_splits(shards, cfg.data.cache_dir or cache)
+        stream = PackedStream(train, tok.eos_id, seed=cfg.run.seed)
+        # the stage's mitigations, as the trainer sets them (state-norm thresholds calibrated on held-out rows)
+        calibration = PackedStream(heldout or train, tok.eos_id, seed=cfg.run.seed + EVAL_SEED_OFFSET)
+        model.set_mitigations(StageMitigations(cfg, model, lambda n: torch.as_tensor(
+            calibration.next_batch(1, n).input_ids)).of(first))
+        return _train(model, optimizer, stream, [first], steps, cfg, every)
+
+
+def _train(model, optimizer, stream, plans, steps: int, cfg: Config, every: int) -> List[Dict]:
+    from ..training.curriculum import learning_rate
+    first = plans[0]
     window: Dict[str, list] = {"loss": [], **{p: [] for p in PLACES}}
     records, started = [], time.perf_counter()
     for step in range(steps):
@@ -91,12 +120,13 @@ def run_plateau(cfg: Config, where: str, steps: Optional[int] = None, every: int
             group["lr"] = learning_rate(plans, step)
         batch = stream.next_batch(first.sequences_per_step, first.seq_len, first.max_doc_tokens)
         ids, labels = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.labels)
-        logits = model(ids, seq_idx=torch.from_numpy(batch.seq_idx)).logits.float()
-        token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                     reduction="none").view(labels.shape)
+        seq_idx = torch.from_numpy(batch.seq_idx) if cfg.train.document_resets else None
+        token_loss = F.cross_entropy(model(ids, seq_idx=seq_idx).logits.float().flatten(0, 1), labels.flatten(),
+                                     ignore_index=IGNORE, reduction="none").view(labels.shape)
         loss = token_loss.sum() / (labels != IGNORE).sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        if cfg.train.grad_clip > 0:              # 0: no clipping, as DeepSpeed reads it
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window["loss"].append(float(loss))
