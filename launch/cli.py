@@ -343,12 +343,13 @@ def bench_train(args, out: Path) -> None:
         rows = run_plateau(load_config(args.bench_config, args.overrides), args.bench_config, args.steps)
         _save_json(rows, out)           # printed as they came
         return
-    elif args.vs_bare:
+    steps = 20 if args.steps is None else args.steps
+    if args.vs_bare:
         from longctx.pipeline.bench.bare import run_vs_bare
-        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=20 if args.steps is None else args.steps)
+        rows = run_vs_bare(args.bench_config, _ints(args.procs), steps=steps)
     elif args.compile:
         from longctx.pipeline.bench.compiled import run_compile_bench
-        rows = run_compile_bench(args.bench_config, steps=20 if args.steps is None else args.steps)
+        rows = run_compile_bench(args.bench_config, steps=steps)
     else:
         from longctx.pipeline.bench.train import run_train_bench
         rows = run_train_bench(repeats=args.repeats)

@@ -44,10 +44,9 @@ def test_each_digit_of_a_key_is_told_by_its_place_and_a_key_cut_from_its_context
     batch = PackedStream(_Texts(texts), 256, shuffle=False).next_batch(5, 256)
     place = digit_places(batch.input_ids, batch.labels, batch.seq_idx)
     found = {}                           # (row, document) -> {place: the digits there}
-    for r in range(place.shape[0]):
-        for t in np.flatnonzero(place[r] >= 0):
-            digits = found.setdefault((r, int(batch.seq_idx[r, t])), {}).setdefault(PLACES[place[r, t]], "")
-            found[r, int(batch.seq_idx[r, t])][PLACES[place[r, t]]] = digits + chr(batch.labels[r, t])
+    for r, t in zip(*np.nonzero(place >= 0)):
+        places, name = found.setdefault((r, int(batch.seq_idx[r, t])), {}), PLACES[place[r, t]]
+        places[name] = places.get(name, "") + chr(batch.labels[r, t])
     # every place of a task read whole holds its five-digit key; the first task starts row 0 whole
     assert found[0, 0] == {name: _keys(texts[0]) for name in PLACES}
     whole = [v for v in found.values() if len(v) == 3]

@@ -3,7 +3,8 @@
 A small model trained on passkey documents sits on a loss plateau until it learns to copy the key (the demo's
 stage `short`: ~1,000 steps of its 1,600), and how soon it leaves that plateau, not the speed of a step, sets
 how long the demo must train. This trains the stage in one process (the trainer's model, optimizer, learning
-rate schedule, clipping and packed rows; no DeepSpeed, no evaluation) and reports, every `every` steps, the
+rate schedule, clipping, stage mitigations and packed rows; fp32, rows from zero states, no DeepSpeed, no
+evaluation) and reports, every `every` steps, the
 loss and the loss on the key's digits at each of its three places in a task of `longctx.data.synthetic`:
 
     first   "The passkey is 12345."        the key itself: unpredictable, ln 10 per digit at best
@@ -34,14 +35,11 @@ PLACES = ("first", "repeat", "answer")
 # the text right before each place (the byte tokenizer's inputs); the answer's is checked first, as it ends
 # like the first's
 _BEFORE = ((2, b"? The passkey is "), (1, b"Remember it. "), (0, b"The passkey is "))
+# for each place, the lengths of the other places' texts that end like its own (the answer's ends like the key's):
+# its text tells the place only where those were seen not to be there
+_ENDED_LIKE = {index: [len(other) for _, other in _BEFORE if len(other) > len(before) and other.endswith(before)]
+               for index, before in _BEFORE}
 _DIGIT_LO, _DIGIT_HI = ord("0"), ord("9")
-
-
-def _answer_ruled_out(seq_idx_row: np.ndarray, start: int, t: int) -> bool:
-    """Whether "The passkey is " at `start` is seen to be no answer's: the two bytes before it are in the row
-    (the answer's text was checked on them), or its document begins within them."""
-    before = seq_idx_row[max(0, start - 2):start]
-    return len(before) == 2 or (len(before) == 1 and before[0] != seq_idx_row[t])
 
 
 def digit_places(input_ids: np.ndarray, labels: np.ndarray, seq_idx: np.ndarray) -> np.ndarray:
@@ -62,8 +60,8 @@ def digit_places(input_ids: np.ndarray, labels: np.ndarray, seq_idx: np.ndarray)
                 start = t + 1 - len(before)
                 if start >= 0 and np.all(seq_idx[r, start:t + 1] == seq_idx[r, t]) and \
                         bytes(input_ids[r, start:t + 1].astype(np.uint8)) == before:
-                    if index == 0 and not _answer_ruled_out(seq_idx[r], start, t):
-                        break                      # an answer whose "? " the row cut off would read as the key
+                    if seq_idx[r, 0] == seq_idx[r, t] and any(t + 1 - n < 0 for n in _ENDED_LIKE[index]):
+                        break                      # the row's start cut off a longer text this one may end
                     place[r, t:end] = index
                     break
             t = end
