@@ -30,15 +30,13 @@ def ray_session(s3_endpoint):  # noqa: F811  (the fixture imported above)
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory):
-    """The 2-process reference run every resumed, pre-empted or multi-node run is compared with."""
+def _reference_run(tmp_path_factory, stages):
     import glob
     import subprocess
 
     from tests.training import records, run_cmd, write_config
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = write_config(tmp, "full")
+    tmp = tmp_path_factory.mktemp(f"train{stages}")
+    cfg = write_config(tmp, "full", stages=stages)
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -47,3 +45,15 @@ def uninterrupted(tmp_path_factory):
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
     assert "leaked shared_memory" not in r.stderr, r.stderr[-3000:]
     return tmp, records(tmp / "full")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The 2-process reference run every resumed, pre-empted or multi-node run is compared with."""
+    return _reference_run(tmp_path_factory, stages=2)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted3(tmp_path_factory):
+    """The same with a third stage: resuming from a checkpoint past finished stages."""
+    return _reference_run(tmp_path_factory, stages=3)

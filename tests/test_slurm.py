@@ -1,5 +1,6 @@
 """The SLURM scripts on a real two-node SLURM cluster (tests/slurm/cluster.sh: Debian's slurm-wlm, two
 slurmd on loopback addresses), run as an operator runs them: `longctx launch slurm ... --submit`."""
+import itertools
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from longctx.data.splits import SPLITS
 from longctx.launch.local import free_port
-from tests.training import assert_same_run, records, write_config
+from tests.training import STEPS3, assert_same_run, records, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,16 +58,34 @@ def wait_state(jid, states, timeout=600):
     raise AssertionError(f"job {jid} did not reach {states} in {timeout}s: {job(jid)}")
 
 
-@pytest.mark.timeout(900)
-def test_two_node_training_equals_two_local_processes(slurm_cluster, uninterrupted):
-    tmp, full = uninterrupted
-    cfg = write_config(tmp, "slurm2")
-    jid = submit(cfg, "--nodes", 2, "--gpus-per-node", 1, "--time", "00:15:00")
+@pytest.mark.timeout(1500)
+def test_two_node_job_requeued_in_stage_1_and_2_resumes_each_time_and_equals_two_local_processes(
+        slurm_cluster, uninterrupted3):
+    """A three-stage job on two nodes, pre-empted as SLURM does it (`scontrol requeuehold`: SIGTERM to every
+    task) in stage 1 and again in stage 2: each requeued allocation resumes from the checkpoint written at
+    the step reached, past finished stages, and the job ends with the losses of two local processes. (Stage 0:
+    test_scontrol_requeue_checkpoints_first_and_the_requeued_job_finishes_the_run.)"""
+    tmp, full = uninterrupted3
+    cfg = write_config(tmp, "slurm3", stages=3)
+    jid = submit(cfg, "--nodes", 2, "--gpus-per-node", 1, "--time", "00:20:00")
+    run_dir = tmp / "slurm3"
+    ends = list(itertools.accumulate(STEPS3))
+    stops = []
+    for stage in (1, 2):
+        deadline = time.time() + 300
+        while time.time() < deadline and _metrics_lines(run_dir) <= ends[stage - 1]:
+            time.sleep(0.05)
+        subprocess.run(["scontrol", "requeuehold", str(jid)], check=True, timeout=30)
+        wait_state(jid, {"PENDING", "REQUEUE_HOLD"}, timeout=120)
+        stops.append(json.loads((run_dir / "stopped.json").read_text())["step"])
+        assert ends[stage - 1] < stops[-1] < ends[-1], (stage, stops)
+        subprocess.run(["scontrol", "release", str(jid)], check=True, timeout=30)
     info = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
-    log = (tmp / "slurm2" / f"slurm-{jid}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    log = (run_dir / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-3000:]
     assert "--node_rank=0" in log and "--node_rank=1" in log and "nodes node1,node2" in log
-    assert_same_run(records(tmp / "slurm2"), full)
+    assert [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)] == stops, log[-3000:]
+    assert_same_run(records(run_dir), full)
 
 
 @pytest.mark.timeout(900)

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.parallel.shm import release_stale_streaming_shm
 from longctx.pipeline.training.loss import lm_loss
 from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
-from tests.training import STEPS, assert_same_run, records, run_cmd, session_pids, sigkill_mid_stage, write_config
+from tests.training import STEPS, STEPS3, assert_same_run, records, run_cmd, session_pids, sigkill_mid_stage, write_config
 
 
 def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupted):
@@ -43,9 +44,13 @@ def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupte
     assert 0 < sum(r.get("eval_seconds", 0) for r in recs)
 
 
-def test_sigkill_mid_stage_then_resume_reproduces_the_uninterrupted_run(uninterrupted):
-    tmp, full = uninterrupted
-    cfg = write_config(tmp, "killed")
+@pytest.mark.timeout(1200)
+def test_sigkill_in_every_stage_then_resume_reproduces_the_uninterrupted_run(uninterrupted3):
+    """A three-stage run SIGKILLed in stage 0, then (resumed) in stage 1, then in stage 2, and resumed to its
+    end: each resume continues from a checkpoint in the stage it died in (past finished stages for the last
+    two: those were refused as if a finished stage's steps had changed) to the uninterrupted run's losses."""
+    tmp, full = uninterrupted3
+    cfg = write_config(tmp, "killed", stages=3)
     registrations = lambda: set(glob.glob("/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"))  # mosaicml-streaming's
     release_stale_streaming_shm()      # earlier leftovers: the killed run might reuse their names
     before = registrations()
@@ -53,10 +58,16 @@ def test_sigkill_mid_stage_then_resume_reproduces_the_uninterrupted_run(uninterr
     leaked = registrations() - before          # what the killed ranks' readers leave
     assert leaked
     live = open_splits(str(tmp / "mds"))[0]    # a reader still going on this host (another job's, to the run)
+    before = registrations() - leaked
+    ends = np.cumsum(STEPS3)
+    # killed with step 9 / 13 logged: checkpoint 8 / 12 (in stage 1 / 2) is complete, as metrics log first
+    for after, stage_end in ((ends[0] + 3, ends[1]), (ends[1] + 3, ends[2])):
+        sigkill_mid_stage(run_cmd(cfg), tmp / "killed", after_steps=after, stage_end=stage_end)
+        leaked |= registrations() - before
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from" in r.stdout
     assert not any(os.path.exists(p) for p in leaked)     # removed before the shards were opened again
+    assert re.search(r"resumed from \S+ at step 1[2-5]\b", r.stdout), r.stdout[-3000:]
     assert glob.glob(f"/dev/shm/{live.ds._shm_prefix_int:06}_locals") and live.tokens(0).size   # kept
     assert_same_run(records(tmp / "killed"), full)
 

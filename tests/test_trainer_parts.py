@@ -231,3 +231,39 @@ def test_resume_allows_and_reports_other_changes(tmp_path):
         check_resume(saved, {**saved, "tokenizer": {"name": "other"}}, 2, "c.yaml")
     with pytest.raises(ConfigError, match=r"the shards\) changed .*data re-prepared"):
         check_resume(saved, {**saved, "dataset": "60:def"}, 2, "c.yaml")
+
+
+def _three_stage_identity(tmp_path, steps=(2, 2, 3)):
+    from longctx.pipeline.config import model_config
+    from longctx.pipeline.training.compatibility import run_identity
+    path = tmp_path / "three.yaml"
+    path.write_text(f"""
+run: {{dir: {tmp_path / 'run'}}}
+model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
+data: {{shards: {tmp_path / 'mds'}}}
+curriculum:
+  stages:
+    - {{name: a, seq_len: 64, steps: {steps[0]}, global_batch_tokens: 512}}
+    - {{name: b, seq_len: 128, steps: {steps[1]}, global_batch_tokens: 512}}
+    - {{name: c, seq_len: 256, steps: {steps[2]}, global_batch_tokens: 512}}
+""")
+    cfg = load_config(str(path))
+    return run_identity(cfg, model_config(cfg), {"name": "byte", "sha256": "x"}, "60:abc", 2,
+                        plan(cfg, 2, MODEL.chunk_size))
+
+
+def test_a_checkpoint_in_any_stage_of_a_three_stage_run_resumes_under_the_same_config(tmp_path):
+    """Every step of every stage, finished stages included (a checkpoint past the first stage was refused as if
+    its finished stages' steps had changed)."""
+    from longctx.pipeline.training.compatibility import check_resume
+    saved = _three_stage_identity(tmp_path)
+    assert [s["first_step"] for s in saved["stages"]] == [0, 2, 4]
+    for step in range(1, 8):
+        assert check_resume(saved, _three_stage_identity(tmp_path), step, "c.yaml") == []
+    # the stage the checkpoint is in may not shrink below the steps it has done; a finished one may not change
+    with pytest.raises(ConfigError, match=r"stages\[2\].steps changed .*it has 3, this run 1\): 2 of its steps"):
+        check_resume(saved, _three_stage_identity(tmp_path, (2, 2, 1)), 6, "c.yaml")
+    with pytest.raises(ConfigError, match=r"stages\[1\].steps changed .*the stage is finished"):
+        check_resume(saved, _three_stage_identity(tmp_path, (2, 3, 3)), 5, "c.yaml")
+    assert check_resume(saved, _three_stage_identity(tmp_path, (2, 2, 9)), 6, "c.yaml") == [
+        "curriculum.stages.2.steps: 3 -> 9"]             # the current stage may grow

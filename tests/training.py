@@ -9,9 +9,11 @@ import time
 import pytest
 
 STEPS = (6, 4)
+STEPS3 = (6, 4, 6)        # the three-stage run: a third stage at 256 tokens
+THIRD_STAGE = "    - {name: longer, seq_len: 256, steps: 6, global_batch_tokens: 512, lr: 0.002}\n"
 
 
-def write_config(tmp_path, name, zero=1, every=2):
+def write_config(tmp_path, name, zero=1, every=2, stages=2):
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 3}}
@@ -31,6 +33,10 @@ curriculum:
 checkpoint: {{every_steps: {every}, keep_last: 2}}
 eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, length_max: 512, length_buckets: 6}}
 """)
+    if stages == 3:
+        text = path.read_text()
+        at = text.index("checkpoint:")
+        path.write_text(text[:at] + THIRD_STAGE + text[at:])
     return path
 
 
@@ -74,18 +80,24 @@ def assert_same_run(got, expect):
 
 
 
-def sigkill_mid_stage(cmd, run_dir, after_steps: int = 3) -> int:
+def sigkill_mid_stage(cmd, run_dir, after_steps: int = 3, stage_end: int = STEPS[0]) -> int:
     """Start `cmd` (a `longctx run`), SIGKILL its whole process group once `after_steps` steps are logged;
-    the steps it had logged. Asserts the run died inside stage 0."""
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    the steps it had logged. Asserts the run died before step `stage_end` was logged (inside stage 0 by
+    default)."""
+    log = open(run_dir.parent / f"{run_dir.name}.kill-{after_steps}.log", "w+")
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
             break
         time.sleep(0.02)
+    if proc.poll() is not None:            # it ended by itself (refused to resume, failed): say why
+        log.seek(0)
+        raise AssertionError(f"the run ended with {proc.returncode} before the kill:\n{log.read()[-3000:]}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.close()
     done = len(metrics.read_text().splitlines())
-    assert done < STEPS[0], f"the run reached step {done} before the kill; it must die mid-stage"
+    assert after_steps <= done < stage_end, f"the run had logged {done} steps at the kill; it must die mid-stage"
     return done

@@ -73,10 +73,11 @@ def check_resume(saved: dict, now: dict, step: int, where: str) -> List[str]:
         for k in STAGE_KEYS:
             if new[k] != old[k]:
                 refuse(f"{key}.{k}", old[k], new[k], "the stage was already trained on it")
-        done = step - old["first_step"]
-        if old["first_step"] + old["steps"] <= step and new["steps"] != old["steps"]:
+        finished = old["first_step"] + old["steps"] <= step
+        if finished and new["steps"] != old["steps"]:
             refuse(f"{key}.steps", old["steps"], new["steps"], "the stage is finished")
-        if new["steps"] < done:
+        done = step - old["first_step"]          # of the stage the checkpoint is in (a finished one is equal)
+        if not finished and new["steps"] < done:
             refuse(f"{key}.steps", old["steps"], new["steps"], f"{done} of its steps are done")
     notes = []
     if saved["world_size"] != now["world_size"]:
