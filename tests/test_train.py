@@ -17,7 +17,16 @@ from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.parallel.shm import release_stale_streaming_shm
 from longctx.pipeline.training.loss import lm_loss
 from longctx.pipeline.training.trainer import EVAL_SEED_OFFSET
-from tests.training import STEPS, STEPS3, assert_same_run, records, run_cmd, session_pids, sigkill_mid_stage, write_config
+from tests.training import (
+    STEPS,
+    STEPS3,
+    assert_same_run,
+    records,
+    run_cmd,
+    session_pids,
+    sigkill_mid_stage,
+    write_config,
+)
 
 
 def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupted):
