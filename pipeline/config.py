@@ -64,7 +64,7 @@ class TrainConfig:
     # torch.compile each block's training forward (inductor; the first steps of each shape pay the compile).
     # A block that fails to compile runs eagerly. Evaluation and decoding stay eager
     compile: bool = False
-    max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss
+    max_bad_steps: int = 10         # stop after this many steps in a row with a non-finite loss or gradient (>= 1)
     collective_timeout_s: int = 900  # a collective waiting longer fails the run (a rank lost on another node)
     # reset the scan state at document starts (seq_idx); false: packed documents flow into each other,
     # as in mamba_ssm's pretraining, and the model must learn to forget at EOS by itself

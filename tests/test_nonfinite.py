@@ -19,7 +19,7 @@ from longctx.pipeline.training.trainer import param_groups
 MARK = ord("#")          # the one byte whose embedding row is NaN: it appears in a single document
 
 
-def _setup(tmp_path, name, global_batch_tokens):
+def _setup(tmp_path, name, global_batch_tokens, mark_value=float("nan"), zero=0):
     import random
     rng = random.Random(0)
     with open(tmp_path / "docs.jsonl", "w") as f:
@@ -29,14 +29,14 @@ def _setup(tmp_path, name, global_batch_tokens):
     model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=16,
                                   tie_embeddings=False))
     with torch.no_grad():
-        model.backbone.embedding.weight[MARK] = float("nan")
+        model.backbone.embedding.weight[MARK] = mark_value
     model.save_pretrained(tmp_path / "model")
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 9}}
 model: {{from_pretrained: {tmp_path / 'model'}}}
 data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}, heldout_fraction: 0}}}}
-train: {{micro_batch_size: 1, zero_stage: 0, max_bad_steps: 5, grad_clip: 0}}
+train: {{micro_batch_size: 1, zero_stage: {zero}, max_bad_steps: 5, grad_clip: 0}}
 curriculum: {{stages: [{{name: a, seq_len: 64, steps: 6, global_batch_tokens: {global_batch_tokens}, lr: 0.003}}]}}
 checkpoint: {{every_steps: 1, keep_last: 0}}
 eval: {{every_checkpoint: false}}
@@ -57,7 +57,11 @@ def _states(ckpts, step):
         return {"module": model.state_dict(), "optimizer": None}, None
     d = ckpts / f"step_{step:07d}"
     trainer = json.loads((d / "trainer_state.json").read_text())
-    return torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False), trainer["loader"]
+    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    if states["optimizer"] is None and (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists():
+        states["optimizer"] = [torch.load(d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
+                                          weights_only=False)["optimizer_state_dict"] for r in range(2)]
+    return states, trainer["loader"]
 
 
 @pytest.mark.timeout(900)
@@ -114,3 +118,35 @@ def test_a_step_whose_micro_batches_were_all_left_out_changes_nothing(tmp_path):
             for k, v in state.items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["optimizer"]["state"][key][k])), (key, k)
     assert recs[step]["loss"] is not None                      # and training goes on after it
+
+
+def _same(a, b) -> bool:
+    """Nested optimizer states equal, tensors bit for bit (but the LR, which the schedule sets every step)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a if k != "lr")
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    if hasattr(a, "__dict__"):                  # DeepSpeed's loss scaler: an object without __eq__
+        return type(a) is type(b) and _same(vars(a), vars(b))
+    return a == b
+
+
+HUGE = 3e38    # an embedding row this large: the norms square it to inf, the loss stays finite, the gradient is NaN
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_bad_step_that_changes_nothing(tmp_path, zero):
+    """Left as a good step, ZeRO 0's AdamW wrote NaN into the weights (and DeepSpeed's ZeRO optimizer skips such
+    a step on its own in fp32 while the run logged it as good): the step counts as bad like a non-finite loss."""
+    _, ckpts, step, recs = _setup(tmp_path, f"grad{zero}", global_batch_tokens=128, mark_value=HUGE, zero=zero)
+    assert step >= 2
+    assert recs[step - 1]["loss"] is None and recs[step - 1]["skipped_micro_batches"] == 1
+    (before, _), (after, _) = _states(ckpts, step - 1), _states(ckpts, step)
+    for name, value in before["module"].items():
+        assert torch.equal(value, after["module"][name]), name
+    assert all(torch.isfinite(v).all() for v in after["module"].values())
+    assert _same(before["optimizer"], after["optimizer"])       # the moments and step counts as they were
+    assert all(r["loss"] is not None for r in recs[step:])          # and training goes on after it

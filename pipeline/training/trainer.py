@@ -296,7 +296,9 @@ class Trainer:
         of its backward. A micro-batch whose loss is not finite on some rank is left out on every rank,
         and the step is the one its other micro-batches give alone: the engine is put back as the step
         began (a snapshot taken before the optimizer step) and the step retaken over the kept ones. A step
-        whose micro-batches were all bad changes neither parameters nor optimizer."""
+        whose micro-batches were all bad changes neither parameters nor optimizer. A step whose reduced
+        gradient is not finite (a finite loss can still give one) is bad as a whole, exactly like that:
+        the engine is put back as the step began and every micro-batch counts as left out."""
         lr = learning_rate(self.plans, self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -326,9 +328,9 @@ class Trainer:
                 agreed, mean_loss, stop = self._agree(means, finite)
                 if not all(agreed):
                     snapshot = self._snapshot()      # parameters and optimizer state as the step began
-            self._backward(loss if ok else self._zero_loss(), boundary=last)
+            # a step to be retaken is undone anyway: its gradient is not checked
+            applied = self._backward(loss if ok else self._zero_loss(), boundary=last, check=snapshot is None)
         kept = [rows for rows, ok in zip(micro, agreed) if ok]
-        bad = len(micro) - len(kept)
         if snapshot is not None:            # undo the step DeepSpeed took on the partial gradient, retake it
             self._restore(snapshot)
             self.carried = None             # a bad micro-batch's final state is not carried on
@@ -336,8 +338,11 @@ class Trainer:
                 self.model.set_carried(state)
                 loss, _ = self._forward(rows)
                 # the engine divides by the configured accumulation; the step averages over the kept ones
-                self._backward(loss * (len(micro) / len(kept)), boundary=i == len(kept) - 1)
+                applied = self._backward(loss * (len(micro) / len(kept)), boundary=i == len(kept) - 1)
             mean_loss = self._mean_loss([m for m, ok in zip(means, agreed) if ok])
+        if not applied:                     # a non-finite gradient: nothing of this step was applied
+            kept, self.carried = [], None
+        bad = len(micro) - len(kept)
         self.model.set_carried(None)        # evaluations and calibration read from zero states
         elapsed = time.perf_counter() - t0
         self.state["step"] += 1
@@ -391,11 +396,33 @@ class Trainer:
         return sequence_loss(self.engine(ids, seq_idx=self.documents(rows)).logits, labels,
                              self.model.sequence_parallel)
 
-    def _backward(self, loss, boundary: bool) -> None:
+    def _backward(self, loss, boundary: bool, check: bool = True) -> bool:
+        """Backward and the engine's step; at the accumulation boundary, False when the step's gradient was not
+        finite, and the engine is then as the step began (the optimizer would have written NaN into the
+        weights and their moments: AdamW under ZeRO 0, and DeepSpeed checks no overflow in bf16)."""
         # the boundary is set explicitly, so a retaken step may have fewer micro-batches than configured
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
+        if boundary and check and not self._gradient_finite():
+            snapshot = self._snapshot()      # before the optimizer step: parameters and optimizer state
+            self.engine.step()               # ends DeepSpeed's accumulation (buffers, counters) ...
+            self._restore(snapshot)          # ... and what it applied is undone
+            return False
         self.engine.step()
+        return True
+
+    def _gradient_finite(self) -> bool:
+        """Whether the reduced gradient about to be applied is finite on every rank (a collective). fp16 is left
+        to DeepSpeed's loss scaler, which skips an overflowing step and lowers the scale: that is how it
+        finds the scale, not a bad step."""
+        if self.cfg.train.precision == "fp16":
+            return True
+        if self.cfg.train.zero_stage > 0:    # the ZeRO optimizer holds the reduced partitions; it agrees over ranks
+            return not self.engine.optimizer.has_overflow(partition_gradients=True)
+        grads = [p_.grad for p_ in self.engine.module.parameters() if p_.grad is not None]
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0], device=self.device)
+        self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)
+        return not bool(bad.item())
 
     def _zero_loss(self):
         """A loss with zero gradients for every parameter (DeepSpeed reduces every parameter's gradient)."""
@@ -458,8 +485,8 @@ class Trainer:
                 if due:
                     self.checkpoints.save(step, self.trainer_state(p), self.rank_state())
                     self.step_ended = None
-                if self.state["bad_steps"] > self.cfg.train.max_bad_steps:
-                    raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss "
+                if self.state["bad_steps"] >= self.cfg.train.max_bad_steps:
+                    raise RuntimeError(f"{self.state['bad_steps']} steps in a row had a non-finite loss or gradient "
                                        f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); lower the LR or "
                                        "check the data; the last checkpoint is intact")
         finally:
