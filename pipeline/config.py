@@ -23,16 +23,31 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_KINDS = ("heldout", "passkey", "length", "states")   # training.evaluator runs them, in this order
 
 # DeepSpeed keys the run plans itself (from the stage plan and `train`): setting them under
-# train.deepspeed would silently change what the plan says. Each names the key to set instead.
+# train.deepspeed would silently change what the plan says, or be ignored. Each names the key to set
+# instead. A key is refused in any form: itself, anything under it, or a value that replaces the section
+# holding it (`zero_optimization: false` replaces `{stage: N}`: DeepSpeed reads it as stage 0).
 PLANNED_DEEPSPEED_KEYS = {
     "train_batch_size": "curriculum.stages[].global_batch_tokens",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "curriculum.stages[].global_batch_tokens",
     "zero_optimization.stage": "train.zero_stage",
-    "bf16": "train.precision", "bf16.enabled": "train.precision",
-    "fp16": "train.precision", "fp16.enabled": "train.precision", "amp.enabled": "train.precision",
+    "bf16.enabled": "train.precision", "fp16.enabled": "train.precision", "amp": "train.precision",
+    "torch_autocast": "train.precision",
     "gradient_clipping": "train.grad_clip",
+    # the trainer passes its own AdamW and sets each step's LR from the curriculum
+    "optimizer": "train.weight_decay, train.betas and curriculum.stages[].lr",
+    "scheduler": "curriculum.stages[].lr, warmup_steps, decay and min_lr_ratio",
 }
+
+
+def planned_deepspeed_key(key: str, value) -> Optional[str]:
+    """The planned key that setting `key` (dotted) to `value` under train.deepspeed would override, or None."""
+    for planned in PLANNED_DEEPSPEED_KEYS:
+        if key == planned or key.startswith(planned + "."):
+            return planned
+        if planned.startswith(key + ".") and not isinstance(value, dict):
+            return planned
+    return None
 
 
 class ConfigError(ValueError):
@@ -206,9 +221,14 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         fail("tokenizer.kind", f"must be 'byte' or 'hf', got {cfg.tokenizer.kind!r}")
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
         fail("tokenizer.path", "tokenizer.kind=hf needs the path of a tokenizer.json")
-    for key in flatten(cfg.train.deepspeed):
-        if key in PLANNED_DEEPSPEED_KEYS:
-            fail(f"train.deepspeed.{key}", f"the run plans this itself; set {PLANNED_DEEPSPEED_KEYS[key]} instead")
+    for key, value in flatten(cfg.train.deepspeed).items():
+        planned = planned_deepspeed_key(key, value)
+        if planned:
+            what = "" if planned == key else (f" (part of {planned})" if key.startswith(planned) else
+                                              f" (a {type(value).__name__} in place of {planned})")
+            fail(f"train.deepspeed.{key}", f"the run plans this itself{what}; set {PLANNED_DEEPSPEED_KEYS[planned]} "
+                                           "instead")
+    _validate_ranges(cfg, fail)
     _validate_eval(cfg.eval, fail)
     if cfg.train.collective_timeout_s < 1:
         fail("train.collective_timeout_s", f"must be >= 1, got {cfg.train.collective_timeout_s}")
@@ -269,6 +289,42 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# (key, smallest value allowed, what the bound means): checked at load, before any work (a zero here crashed
+# at the first checkpoint, after a whole stage of training, or reported NaN)
+RANGES = (
+    ("eval.prefill_chunk", 1, "tokens per forward"), ("eval.passkey_samples", 1, "keys per length and depth"),
+    ("eval.length_buckets", 1, "position buckets"), ("eval.length_max", 2, "tokens read"),
+    ("eval.collapse_margin", 0, "nats above the running minimum"),
+    ("train.max_bad_steps", 1, "1: stop at the first bad step"), ("train.grad_clip", 0, "0: no clipping"),
+    ("train.weight_decay", 0, ""),
+    ("launch.master_port", 1, "a TCP port"), ("launch.local_procs", 1, ""), ("launch.nodes", 1, ""),
+    ("launch.gpus_per_node", 1, ""), ("launch.cpus_per_task", 1, ""),
+)
+STRICTLY_ABOVE = {"eval.collapse_margin"}
+
+
+def _validate_ranges(cfg: Config, fail) -> None:
+    for key, low, meaning in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low or (key in STRICTLY_ABOVE and value <= low):
+            bound = f"> {low}" if key in STRICTLY_ABOVE else f">= {low}"
+            fail(key, f"must be {bound}{f' ({meaning})' if meaning else ''}, got {value}")
+    if cfg.launch.master_port > 65535:
+        fail("launch.master_port", f"must be a TCP port (1-65535), got {cfg.launch.master_port}")
+    if not all(0 <= b < 1 for b in cfg.train.betas) or len(cfg.train.betas) != 2:
+        fail("train.betas", f"must be two numbers in [0, 1), got {list(cfg.train.betas)}")
+    if cfg.eval.every_checkpoint and "passkey" in cfg.eval.kinds:
+        if not cfg.eval.passkey_lengths:
+            fail("eval.passkey_lengths", "is empty while eval.kinds has passkey: give at least one length, or leave "
+                                         "passkey out of eval.kinds")
+        if not cfg.eval.passkey_depths:
+            fail("eval.passkey_depths", "is empty while eval.kinds has passkey: give at least one depth in [0, 1]")
+    for length in cfg.eval.passkey_lengths:
+        if length < 1:
+            fail("eval.passkey_lengths", f"{length} is not a prompt length (>= 1 token)")
 
 
 def _validate_eval(ev: EvalConfig, fail) -> None:

@@ -107,6 +107,20 @@ STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_to
     ("eval: {heldout_sequences: 0}\n", r"eval.heldout_sequences: must be >= 1, got 0"),
     ("model: {dtype: bf16}\n", r"key 'model.dtype'"),
     ("train: {precision: bf16, zero_stage: 0}\n", r"train.precision: bf16 with train.zero_stage=0: .* in bf16"),
+    # ranges: each crashed after a stage of training, reported NaN, or meant nothing (audit, issue 31 item 5)
+    ("eval: {prefill_chunk: 0}\n", r"eval.prefill_chunk: must be >= 1 \(tokens per forward\), got 0"),
+    ("eval: {passkey_samples: 0}\n", r"eval.passkey_samples: must be >= 1"),
+    ("eval: {length_buckets: 0}\n", r"eval.length_buckets: must be >= 1"),
+    ("eval: {length_max: 0}\n", r"eval.length_max: must be >= 2"),
+    ("eval: {passkey_lengths: []}\n", r"eval.passkey_lengths: is empty while eval.kinds has passkey"),
+    ("eval: {passkey_lengths: [0]}\n", r"eval.passkey_lengths: 0 is not a prompt length"),
+    ("eval: {collapse_margin: -5}\n", r"eval.collapse_margin: must be > 0 .*got -5"),
+    ("train: {max_bad_steps: -1}\n", r"train.max_bad_steps: must be >= 1 .*got -1"),
+    ("train: {max_bad_steps: 0}\n", r"train.max_bad_steps: must be >= 1"),
+    ("train: {grad_clip: -1}\n", r"train.grad_clip: must be >= 0 \(0: no clipping\), got -1"),
+    ("train: {betas: [0.9, 1.5]}\n", r"train.betas: must be two numbers in \[0, 1\)"),
+    ("launch: {master_port: 0}\n", r"launch.master_port: must be >= 1"),
+    ("launch: {master_port: 70000}\n", r"launch.master_port: must be a TCP port"),
 ])
 def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -121,10 +135,18 @@ def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
     ("bf16.enabled", True, "bf16.enabled", "train.precision"),
     ("fp16", {"enabled": True}, "fp16.enabled", "train.precision"),
     ("gradient_clipping", 0.5, "gradient_clipping", "train.grad_clip"),
+    # a scalar in place of the section that holds a planned key: DeepSpeed reads `false` as stage 0
+    ("zero_optimization", False, "zero_optimization", "train.zero_stage"),
+    ("zero_optimization", True, "zero_optimization", "train.zero_stage"),
+    ("bf16", True, "bf16", "train.precision"),
+    ("torch_autocast", {"enabled": True}, "torch_autocast.enabled", "train.precision"),
+    ("scheduler", {"type": "WarmupLR"}, "scheduler.type", r"curriculum.stages\[\].lr"),
+    ("optimizer", {"type": "Adam"}, "optimizer.type", "train.weight_decay"),
 ])
 def test_deepspeed_keys_that_override_the_plan_are_refused(tmp_path, key, value, reported, use):
     import json
-    with pytest.raises(ConfigError, match=rf"train.deepspeed.{reported}: .* set {use} instead"):
+    with pytest.raises(ConfigError, match=rf"train.deepspeed.{reported}: .* set {use}.* instead"):
         load_config(write(tmp_path, STAGE), [f"train.deepspeed.{key}={json.dumps(value)}"])
-    cfg = load_config(write(tmp_path, STAGE), ['train.deepspeed.zero_optimization.overlap_comm=true'])
-    assert cfg.train.deepspeed == {"zero_optimization": {"overlap_comm": True}}
+    cfg = load_config(write(tmp_path, STAGE), ['train.deepspeed.zero_optimization.overlap_comm=true',
+                                               'train.deepspeed.fp16.loss_scale_window=500'])
+    assert cfg.train.deepspeed == {"zero_optimization": {"overlap_comm": True}, "fp16": {"loss_scale_window": 500}}
