@@ -338,6 +338,15 @@ def _validate_eval(ev: EvalConfig, fail) -> None:
         fail("eval.heldout_sequences", f"must be >= 1, got {ev.heldout_sequences}")
 
 
+def evaluation_variants(ev: EvalConfig) -> Dict[str, Any]:
+    """The mitigation overrides evaluated beside the model as trained, by name: eval.compare_mitigations
+    ("with mitigations") and eval.variants. The passkey and loss-against-position evaluations run them."""
+    return dict({"with mitigations": ev.compare_mitigations} if ev.compare_mitigations else {}, **ev.variants)
+
+
+VARIANT_KINDS = ("passkey", "length")       # the evaluations that run evaluation_variants
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -114,6 +114,14 @@ def test_shards_without_heldout_documents_are_refused_only_when_the_run_reads_th
     with pytest.raises(ConfigError, match="hold no held-out document"):                 # a calibrated state norm
         preflight(config(tmp_path, copy, "eval.every_checkpoint=false", "mitigations.state_norm.every=64")[1],
                   "c.yaml")
+    # a state norm calibrated for a variant the passkey evaluation compares (it trained a stage, then failed)
+    passkey_only = ("eval.kinds=[passkey]", "eval.passkey_lengths=[256]")
+    preflight(config(tmp_path, copy, *passkey_only)[1], "c.yaml")                       # prompts are synthetic
+    for variant in ("eval.compare_mitigations.state_norm.every=64", "eval.variants={sn: {state_norm: {every: 64}}}"):
+        with pytest.raises(ConfigError, match="hold no held-out document"):
+            preflight(config(tmp_path, copy, *passkey_only, variant)[1], "c.yaml")
+    preflight(config(tmp_path, copy, *passkey_only, "eval.variants={sn: {state_norm: {every: 64, thresholds: [9.0]}}}"
+                     )[1], "c.yaml")                                                    # given thresholds: none read
     manifest["splits"]["train"]["documents"] = 0
     (copy / "mds" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="hold no training document: every one of the 20 documents is held out"):

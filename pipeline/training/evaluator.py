@@ -22,6 +22,7 @@ import torch
 
 from longctx.data.stream import rank_share
 
+from ..config import evaluation_variants
 from ..evaluate.run import run_eval
 from ..evaluate.share import EVERYTHING, RankShare
 from ..mitigations import merge_overrides
@@ -108,8 +109,7 @@ class Evaluator:
     def _variants(self, p):
         """With eval.compare_mitigations ("with mitigations") or eval.variants (named): the model as trained (with
         the stage's mitigations) and with each on top, all on the same prompts; else None (the model as it is)."""
-        ev = self.cfg.eval
-        extra = dict({"with mitigations": ev.compare_mitigations} if ev.compare_mitigations else {}, **ev.variants)
+        extra = evaluation_variants(self.cfg.eval)
         if not extra:
             return None
         stage = self.mitigations.stage_config(p)

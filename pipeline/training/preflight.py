@@ -18,7 +18,7 @@ from longctx.data import storage
 from longctx.data.prepare import DONE, FORMAT_VERSION, MANIFEST
 from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
-from ..config import Config, ConfigError, model_config
+from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_variants, model_config
 from ..model.config import Mamba2Config
 from ..model.formats import read_config
 
@@ -77,12 +77,18 @@ def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: 
 
 def reads_heldout(cfg: Config) -> bool:
     """Whether the run reads held-out documents: evaluations at checkpoints that read documents, or a
-    state norm calibrated on them (in any stage, or in the evaluation's comparison)."""
+    state norm calibrated on them (in any stage, or in a variant the checkpoints' evaluations compare:
+    eval.compare_mitigations, eval.variants)."""
     from ..mitigations import merge_overrides
-    if cfg.eval.every_checkpoint and {"heldout", "length", "states"} & set(cfg.eval.kinds):
+    ev = cfg.eval
+    if ev.every_checkpoint and {"heldout", "length", "states"} & set(ev.kinds):
         return True
-    sections = [cfg.mitigations] + [merge_overrides(cfg.mitigations, s.mitigations, f"curriculum.stages[{i}]")
-                                    for i, s in enumerate(cfg.curriculum.stages)]
+    stages = [merge_overrides(cfg.mitigations, s.mitigations, f"curriculum.stages[{i}]")
+              for i, s in enumerate(cfg.curriculum.stages)]
+    sections = [cfg.mitigations] + stages
+    if ev.every_checkpoint and set(VARIANT_KINDS) & set(ev.kinds):
+        sections += [merge_overrides(stage, overrides, f"eval.variants.{name}")
+                     for stage in stages for name, overrides in evaluation_variants(ev).items()]
     return any(m.state_norm.every and not m.state_norm.thresholds for m in sections)
 
 
