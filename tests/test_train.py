@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,29 @@ def test_sigkill_in_every_stage_then_resume_reproduces_the_uninterrupted_run(uni
     assert re.search(r"resumed from \S+ at step 1[2-5]\b", r.stdout), r.stdout[-3000:]
     assert glob.glob(f"/dev/shm/{live.ds._shm_prefix_int:06}_locals") and live.tokens(0).size   # kept
     assert_same_run(records(tmp / "killed"), full)
+
+
+@pytest.mark.timeout(900)
+def test_resume_never_sets_the_earlier_run_aside_and_auto_then_continues_the_new_run(uninterrupted):
+    """run.resume=never in the directory of a finished run, SIGKILLed at step 3, then the same command with
+    auto: it continues the new run (the old one's checkpoints 8 and 10 stayed in place, kept by pruning over
+    the new run's, and auto continued the old weights), and the old run is kept whole beside it."""
+    tmp, full = uninterrupted
+    run = tmp / "again"
+    shutil.copytree(tmp / "full", run)
+    cfg = write_config(tmp, "again")
+    sigkill_mid_stage(run_cmd(cfg, "run.resume=never"), run, ready=lambda: (run / "previous").exists())
+    [old] = (run / "previous").iterdir()
+    assert {p.name for p in old.iterdir()} >= {"checkpoints", "metrics.jsonl", "eval", "tensorboard", "report.md",
+                                                "loss.png", "run.json"}
+    assert (old / "checkpoints" / "step_0000010" / "COMPLETE.json").exists() and records(old) == full
+    new_id = json.loads((run / "run.json").read_text())["run_id"]
+    assert new_id != json.loads((old / "run.json").read_text())["run_id"]
+    assert json.loads((run / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())["run_id"] == new_id
+    r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"resumed from \S+step_0000002 at step 2\b", r.stdout), r.stdout[-3000:]
+    assert_same_run(records(run), full)
 
 
 def test_zero3_run_and_export_round_trip(uninterrupted, tmp_path):

@@ -267,3 +267,24 @@ def test_a_checkpoint_in_any_stage_of_a_three_stage_run_resumes_under_the_same_c
         check_resume(saved, _three_stage_identity(tmp_path, (2, 3, 3)), 5, "c.yaml")
     assert check_resume(saved, _three_stage_identity(tmp_path, (2, 2, 9)), 6, "c.yaml") == [
         "curriculum.stages.2.steps: 3 -> 9"]             # the current stage may grow
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed_by_auto(tmp_path):
+    from longctx.pipeline.training.run_dir import check_run_id, recorded_run_id, set_aside, start_run
+    run = tmp_path / "run"
+    assert set_aside(run) is None and recorded_run_id(run) is None
+    mine = start_run(run)
+    ckpt = run / "checkpoints" / "step_0000004"
+    check_run_id(run, ckpt, mine, "auto")
+    check_run_id(run, ckpt, None, "auto")                 # written by an older longctx: no id to compare
+    with pytest.raises(ConfigError, match=rf"written by run other, but .*run.json says this directory holds run "
+                                          rf"{mine}: it is another run's checkpoint. Give it as run.resume="):
+        check_run_id(run, ckpt, "other", "auto")
+    check_run_id(run, ckpt, "other", str(ckpt))           # named by path: the user's choice
+    ckpt.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "cache").mkdir()
+    moved = set_aside(run)
+    assert moved.parent == run / "previous" and moved.name.endswith(f"-{mine}")
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoints", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["cache", "previous"]        # the data cache stays

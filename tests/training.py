@@ -80,16 +80,16 @@ def assert_same_run(got, expect):
 
 
 
-def sigkill_mid_stage(cmd, run_dir, after_steps: int = 3, stage_end: int = STEPS[0]) -> int:
+def sigkill_mid_stage(cmd, run_dir, after_steps: int = 3, stage_end: int = STEPS[0], ready=lambda: True) -> int:
     """Start `cmd` (a `longctx run`), SIGKILL its whole process group once `after_steps` steps are logged;
     the steps it had logged. Asserts the run died before step `stage_end` was logged (inside stage 0 by
-    default)."""
+    default). `ready()`: when the run's own metrics.jsonl is there (an earlier run's may be first)."""
     log = open(run_dir.parent / f"{run_dir.name}.kill-{after_steps}.log", "w+")
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
+        if ready() and metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
             break
         time.sleep(0.02)
     if proc.poll() is not None:            # it ended by itself (refused to resume, failed): say why

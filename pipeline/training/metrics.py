@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage")
@@ -13,7 +12,8 @@ EVAL_KEYS = ("eval_loss", "passkey_accuracy", "passkey_accuracy_mitigated", "col
 
 class MetricsLogger:
     """Rank 0 writes; other ranks hold an inert logger. `resume_step` drops records after it, so a
-    resumed run's file equals an uninterrupted run's; a new run (0) moves an old file aside, never erasing it."""
+    resumed run's file equals an uninterrupted run's (an earlier run's file was set aside by
+    run.resume=never before: training.run_dir)."""
 
     def __init__(self, run_dir: Path, active: bool, resume_step: int = 0):
         self.active = active
@@ -23,10 +23,6 @@ class MetricsLogger:
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step == 0 and self.path.exists() and self.path.read_text().strip():
-            # a new run in a directory that has one (run.resume=never): keep the old records beside it
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.path.stat().st_mtime))
-            self.path.rename(self.path.with_name(f"metrics.{stamp}.jsonl"))
         kept = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():

@@ -40,6 +40,7 @@ from .evaluator import EvaluationInterrupted, Evaluator
 from .loss import sequence_loss
 from .metrics import MetricsLogger
 from .preflight import preflight
+from .run_dir import check_run_id, recorded_run_id, set_aside, start_run
 from .stage_mitigations import StageMitigations
 
 EVAL_SEED_OFFSET = 1_000_003      # the held-out stream's order: another seed than the training stream's
@@ -172,9 +173,16 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last, model_config=model.config, tokenizer_identity=identity(self.tok),
             tokenizer_file=cfg.tokenizer.path if cfg.tokenizer.kind == "hf" else None,
             metrics_file=self.run_dir / "metrics.jsonl")
+        if self.rank == 0 and cfg.run.resume == "never":
+            moved = set_aside(self.run_dir)
+            if moved is not None:
+                print(f"run.resume=never: the earlier run's outputs are now in {moved}", flush=True)
+        dist.barrier()
         self.to_resume = self.checkpoints.to_resume(cfg.run.resume)
+        saved_id = None
         if self.to_resume is not None:        # refuse what the checkpoint cannot continue under before DeepSpeed starts
-            self._check_resume(*self.to_resume, where)
+            saved_id = self._check_resume(*self.to_resume, where)
+        self.run_id = self._this_run(saved_id)
 
         first = self.plans[0]
         optimizer = adamw(model, first.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
@@ -223,14 +231,27 @@ class Trainer:
                     os.environ[k] = v
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _check_resume(self, root: Path, tag: str, where: str) -> None:
+    def _check_resume(self, root: Path, tag: str, where: str) -> Optional[str]:
+        """Refuses a checkpoint this run cannot continue; returns the id of the run that wrote it."""
         saved = json.loads((root / tag / "trainer_state.json").read_text())
         if "identity" not in saved:
             raise ConfigError(f"{root / tag}: the checkpoint records no run identity (written by an older longctx); "
                               "it cannot be checked against this run: start a new run with run.resume=never")
+        check_run_id(self.run_dir, root / tag, saved.get("run_id"), self.cfg.run.resume)
         for note in check_resume(saved["identity"], self.identity, saved["step"], where):
             if self.rank == 0:
                 print(f"resume: changed since {tag}: {note}", flush=True)
+        return saved.get("run_id")
+
+    def _this_run(self, saved_id: Optional[str]) -> str:
+        """The run's id: a new one for a new run, the checkpoint's when continuing one (rank 0 records it)."""
+        if self.rank == 0:
+            if self.to_resume is None:
+                start_run(self.run_dir)
+            elif recorded_run_id(self.run_dir) is None or (saved_id and saved_id != recorded_run_id(self.run_dir)):
+                start_run(self.run_dir, saved_id)     # an older longctx's run, or a checkpoint given by path
+        self.dist.barrier()
+        return recorded_run_id(self.run_dir)
 
     def resume(self) -> int:
         found = self.to_resume
@@ -261,7 +282,8 @@ class Trainer:
                 "loader": self.stream.state_dict(),
                 "eval_loader": None if self.eval_stream is None else self.eval_stream.state_dict(),
                 "rng": _rng_state(),
-                "mitigations": self.mitigations.state_dict(), "identity": self.identity, "pending": pending}
+                "mitigations": self.mitigations.state_dict(), "identity": self.identity, "pending": pending,
+                "run_id": self.run_id}
 
     def rank_state(self) -> Optional[tuple]:
         """(rank, what only this rank holds: its rows' carried states), or None when nothing is carried."""
