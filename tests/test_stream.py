@@ -26,6 +26,20 @@ def shards(tmp_path_factory):
     return split_url(str(root / "mds"), "train")
 
 
+@pytest.fixture(scope="module")
+def varied_shards(tmp_path_factory):
+    """Documents of random letters: a token skipped or repeated anywhere shows (runs of one letter hide it)."""
+    root = tmp_path_factory.mktemp("varied")
+    rng = np.random.default_rng(2)
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"text": "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(5, 90)))})
+                    + "\n")
+    prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                             chunk_bytes=1500, num_workers=2, heldout_fraction=0)), TokenizerConfig())
+    return split_url(str(root / "mds"), "train")
+
+
 def independent_stream(shards):
     """Documents in shard order, each + EOS, read with a plain StreamingDataset."""
     from streaming import StreamingDataset
@@ -53,7 +67,26 @@ def test_sequences_tile_the_document_stream_exactly(shards):
             assert b.seq_idx[r, 0] == 0 and np.all(np.diff(b.seq_idx[r]) >= 0)
 
 
-def test_resume_and_stage_change_are_exact(shards):
+def flat(batches):
+    """The rows of `batches` in order, as one stream: (inputs, labels)."""
+    return (np.concatenate([b.input_ids.reshape(-1) for b in batches]),
+            np.concatenate([b.labels.reshape(-1) for b in batches]))
+
+
+def assert_continuous(ids, labels, documents):
+    """`ids` is one stream of whole documents, each + EOS: every label is the next input (IGNORE only after an
+    EOS), and the tokens between two EOS are a document."""
+    predicted = labels[:-1] != IGNORE
+    assert np.array_equal(labels[:-1][predicted], ids[1:][predicted]), "a label is not the next input"
+    assert np.all(ids[:-1][~predicted] == EOS), "a prediction left out inside a document"
+    ends = np.flatnonzero(ids == EOS)
+    known = {tuple(d) for d in documents}
+    for a, b in zip(ends[:-1], ends[1:]):
+        assert tuple(ids[a + 1:b]) in known, f"tokens {a + 1}..{b} are not a whole document"
+
+
+def test_resume_and_stage_change_are_exact(varied_shards):
+    shards = varied_shards
     a = PackedStream(DocumentSource(shards), EOS, seed=7)
     states, batches = [], []
     for step in range(6):
@@ -65,8 +98,17 @@ def test_resume_and_stage_change_are_exact(shards):
         got = b.next_batch(2, 32 if step < 3 else 96)
         assert np.array_equal(got.input_ids, batches[step].input_ids)
         assert np.array_equal(got.labels, batches[step].labels)
-    # the new stage starts where the old one stopped: its first input is the last label of the old one
-    assert batches[3].input_ids[0, 0] == batches[2].input_ids[1, -1] or batches[2].labels[1, -1] == IGNORE
+    # the new stage starts where the old one stopped: its first input is the old one's last label (the token
+    # after its last input), and nothing is skipped or repeated across the change
+    assert batches[2].labels[1, -1] == IGNORE or batches[3].input_ids[0, 0] == batches[2].labels[1, -1]
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    documents = [ds[i]["tokens"].astype(np.int64) for i in range(len(ds))]
+    ids, labels = flat(batches)
+    assert_continuous(ids, labels, documents)
+    change = sum(b.input_ids.size for b in batches[:3])
+    with pytest.raises(AssertionError):      # what a loader that skipped a token at the stage change gives
+        assert_continuous(np.delete(ids, change), np.delete(labels, change), documents)
     with pytest.raises(ValueError, match="seed 7"):
         PackedStream(DocumentSource(shards), EOS, seed=8).load_state_dict(states[0])
 
