@@ -38,8 +38,22 @@ def test_two_halves_with_the_carried_state_equal_the_whole_sequence(checkpointin
     model.zero_grad()
     first, second = halves(model, ids, seq_idx)
     second.sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
     changed = [n for n, p in model.named_parameters() if rel_err(p.grad, g_whole_first_half_free[n]) > 1e-9]
     assert changed, "a detached carried state must change the gradient (no path back into the first half)"
+    # the detached semantics, in float64: the first half read by a frozen copy (no path back into it can
+    # exist), the second half by the model from that copy's final state; every gradient must equal it
+    import copy
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    frozen.enter_carried(None)
+    frozen(ids[:, :32], seq_idx=seq_idx[:, :32])
+    model.zero_grad()
+    model.set_carried(frozen.carried_final().entering(None))
+    model(ids[:, 32:], seq_idx=seq_idx[:, 32:] - seq_idx[:, 32:33]).logits.sum().backward()
+    model.set_carried(None)
+    for n, p in model.named_parameters():
+        assert p.grad is not None and got[n] is not None, n
+        assert rel_err(got[n], p.grad) < 1e-12, n
 
 
 def test_a_row_that_does_not_take_the_carried_state_starts_from_zeros():

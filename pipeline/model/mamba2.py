@@ -244,11 +244,21 @@ class Mamba2Backbone(nn.Module):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and layer_cache is None:
                 hidden, residual = torch.utils.checkpoint.checkpoint(
-                    layer, hidden, residual, seq_idx, use_reentrant=False)
+                    _with_carry, layer, layer.mixer.carry, hidden, residual, seq_idx, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cache=layer_cache)
         residual = hidden if residual is None else hidden + residual
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+def _with_carry(layer, carry, hidden, residual, seq_idx):
+    """A block's forward from the carried state it had when first run: a checkpointed block is run again in
+    backward, when the model may already hold another carried state (or none)."""
+    now, layer.mixer.carry = layer.mixer.carry, carry
+    try:
+        return layer(hidden, residual, seq_idx=seq_idx)
+    finally:
+        layer.mixer.carry = now
 
 
 class Mamba2LM(nn.Module):
