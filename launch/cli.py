@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -222,8 +224,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import os
-
     from longctx.launch.local import free_port
     from longctx.pipeline.config import load_config
     from longctx.pipeline.training.trainer import train
@@ -241,8 +241,6 @@ def cmd_train(args) -> int:
 def cmd_node(args) -> int:
     """Replace this process by DeepSpeed's launcher for this node, so that the signals a scheduler sends
     to the task (SIGTERM on pre-emption) reach the launcher, which passes them on to the ranks."""
-    import os
-
     from longctx.launch.hostfile import read_hostfile, uniform_slots
     from longctx.launch.local import launch_command
     if args.hostfile:
@@ -387,9 +385,22 @@ COMMANDS = {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "t
             "launch": cmd_launch}
 
 
+ARGV_B64 = "--argv-b64"
+
+
+def unpack_argv(argv: List[str]) -> List[str]:
+    """`--argv-b64 B`: the arguments B encodes (each ended by a NUL byte, then base64), else `argv` as it is.
+    launch/deepspeed/train.sh (over ssh) and launch/ray/prepare.sh send `longctx`'s arguments so: DeepSpeed's
+    pdsh runner and older `ray job submit` join them into a line for a remote shell with no more than double
+    quotes around blanks, so that the shell would read a $, ` or ; in an override; base64 has none."""
+    if len(argv) == 2 and argv[0] == ARGV_B64:
+        return [os.fsdecode(a) for a in base64.b64decode(argv[1], validate=True).split(b"\0")[:-1]]
+    return argv
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(unpack_argv(sys.argv[1:] if argv is None else argv))
     # key=value overrides may also follow options (`run CONFIG --nproc 2 train.lr=1e-4`)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:

@@ -31,22 +31,43 @@ def _check_prepare(cfg: Config, o: dict) -> None:
         raise ConfigError(f"{o['where']}: data.prepare needs inputs (or synthetic documents) and an output")
 
 
+def _sbatch_value(key: str, value: str) -> str:
+    """`value` as sbatch reads it in an #SBATCH line: its own parser, not the shell's, splits at blanks,
+    takes "..." with backslash escapes and ends the line at an unquoted #. A line break cannot be quoted:
+    the rest of the value would be a line of the job script, run as a command."""
+    if not value.isprintable():
+        raise ConfigError(f"{key}: {value!r} has a line break or another unprintable character: a line break "
+                          "would end its #SBATCH line and run the rest as a command of the job; remove it")
+    if re.fullmatch(r"[\w@%+=:,./-]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _slurm(text: str, settings: dict, cfg: Config, o: dict) -> str:
+    run_dir = str(Path(cfg.run.dir).resolve())
+    if "\\" in run_dir:
+        raise ConfigError(f"run.dir {run_dir!r}: a backslash in the path of the job's log (#SBATCH --output) makes "
+                          "SLURM leave its %j unreplaced, so that every job writes one log; choose a run.dir (or, "
+                          "for the default run.dir, a run.name) without one")
     settings.update(GPUS_PER_NODE=str(o["gpus_per_node"]), MASTER_PORT=str(cfg.launch.master_port),
-                    LONGCTX_RUN_DIR=str(Path(cfg.run.dir).resolve()))
-    directives = {"--job-name": f"longctx-{cfg.run.name}", "--nodes": str(o["nodes"]),
-                  "--gpus-per-node": str(o["gpus_per_node"]), "--time": o["time"] or cfg.launch.time,
-                  "--cpus-per-task": str(cfg.launch.cpus_per_task),
-                  "--signal": f"B:USR1@{cfg.launch.stop_seconds}",
-                  "--output": str(Path(cfg.run.dir).resolve() / "slurm-%j.out")}
-    for flag, value in directives.items():
-        text = re.sub(rf"^#SBATCH {flag}=.*$", f"#SBATCH {flag}={value}", text, flags=re.M)
-    partition = o["partition"] or cfg.launch.partition
-    extra = [f"#SBATCH --partition={partition}"] if partition else []
-    extra += [f"#SBATCH --account={cfg.launch.account}"] if cfg.launch.account else []
-    extra += [f"#SBATCH --mem={cfg.launch.mem}"] if cfg.launch.mem else []
-    if extra:
-        text = text.replace("#SBATCH --requeue", "\n".join(extra + ["#SBATCH --requeue"]))
+                    LONGCTX_RUN_DIR=run_dir)
+    # (flag, the key a refusal names, value); --output is a filename pattern, where %% is a literal %
+    directives = [("--job-name", "run.name", f"longctx-{cfg.run.name}"),
+                  ("--nodes", "--nodes", str(o["nodes"])),
+                  ("--gpus-per-node", "--gpus-per-node", str(o["gpus_per_node"])),
+                  ("--time", "--time" if o["time"] else "launch.time", o["time"] or cfg.launch.time),
+                  ("--cpus-per-task", "launch.cpus_per_task", str(cfg.launch.cpus_per_task)),
+                  ("--signal", "launch.stop_seconds", f"B:USR1@{cfg.launch.stop_seconds}"),
+                  ("--output", "run.dir", run_dir.replace("%", "%%") + "/slurm-%j.out")]
+    for flag, key, value in directives:
+        line = f"#SBATCH {flag}={_sbatch_value(key, value)}"
+        text = re.sub(rf"^#SBATCH {flag}=.*$", lambda _: line, text, flags=re.M)   # a function: no \ escapes
+    extra = [("--partition", "--partition" if o["partition"] else "launch.partition",
+              o["partition"] or cfg.launch.partition),
+             ("--account", "launch.account", cfg.launch.account), ("--mem", "launch.mem", cfg.launch.mem)]
+    lines = [f"#SBATCH {flag}={_sbatch_value(key, value)}" for flag, key, value in extra if value]
+    if lines:
+        text = text.replace("#SBATCH --requeue", "\n".join(lines + ["#SBATCH --requeue"]))
     return text
 
 
@@ -85,10 +106,13 @@ def render(target: str, cfg: Config, config_path: str, overrides: List[str], nod
     options = dict(where=config_path, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
                    hostfile=hostfile if target == "deepspeed" else None, address=address)
     spec.check(cfg, options)
-    settings = {"LONGCTX_CONFIG": str(Path(config_path).resolve()), "LONGCTX_OVERRIDES": " ".join(overrides)}
+    # LONGCTX_OVERRIDES (blank-separated, for use by hand) empty: the submitter's environment adds nothing.
+    settings = {"LONGCTX_CONFIG": str(Path(config_path).resolve()), "LONGCTX_OVERRIDES": ""}
     text = spec.fill(spec.template.read_text(), settings, cfg, options)
     block = [f"# rendered by `longctx launch {target}` ({nodes} x {gpus_per_node})"]
     block += [f"{k}={shlex.quote(v)}" for k, v in settings.items()]
     block += [f"export {' '.join(settings)}"]
+    if overrides:   # arguments of the script, as by hand: each reaches `longctx` whole, whatever it holds
+        block += [f"set -- {shlex.join(overrides)} \"$@\""]
     return text.replace(SETTINGS_MARK, "\n".join(block) + "\n" + SETTINGS_MARK, 1) if SETTINGS_MARK in text \
         else text.replace("set -euo pipefail\n", "set -euo pipefail\n" + "\n".join(block) + "\n", 1)

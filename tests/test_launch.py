@@ -66,7 +66,7 @@ def test_render_slurm(tmp_path, nodes, gpus):
     text = r.stdout
     for line in (f"#SBATCH --nodes={nodes}", f"#SBATCH --gpus-per-node={gpus}", "#SBATCH --time=02:00:00",
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --requeue",
-                 f"LONGCTX_CONFIG={cfg.resolve()}", "LONGCTX_OVERRIDES=train.zero_stage=3", f"GPUS_PER_NODE={gpus}"):
+                 f"LONGCTX_CONFIG={cfg.resolve()}", "set -- train.zero_stage=3 \"$@\"", f"GPUS_PER_NODE={gpus}"):
         assert line in text, line
     assert "srun" in text and "-m longctx node" in text and '--node-rank "${SLURM_NODEID}"' in text
     assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --cpus-per-task=16" in text
@@ -92,7 +92,7 @@ def test_render_deepspeed_and_ray_and_write(tmp_path):
     hostfile.write_text("node-a slots=4\nnode-b slots=4\n")
     r = longctx("launch", "deepspeed", cfg, "--nodes", 2, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert f"HOSTFILE={hostfile}" in r.stdout and ".deepspeed_env" in r.stdout
+    assert f"HOSTFILE={hostfile}" in r.stdout and "DS_ENV_FILE" in r.stdout
     r = longctx("launch", "deepspeed", cfg, "--nodes", 3, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
     assert r.returncode == 1 and "2 hosts" in r.stderr
     r = longctx("launch", "ray", cfg, "--address", "http://head:8265")
