@@ -150,3 +150,18 @@ def test_deepspeed_keys_that_override_the_plan_are_refused(tmp_path, key, value,
     cfg = load_config(write(tmp_path, STAGE), ['train.deepspeed.zero_optimization.overlap_comm=true',
                                                'train.deepspeed.fp16.loss_scale_window=500'])
     assert cfg.train.deepspeed == {"zero_optimization": {"overlap_comm": True}, "fp16": {"loss_scale_window": 500}}
+
+
+@pytest.mark.parametrize("recipe", ["configs/mamba2-370m-256k.yaml", "configs/mamba2-130m-256k.yaml"])
+def test_readme_states_the_recipes_checkpoint_passkey_grid_as_the_recipe_has_it(recipe):
+    """README once promised passkey up to 1M at every checkpoint where the recipe's grid stops at 512K."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / recipe))
+    readme = " ".join((root / "README.md").read_text().split())
+    claim = re.search(r"passkey from (\d+)K up to (\d+)K tokens \(2× the final length\) at every checkpoint", readme)
+    assert claim, "README's paragraph on the paper-scale recipes states their checkpoint passkey grid"
+    lengths = cfg.eval.passkey_lengths
+    assert (int(claim.group(1)) * 1024, int(claim.group(2)) * 1024) == (min(lengths), max(lengths))
+    assert max(lengths) == 2 * cfg.curriculum.stages[-1].seq_len
