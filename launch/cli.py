@@ -53,12 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
-    p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL")
-    p.add_argument("--compare", action="store_true", help="run with and without mitigations side by side")
+    p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL",
+                   help="mitigations keys, on top of the model's own (scales saved by `longctx calibrate`, a "
+                        "training stage's): a key given replaces the model's value for it, the others are kept")
+    p.add_argument("--compare", action="store_true", help="run the model as loaded and with --mitigations side by side")
     p.add_argument("--variants", nargs="+", default=[], metavar="NAME=KEY=VAL[,KEY=VAL...]",
                    help="variants side by side on the same prompts: NAME= (as it is), mitigations keys "
                         "(decay_scale, a_scale, state_norm.every, window, ...) and/or checkpoint=PATH; one JSON, "
-                        "table.md and plot")
+                        "table.md and plot. Keys compose with the model's own mitigations: one the variant sets "
+                        "replaces the model's value (a_scale=1 removes it), the others (e.g. calibrated scales) "
+                        "are kept")
     p.add_argument("--data", default=None, help="length/states: a `longctx prepare` output; its held-out split is read "
                         "(default: synthetic documents)")
     p.add_argument("--buckets", type=int, default=16, help="length: position buckets")
@@ -70,15 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="state_norm without thresholds: calibrate at this length (default: the training length)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("calibrate", help="fit one scale per layer (decay or A) to the held-out loss at a length; "
-                                         "writes a model directory that loads with its scales")
+    p = sub.add_parser("calibrate", help="fit one scale per layer (decay or A) to the held-out loss at a length, "
+                                         "on top of the model's own (a fitted scale multiplies it); writes a model "
+                                         "directory that loads with its scales")
     p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
     p.add_argument("--length", type=int, required=True, help="tokens per calibration sequence (the target length)")
     p.add_argument("--data", required=True, help="a `longctx prepare` output: its held-out split is read")
     p.add_argument("--param", choices=["decay", "A"], default="decay",
                    help="decay: decay_scale in (0, 1] (MambaExtend); A: a_scale on A (Mamba Modulation)")
     p.add_argument("--per-head", action="store_true", help="one scale per layer x head (default: per layer)")
-    p.add_argument("--samples", type=int, default=16, help="held-out sequences")
+    p.add_argument("--samples", type=int, default=16,
+                   help="held-out sequences to fit on; the loss before (the model as loaded) and after is reported "
+                        "on the next --samples held-out sequences, never fitted on")
     p.add_argument("--batch", type=int, default=4, help="sequences per gradient step")
     p.add_argument("--steps", type=int, default=40, help="Adam steps on the scales")
     p.add_argument("--lr", type=float, default=0.05)

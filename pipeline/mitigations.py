@@ -17,8 +17,8 @@ per layer, which `Mamba2LM.set_mitigations` hands to the mixers. The scan kernel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -121,6 +121,23 @@ def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
             state_norm_threshold=None if thresholds is None else thresholds[i],
             window=int(cfg.window)))
     return layers
+
+
+# The LayerMitigations fields each top-level key of the section sets.
+_FIELDS = {"decay_scale": ("decay_scale",), "input_scale": ("input_scale",), "a_scale": ("a_scale",),
+           "state_norm": ("state_norm_every", "state_norm_threshold"), "window": ("window",)}
+
+
+def on_top(base: Optional[List[LayerMitigations]], layers: List[LayerMitigations],
+           keys: Iterable[str]) -> List[LayerMitigations]:
+    """`layers` (resolved from a section that sets the top-level `keys`) on top of `base` (a loaded model's own
+    mitigations, e.g. `longctx calibrate`'s scales, or None): the fields of `keys` come from `layers`, every
+    other from `base`. So a variant that sets only a window keeps a calibrated a_scale, and one that sets
+    a_scale replaces it (a_scale=1 removes it)."""
+    if base is None:
+        return layers
+    taken = [f for k in keys for f in _FIELDS[k]]
+    return [replace(b or LayerMitigations(), **{f: getattr(m, f) for f in taken}) for b, m in zip(base, layers)]
 
 
 def merge_overrides(base: MitigationsConfig, overrides: dict, where: str = "stage") -> MitigationsConfig:

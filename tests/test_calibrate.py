@@ -1,6 +1,7 @@
 """`longctx calibrate` (per-layer scales on the decay or on A fitted to the held-out loss) and the side-by-side
 harness `longctx eval ... --variants`."""
 import json
+import math
 import subprocess
 import sys
 
@@ -56,9 +57,10 @@ def data(tmp_path_factory, ray_session):
     return root / "mds"
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("param, key", [("decay", "decay_scale"), ("A", "a_scale")])
 def test_calibrate_lowers_the_heldout_loss_and_the_scales_load_with_the_model(tmp_path, data, param, key):
-    tiny(5).save_pretrained(tmp_path / "model")
+    _sharp(5).save_pretrained(tmp_path / "model")
     out = tmp_path / f"cal-{param}"
     r = subprocess.run(LONGCTX + ["calibrate", str(tmp_path / "model"), "--length", "512", "--data", str(data),
                                   "--param", param, "--samples", "4", "--batch", "4", "--steps", "8", "--lr", "0.02",
@@ -69,11 +71,86 @@ def test_calibrate_lowers_the_heldout_loss_and_the_scales_load_with_the_model(tm
     loaded = Mamba2LM.from_pretrained(out)
     for i, m in enumerate(loaded.mitigations):
         assert getattr(m, key) == pytest.approx([rec["scales"][i][0]] * loaded.config.nheads)
-    # the loaded model's loss on the calibration's held-out sequences is the loss the fit reported
-    rows = PackedStream(DocumentSource(heldout_of(str(data)), str(tmp_path / "c")), 256, seed=0).next_batch(4, 512)
+    # the losses reported are the model's as loaded and as saved on held-out sequences the fit did not read
+    assert "4 held-out sequences not fitted on" in r.stdout and rec["split"] in r.stdout
+    test = _test_rows(data, tmp_path, 4, 512)
+    assert _loss64(tmp_path / "model", test) == pytest.approx(rec["heldout_loss_before"], rel=1e-5)
+    assert _loss64(out, test) == pytest.approx(rec["heldout_loss_after"], rel=1e-5)
+
+
+def _sharp(seed):
+    """A tiny random model with 10x its (tied) embedding: sharper logits, so that the scales move the loss by
+    ~1e-3 (on tiny() alone by ~1e-5, too close to float32 rounding to tell a scale dropped)."""
+    model = tiny(seed)
     with torch.no_grad():
-        loss = lm_loss(loaded(torch.as_tensor(rows.input_ids)).logits, torch.as_tensor(rows.labels))
-    assert float(loss) == pytest.approx(rec["heldout_loss_after"], rel=1e-5)
+        model.backbone.embedding.weight.mul_(10)
+    return model
+
+
+def _test_rows(data, tmp_path, samples: int, length: int):
+    """The sequences `calibrate --samples N` reports on: the N after the fit's N in the held-out stream (seed 0)."""
+    rows = PackedStream(DocumentSource(heldout_of(str(data)), str(tmp_path / "rows")), 256, seed=0).next_batch(
+        2 * samples, length)
+    return torch.as_tensor(rows.input_ids[samples:]), torch.as_tensor(rows.labels[samples:])
+
+
+def _loss64(directory, rows) -> float:
+    """The float64 reference: the loss of the model saved in `directory`, with its saved scales, on `rows`."""
+    model = Mamba2LM.from_pretrained(directory).double().eval()
+    with torch.no_grad():
+        return float(lm_loss(model(rows[0]).logits, rows[1]))
+
+
+@pytest.mark.timeout(300)
+def test_calibrating_a_calibrated_model_composes_with_its_scales(tmp_path, data):
+    """The second fit multiplies the first's a_scale (both effects kept), and its loss "before" is the model as
+    loaded (the first fit's "after" on the same held-out sequences), not the model at scale 1."""
+    from longctx.pipeline.evaluate.calibrate import calibrate
+    _sharp(5).save_pretrained(tmp_path / "model")
+    opts = dict(length=512, data=str(data), param="A", samples=4, batch=4, steps=8, lr=0.2, log=print)
+    first = calibrate(tmp_path / "model", out=tmp_path / "once", **opts)
+    second = calibrate(tmp_path / "once", out=tmp_path / "twice", **opts)
+    assert second["heldout_loss_before"] == pytest.approx(first["heldout_loss_after"], rel=1e-6)
+    assert abs(second["heldout_loss_before"] - first["heldout_loss_before"]) > 1e-4    # not the model at scale 1
+    loaded = Mamba2LM.from_pretrained(tmp_path / "twice")
+    for i, m in enumerate(loaded.mitigations):
+        product = first["scales"][i][0] * second["scales"][i][0]
+        assert m.a_scale == pytest.approx([product] * loaded.config.nheads, rel=1e-6)
+    assert abs(math.log(second["scales"][0][0])) > 1e-3             # the second fit changed something too
+    assert _loss64(tmp_path / "twice", _test_rows(data, tmp_path, 4, 512)) == pytest.approx(
+        second["heldout_loss_after"], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_calibrate_per_head_on_a_model_with_its_own_decay(tmp_path, data):
+    """--per-head fits one decay_scale per layer x head; each multiplies the model's own per-head decay_scale,
+    and the model saved gives the reported loss on the sequences not fitted on."""
+    from longctx.pipeline.evaluate.calibrate import calibrate
+    model = _sharp(5)
+    h = model.config.nheads
+    own = [1.0 - 0.05 * k for k in range(h)]
+    model.set_mitigations([LayerMitigations(decay_scale=own) for _ in model.backbone.layers])
+    model.save_pretrained(tmp_path / "model")
+    rec = calibrate(tmp_path / "model", out=tmp_path / "cal", length=512, data=str(data), param="decay",
+                    per_head=True, samples=4, batch=2, steps=8, lr=0.05, log=lambda _: None)
+    assert rec["per_head"] and all(len(row) == h for row in rec["scales"])
+    assert all(0 < v <= 1 for row in rec["scales"] for v in row)
+    assert len({round(v, 6) for v in rec["scales"][0]}) == h         # one scale per head, fitted apart
+    loaded = Mamba2LM.from_pretrained(tmp_path / "cal")
+    for i, m in enumerate(loaded.mitigations):
+        assert m.decay_scale == pytest.approx([o * f for o, f in zip(own, rec["scales"][i])], rel=1e-6)
+    test = _test_rows(data, tmp_path, 4, 512)
+    assert _loss64(tmp_path / "model", test) == pytest.approx(rec["heldout_loss_before"], rel=1e-5)
+    assert _loss64(tmp_path / "cal", test) == pytest.approx(rec["heldout_loss_after"], rel=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_calibrate_refuses_a_heldout_split_too_small_to_report_out_of_sample(tmp_path, data):
+    from longctx.pipeline.evaluate.calibrate import calibrate
+    tiny(5).save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"fewer than 2 x --samples = 80 sequences of 512 tokens"):
+        calibrate(tmp_path / "model", out=tmp_path / "cal", length=512, data=str(data), samples=40, log=print)
+    assert not (tmp_path / "cal" / "calibration.json").exists()
 
 
 def test_calibrate_refuses_bad_arguments_naming_them(tmp_path, data):
@@ -117,3 +194,52 @@ def test_variants_that_cannot_run_are_named(tmp_path, variants, message):
                                   str(tmp_path / "pk"), "--variants", *[v.format(big=tmp_path / "big") for v in variants]],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+
+
+
+def _by_hand_length_losses(directory, layers, length, buckets):
+    """Bucketed loss of the model saved in `directory` with `layers` set by hand (its own replaced), in float64
+    and one full forward: the reference for what `longctx eval length` reports (float32, read in chunks) on its
+    synthetic row."""
+    from longctx.data.tokenizer import ByteTokenizer
+    from longctx.pipeline.evaluate.length import bucketize
+    from longctx.pipeline.evaluate.run import long_text_row
+    model = Mamba2LM.from_pretrained(directory).double().eval()
+    model.set_mitigations(layers)
+    x, y = long_text_row(ByteTokenizer(), length, seed=0)
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(x).logits[0], y[0], reduction="none").numpy()
+    return [b["mean_loss"] for b in bucketize(losses, buckets)["buckets"]]
+
+
+@pytest.mark.timeout(300)
+def test_variants_and_mitigations_compose_with_the_models_own_scales(tmp_path):
+    """A model saved with a calibrated a_scale keeps it under a variant that sets only a window (and under
+    --mitigations / --compare); a variant that sets a_scale replaces it, a_scale=1 removes it."""
+    from longctx.pipeline.evaluate.any_checkpoint import evaluate_checkpoint
+    model = _sharp(6)
+    h, n = model.config.nheads, model.config.n_layer
+    own = [0.02 * (1 + k) for k in range(h)]        # per head, as `calibrate --per-head` saves it
+    model.set_mitigations([LayerMitigations(a_scale=own) for _ in range(n)])
+    model.save_pretrained(tmp_path / "cal")
+    opts = dict(lengths=[1024], buckets=4, min_position=64)
+
+    def losses(result):
+        return [b["mean_loss"] for b in result["buckets"]]
+
+    def expect(**fields):
+        reference = _by_hand_length_losses(tmp_path / "cal", [LayerMitigations(**fields) for _ in range(n)], 1024, 4)
+        return pytest.approx(reference, rel=1e-5)
+
+    res = evaluate_checkpoint("length", tmp_path / "cal", out=tmp_path / "v", **opts, variant_specs=[
+        "as is=", "window=window=64", "replaced=a_scale=2.0,window=64", "removed=a_scale=1"])
+    assert losses(res["as is"]) == expect(a_scale=own)
+    assert losses(res["window"]) == expect(a_scale=own, window=64)
+    assert losses(res["replaced"]) == expect(a_scale=[2.0] * h, window=64)
+    assert losses(res["removed"]) == expect()
+    assert losses(res["window"]) != expect(window=64)     # the checkpoint's own scale changes the loss here
+
+    res = evaluate_checkpoint("length", tmp_path / "cal", out=tmp_path / "c", **opts, mitigations=["window=64"],
+                              compare=True)
+    assert losses(res["without"]) == expect(a_scale=own)
+    assert losses(res["with mitigations"]) == expect(a_scale=own, window=64)

@@ -127,3 +127,57 @@ def test_every_shipped_config_loads_and_plans():
         cfg = load_config(path)
         world = cfg.launch.nodes * cfg.launch.gpus_per_node if cfg.model.from_pretrained else cfg.launch.local_procs
         assert plan(cfg, world, model_config(cfg).chunk_size, str(path)), path
+
+
+class _RunsCode:
+    """What a malicious checkpoint file holds: unpickling it runs code (here: it writes `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _training_checkpoint(root, files):
+    """checkpoints/step_0000001 as our trainer writes it (complete), with DeepSpeed's files as given."""
+    from dataclasses import asdict
+    d = root / "checkpoints" / "step_0000001"
+    d.mkdir(parents=True)
+    config = Mamba2Config(d_model=32, n_layer=1, vocab_size=257, d_state=8, headdim=8, chunk_size=8)
+    (d / "model_config.json").write_text(json.dumps(asdict(config)))
+    (d / "trainer_state.json").write_text(json.dumps({"step": 1, "stage": 0}))
+    for name, obj in files.items():
+        torch.save(obj, d / name)
+    (d / "COMPLETE.json").write_text(json.dumps({"step": 1, "files": {p.name: p.stat().st_size for p in d.iterdir()}}))
+    return root
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where, command", [
+    ("mp_rank_00_model_states.pt", ["export", "{src}", "{tmp}/out"]),                  # ZeRO 0: load.py reads it
+    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", ["eval", "passkey", "{src}", "--out", "{tmp}/ev"]),  # ZeRO 1-3
+    ("pytorch_model.bin", ["calibrate", "{src}", "--length", "64", "--data", "{tmp}", "--out", "{tmp}/cal"]),
+])
+def test_a_checkpoint_file_that_would_run_code_is_refused_unrun(tmp_path, where, command):
+    """eval, export and calibrate read checkpoints users hand them: a pickle that would run code is refused,
+    named, and nothing of it runs."""
+    import pickle
+    marker = tmp_path / "ran"
+    evil = _RunsCode(marker)
+    if where == "pytorch_model.bin":            # a mamba_ssm directory, its weights a raw pickle
+        src = tmp_path / "model"
+        Mamba2LM(Mamba2Config(d_model=32, n_layer=1, vocab_size=257, d_state=8, headdim=8)).save_pretrained(
+            src, safe_serialization=False)
+        (src / where).write_bytes(pickle.dumps(evil))
+    elif where.startswith("zero"):              # ZeRO: DeepSpeed's zero_to_fp32 reads the model states, then this
+        states = {"module": {}, "buffer_names": [], "param_shapes": [{}], "shared_params": {}, "ds_version": "0.19.8"}
+        src = _training_checkpoint(tmp_path / "run", {"mp_rank_00_model_states.pt": states, where: evil})
+    else:
+        src = _training_checkpoint(tmp_path / "run", {where: evil})
+    r = longctx(*[a.format(src=src, tmp=tmp_path) for a in command])
+    assert not marker.exists(), f"unpickling {where} ran its code"
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "refused to unpickle" in r.stderr and where in r.stderr, r.stderr[-2000:]
+    assert ("raw pickle" if where == "pytorch_model.bin" else "builtins.exec") in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

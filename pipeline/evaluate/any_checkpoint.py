@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from longctx.data.splits import heldout_of
 from longctx.data.stream import DocumentSource, PackedStream
 
-from ..mitigations import MitigationsConfig, merge_overrides, resolve
+from ..mitigations import MitigationsConfig, merge_overrides, on_top, resolve
 from ..model.load import find_checkpoint, load_any
 from ..model.mitigations import calibrate_state_norm
 from .passkey import build_prompt
@@ -37,9 +37,11 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
                         prefill_chunk: int = 4096, calibration_length: Optional[int] = None, seed: int = 0,
                         variant_specs: Sequence[str] = ()) -> dict:
     """One evaluation (passkey | length | states) of any checkpoint; with `mitigations` (KEY=VAL, the
-    mitigations section's keys) the model runs with them, with `compare` also without; `variant_specs`
-    (NAME=KEY=VAL[,...], variants.py) name any number of variants side by side instead. Writes its
-    files into `out` (default eval-KIND/), prints the comparison table, returns the results."""
+    mitigations section's keys) the model runs with them, with `compare` also as loaded; `variant_specs`
+    (NAME=KEY=VAL[,...], variants.py) name any number of variants side by side instead. Mitigations go on top
+    of the model's own (saved with it, or its training stage's): a key given replaces the model's value for
+    that key, the others keep theirs. Writes its files into `out` (default eval-KIND/), prints the comparison
+    table, returns the results."""
     source = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any(source).to(device).eval()
@@ -55,7 +57,8 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
             L = calibration_length or train_length or 2048
             prompt = torch.as_tensor(build_prompt(tok, L, 0.5, "12345")[None], device=device)
             calibrated = calibrate_state_norm(m, prompt, mit.state_norm.multiplier, chunk_len=prefill_chunk)
-        return resolve(mit, m.config.n_layer, m.config.nheads, calibrated=calibrated)
+        return on_top(m.mitigations, resolve(mit, m.config.n_layer, m.config.nheads, calibrated=calibrated),
+                      overrides)
 
     variants, models = None, {}
     if variant_specs and (mitigations or compare):
@@ -64,8 +67,8 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
         layers = with_mitigations(model, OmegaConf.to_container(OmegaConf.from_dotlist(list(mitigations))),
                                   "--mitigations")
         variants = {"with mitigations": layers}
-        if compare:
-            variants = {"without": None, "with mitigations": layers}
+        if compare:      # "without" the given mitigations: the model as loaded, its own scales kept
+            variants = {"without": "as is", "with mitigations": layers}
     if variant_specs:
         variants, loaded = {}, {}
         for spec in parse_variants(list(variant_specs)):

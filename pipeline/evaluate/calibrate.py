@@ -6,7 +6,10 @@ A (Mamba Modulation's, a_scale s > 0: a_t = exp(s·Δ_t·A)). Decision: the fit 
 the model frozen: Adam on an unconstrained parameter (λ = exp(-w²), s = exp(w)), starting at the identity, on
 `samples` held-out sequences in mini-batches; the loss is differentiable in the scales through the scan, and a
 few dozen steps on 16 sequences suffice for a handful of numbers (zeroth-order search would need as many
-forwards per step as there are scales). The output is a model directory (mamba_ssm layout,
+forwards per step as there are scales). A fitted scale multiplies the model's own (a model calibrated twice keeps
+both fits; the decay's product stays in (0, 1]). The loss is reported before (the model as loaded, its own
+scales included) and after (the model as saved) on the next `samples` sequences of the held-out stream, which
+the fit never reads: an out-of-sample figure. The output is a model directory (mamba_ssm layout,
 longctx_mitigations.json beside it) that loads with its scales; they apply in the parallel forward, chunked
 prefill and recurrent decoding alike (Mamba2Mixer.forward scales A before choosing the path; decay_scale goes
 to every scan), and calibration.json records the fit.
@@ -31,6 +34,8 @@ from ..training.loss import lm_loss
 from .run import tokenizer_for
 
 PARAMS = {"decay": "decay_scale", "A": "a_scale"}
+# Where the reported losses come from: never the sequences the scales were fitted to.
+SPLIT = "on {n} held-out sequences not fitted on (the {n} after the fit's {n} in the held-out stream)"
 
 
 def _scales(param: str, w: torch.Tensor) -> torch.Tensor:
@@ -44,16 +49,33 @@ def _identity(param: str, shape) -> torch.Tensor:
     return torch.full(shape, math.sqrt(1e-3) if param == "decay" else 0.0)
 
 
-def _with_scale(base, i: int, param: str, scale) -> LayerMitigations:
-    """Layer i's mitigations as the model came (`base`: model.mitigations, or None) with `param`'s scale set."""
+def _with_scale(base, i: int, param: str, scale: torch.Tensor) -> LayerMitigations:
+    """Layer i's mitigations as the model came (`base`: model.mitigations, or None) with `param`'s scale
+    multiplied by `scale` (nheads values): a model calibrated before keeps that calibration's effect, and the
+    fit looks for the change on top of it."""
     m = base[i] if base is not None and base[i] is not None else LayerMitigations()
-    return replace(m, **{PARAMS[param]: scale})
+    own = getattr(m, PARAMS[param])
+    return replace(m, **{PARAMS[param]: scale if own is None else scale * scale.new_tensor(own)})
 
 
 def _install(model, base, param: str, scales: torch.Tensor) -> None:
     """Each layer's scan gets its scales (tensors: the loss is differentiable in them) on top of `base`."""
     for i, layer in enumerate(model.backbone.layers):
         layer.mixer.mitigation = _with_scale(base, i, param, scales[i].expand(model.config.nheads))
+
+
+def _fit_and_test_rows(stream, samples: int, length: int, device):
+    """The next 2 x `samples` sequences of the held-out stream: the first half to fit on, the second to report
+    on. Read one after the other within one epoch of the split, they share no token; a split too small for
+    both is an error (its second epoch would read the fit's documents again)."""
+    rows = stream.next_batch(2 * samples, length)
+    if stream.epoch > 0:
+        raise ValueError(f"--data's held-out split holds fewer than 2 x --samples = {2 * samples} sequences of "
+                         f"{length} tokens (half to fit on, half to report on): the report would repeat the fit's "
+                         "documents. Lower --samples or --length, or prepare with a larger "
+                         "data.prepare.heldout_fraction")
+    ids, labels = torch.as_tensor(rows.input_ids, device=device), torch.as_tensor(rows.labels, device=device)
+    return (ids[:samples], labels[:samples]), (ids[samples:], labels[samples:])
 
 
 def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", per_head: bool = False,
@@ -70,8 +92,7 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
         p.requires_grad_(False)
     tok = tokenizer_for(source, tokenizer, model.config.vocab_size)
     stream = PackedStream(DocumentSource(heldout_of(data), str(out / ".cache")), tok.eos_id, seed=seed)
-    rows = stream.next_batch(samples, length)
-    ids, labels = torch.as_tensor(rows.input_ids, device=device), torch.as_tensor(rows.labels, device=device)
+    (ids, labels), (test_ids, test_labels) = _fit_and_test_rows(stream, samples, length, device)
     base = model.mitigations
     heads = model.config.nheads if per_head else 1
     w = _identity(param, (model.config.n_layer, heads)).to(device).requires_grad_()
@@ -81,12 +102,14 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
         _install(model, base, param, scales)
         return lm_loss(model(ids[start:stop]).logits, labels[start:stop])   # no seq_idx: no state resets
 
-    def mean_loss(scales):
+    def test_loss():
+        """The installed model's mean loss on the report's sequences (not the fit's)."""
         with torch.no_grad():
-            return sum(float(loss_at(scales, s, s + batch)) * len(ids[s:s + batch])
-                       for s in range(0, samples, batch)) / samples
+            return sum(float(lm_loss(model(test_ids[s:s + batch]).logits, test_labels[s:s + batch]))
+                       * len(test_ids[s:s + batch]) for s in range(0, samples, batch)) / samples
 
-    before = mean_loss(torch.ones_like(w))          # the model as it came (λ = 1 or s = 1 exactly)
+    model.set_mitigations(base)
+    before = test_loss()                            # the model as loaded, its own scales included
     t0, history = time.perf_counter(), []
     for step in range(steps):
         start = (step * batch) % samples
@@ -96,20 +119,23 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
         opt.step()
         history.append(float(loss.detach()))
         if step % 10 == 0 or step == steps - 1:
-            log(f"calibrate: step {step + 1}/{steps}  loss {history[-1]:.4f}  {PARAMS[param]} "
+            log(f"calibrate: step {step + 1}/{steps}  fit loss {history[-1]:.4f}  {PARAMS[param]} x "
                 f"{[round(v, 4) for v in _scales(param, w).detach().mean(1).tolist()]}")
     scales = _scales(param, w).detach()
-    after = mean_loss(scales)
-    fitted = [_with_scale(base, i, param, scales[i].expand(model.config.nheads).tolist())
+    fitted = [_with_scale(base, i, param, scales[i].expand(model.config.nheads))
               for i in range(model.config.n_layer)]
+    fitted = [replace(m, **{PARAMS[param]: getattr(m, PARAMS[param]).tolist()}) for m in fitted]
     model.set_mitigations(fitted)
+    after = test_loss()                             # the model as saved
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     record = dict(checkpoint=str(source), param=param, key=PARAMS[param], per_head=per_head, length=length,
                   data=heldout_of(data), samples=samples, batch=batch, steps=steps, lr=lr, seed=seed,
-                  heldout_loss_before=before, heldout_loss_after=after, seconds=round(time.perf_counter() - t0, 1),
-                  scales=scales.tolist(), loss_history=history,
-                  layers=[asdict(m) for m in fitted])
+                  split=SPLIT.format(n=samples), heldout_loss_before=before, heldout_loss_after=after,
+                  seconds=round(time.perf_counter() - t0, 1), loss_history=history,
+                  scales=scales.tolist(),                  # the fitted factors
+                  layers=[asdict(m) for m in fitted])      # the model's scales now: its own x the factors
     (out / "calibration.json").write_text(json.dumps(record, indent=1))
-    log(f"calibrate: held-out loss at {length} tokens {before:.4f} -> {after:.4f}; wrote {out}")
+    log(f"calibrate: held-out loss at {length} tokens, {SPLIT.format(n=samples)}: {before:.4f} as loaded -> "
+        f"{after:.4f} calibrated; wrote {out}")
     return record

@@ -4,8 +4,11 @@ model side by side on the same prompts.
 A variant is the checkpoint as it is (`NAME=` with no keys), with mitigations (the `mitigations` section's keys:
 decay_scale, input_scale, a_scale, state_norm.every, state_norm.multiplier, state_norm.thresholds, window), or
 another checkpoint (`checkpoint=PATH`, e.g. a `longctx calibrate` output or a continued run), with or without
-mitigations on top. Examples: `"as trained="`, `"decay 0.9=decay_scale=0.9"`, `"norm=state_norm.every=64"`,
-`"calibrated=checkpoint=runs/cal"`, `"per layer=decay_scale=[0.9,0.95]"`.
+mitigations on top. Mitigations compose with the model's own (a calibrated a_scale, a training stage's): a key
+the variant sets replaces the model's value for that key (`a_scale=1` removes it), the others are kept, so
+`"cal + window=checkpoint=runs/cal,window=64"` keeps the calibrated scales. Examples: `"as trained="`,
+`"decay 0.9=decay_scale=0.9"`, `"norm=state_norm.every=64"`, `"calibrated=checkpoint=runs/cal"`,
+`"per layer=decay_scale=[0.9,0.95]"`.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from dataclasses import fields
 from pathlib import Path
 from typing import Dict, Optional
@@ -115,12 +116,40 @@ def config_to_hf(c: Mamba2Config) -> dict:
 
 # ----------------------------------------------------------------------------- weights
 
+def refusal(files, error: Exception) -> CheckpointError:
+    """Why torch.load(weights_only=True) refused one of `files`: each that names globals the unpickler may not
+    load (those a caller allowed with torch.serialization.safe_globals excepted), and what to do."""
+    culprits = []
+    for f in files:
+        try:
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+        except (ValueError, RuntimeError):        # not torch.save's zip format
+            names = ["a raw pickle, not torch.save's format"]
+        if names:
+            culprits.append(f"{f} ({', '.join(names)})")
+    detail = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
+    return CheckpointError(
+        f"refused to unpickle {'; '.join(culprits) or ', '.join(map(str, files))}: unpickling would import and "
+        "call what it names, and longctx reads only tensors and plain data from a checkpoint (torch.load "
+        f"weights_only=True{': ' + detail if detail else ''}). If you did not write this file, do not load it; if "
+        "you trust it, re-save its tensors (torch.save of a state dict, or model.safetensors)")
+
+
+def load_tensors(path: Path, **kw):
+    """torch.load(path) with weights_only=True: tensors and plain containers only. A file whose unpickling would
+    import or call anything else (a pickle can run any code) is refused before any of it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        raise refusal([path], e) from None
+
+
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     def load_one(f: Path):
         if f.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(f))
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return load_tensors(f)
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
