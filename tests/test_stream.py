@@ -14,30 +14,28 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 EOS = 256
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
-    rng = np.random.default_rng(1)
+def _prepared(root, texts):
+    """The train split of `texts` prepared into MDS shards under `root` (no held-out documents)."""
     with open(root / "docs.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": f"doc{i} " + "x" * int(rng.integers(1, 120))}) + "\n")
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
                                              chunk_bytes=1500, num_workers=2, heldout_fraction=0)), TokenizerConfig())
     return split_url(str(root / "mds"), "train")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    return _prepared(tmp_path_factory.mktemp("stream"),
+                     [f"doc{i} " + "x" * int(rng.integers(1, 120)) for i in range(40)])
 
 
 @pytest.fixture(scope="module")
 def varied_shards(tmp_path_factory):
     """Documents of random letters: a token skipped or repeated anywhere shows (runs of one letter hide it)."""
-    root = tmp_path_factory.mktemp("varied")
     rng = np.random.default_rng(2)
-    with open(root / "docs.jsonl", "w") as f:
-        for _ in range(40):
-            f.write(json.dumps({"text": "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(5, 90)))})
-                    + "\n")
-    prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
-                                             chunk_bytes=1500, num_workers=2, heldout_fraction=0)), TokenizerConfig())
-    return split_url(str(root / "mds"), "train")
+    return _prepared(tmp_path_factory.mktemp("varied"),
+                     ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(5, 90))) for _ in range(40)])
 
 
 def independent_stream(shards):

@@ -34,16 +34,19 @@ class FileEngine:
         return f"{root}/{tag}", torch.load(f"{root}/{tag}/mp_rank_00_model_states.pt", weights_only=False)
 
 
-def _config(tmp_path, extra=""):
+TWO_STAGES = """
+    - {name: a, seq_len: 64, steps: 2, global_batch_tokens: 128}
+    - {name: b, seq_len: 128, steps: 2, global_batch_tokens: 128, mitigations: {state_norm: {every: 32}}}"""
+
+
+def _config(tmp_path, extra="", stages=TWO_STAGES):
     path = tmp_path / "c.yaml"
     path.write_text(f"""
 run: {{dir: {tmp_path / 'run'}}}
 model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
 data: {{shards: {tmp_path / 'mds'}}}
 curriculum:
-  stages:
-    - {{name: a, seq_len: 64, steps: 2, global_batch_tokens: 128}}
-    - {{name: b, seq_len: 128, steps: 2, global_batch_tokens: 128, mitigations: {{state_norm: {{every: 32}}}}}}
+  stages:{stages}
 {extra}""")
     return load_config(str(path))
 
@@ -236,18 +239,9 @@ def test_resume_allows_and_reports_other_changes(tmp_path):
 def _three_stage_identity(tmp_path, steps=(2, 2, 3)):
     from longctx.pipeline.config import model_config
     from longctx.pipeline.training.compatibility import run_identity
-    path = tmp_path / "three.yaml"
-    path.write_text(f"""
-run: {{dir: {tmp_path / 'run'}}}
-model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
-data: {{shards: {tmp_path / 'mds'}}}
-curriculum:
-  stages:
-    - {{name: a, seq_len: 64, steps: {steps[0]}, global_batch_tokens: 512}}
-    - {{name: b, seq_len: 128, steps: {steps[1]}, global_batch_tokens: 512}}
-    - {{name: c, seq_len: 256, steps: {steps[2]}, global_batch_tokens: 512}}
-""")
-    cfg = load_config(str(path))
+    cfg = _config(tmp_path, stages="".join(
+        f"\n    - {{name: {name}, seq_len: {seq_len}, steps: {n}, global_batch_tokens: 512}}"
+        for name, seq_len, n in zip("abc", (64, 128, 256), steps)))
     return run_identity(cfg, model_config(cfg), {"name": "byte", "sha256": "x"}, "60:abc", 2,
                         plan(cfg, 2, MODEL.chunk_size))
 
