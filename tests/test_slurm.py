@@ -17,19 +17,30 @@ from longctx.launch.local import free_port
 from tests.training import STEPS3, assert_same_run, records, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
+    """The test cluster, up for the session and stopped after it (cluster.sh stops only the daemons it started).
+    It has a config and ports of its own, so SLURM_CONF points every sbatch/scontrol/squeue of the tests, and of
+    their jobs (sbatch passes the environment on), at it rather than at a SLURM the machine may run itself."""
     if not shutil.which("slurmd") or not shutil.which("munged"):
         pytest.skip("SLURM is not installed: `apt-get install slurm-wlm munge` as root (.ci/run does it), "
                     "then these tests start a two-node cluster with tests/slurm/cluster.sh")
     if os.geteuid() != 0:
-        pytest.skip("the test SLURM cluster needs root (slurmd runs jobs as their user)")
-    r = subprocess.run([str(ROOT / "tests" / "slurm" / "cluster.sh"), "start"], capture_output=True, text=True,
-                       timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    yield
+        pytest.skip("the test SLURM cluster needs root (slurmd runs jobs as their user): run these tests as root, "
+                    "e.g. `sudo -E \"$(command -v python)\" -m pytest tests/test_slurm.py tests/test_launch_scripts.py`")
+    try:
+        r = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        conf = re.search(r"^export SLURM_CONF=(.+)$", r.stdout, re.M).group(1)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("SLURM_CONF", conf)
+            yield
+    finally:        # also after a failed start: the suite leaves no daemon it started behind
+        r = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def job_env():
@@ -291,7 +302,7 @@ def test_a_node_lost_mid_run_ends_the_job_in_bounded_time_and_the_run_resumes(sl
         info = wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PENDING",
                                 "REQUEUED", "REQUEUE_HOLD"}, timeout=300)       # COMPLETING settles first
     finally:
-        subprocess.run([str(ROOT / "tests" / "slurm" / "cluster.sh"), "start"], capture_output=True, timeout=180)
+        subprocess.run([str(CLUSTER), "start"], capture_output=True, timeout=180)   # node2 back, same ports
     assert ended < 120, (ended, info)
     log = (run_dir / f"slurm-{jid}.out").read_text()
     if info["JobState"] in ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"):   # --requeue on NODE_FAIL
