@@ -30,14 +30,10 @@ import numpy as np
 from . import storage
 from .config import DataConfig, S3Config, TokenizerConfig
 from .records import SPLITTABLE, WorkItem, count_records, detect_format, iter_records
-from .splits import LENGTHS, PARTS, SPLITS, is_heldout
+from .splits import DONE, FORMAT_VERSION, LENGTHS, MANIFEST, PARTS, SHARD_HASH, SPLITS, is_heldout
 from .synthetic import write_jsonl
 from .tokenizer import identity, load_tokenizer, token_dtype
 
-MANIFEST = "manifest.json"
-SHARD_HASH = "xxh64"        # recorded for every shard file in the MDS index; checked where shards are read
-DONE = "DONE"
-FORMAT_VERSION = 3          # 2: manifest.max_token_id; 3: train/ and heldout/ splits
 EXAMPLES_PER_REASON = 5
 
 

@@ -3,7 +3,8 @@ reads, never trained on). A document's split is a pure function of its text and 
 re-runs, added inputs and other machines never move a document between splits, and copies of one text
 always land in the same split.
 
-Layout of a `longctx prepare` output (format v3):
+Layout of a `longctx prepare` output (format v3; its names are defined here, for `prepare`, which writes it,
+and for every reader):
     manifest.json, DONE
     train/index.json      train/part-<id>/...     (MDS; a plain StreamingDataset reads train/)
     train/lengths.npy     tokens of every document, in the index's order (int32): readers that skip
@@ -20,6 +21,10 @@ from . import storage
 SPLITS = ("train", "heldout")
 PARTS = "parts"
 LENGTHS = "lengths.npy"
+MANIFEST = "manifest.json"
+DONE = "DONE"
+FORMAT_VERSION = 3          # 2: manifest.max_token_id; 3: train/ and heldout/ splits
+SHARD_HASH = "xxh64"        # recorded for every shard file in the MDS index; checked where shards are read
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -41,7 +46,6 @@ def heldout_of(shards: str) -> str:
     """The held-out split of a `longctx prepare` output, for evaluations given the output's root."""
     import json
 
-    from .prepare import FORMAT_VERSION, MANIFEST
     text = storage.read_text(storage.join(shards, MANIFEST))
     if text is None:
         raise ValueError(f"{shards}: no {MANIFEST}; give the directory `longctx prepare` wrote (data.prepare.output):"

@@ -70,7 +70,7 @@ class DocumentSource:
     A damaged shard stops the reader with an error naming the file; it never yields a wrong document."""
 
     def __init__(self, shards: str, cache_dir: Optional[str] = None):
-        from .prepare import SHARD_HASH
+        from .splits import SHARD_HASH
         from .streaming_shm import open_dataset
         remote = shards if shards.startswith("s3://") else None
         local = cache_dir if remote else shards
@@ -128,7 +128,7 @@ class DocumentSource:
     def _check_decompressed(self, shard_id: int) -> None:
         from streaming.base.hashing import get_hash
 
-        from .prepare import SHARD_HASH
+        from .splits import SHARD_HASH
         raw, path, _ = self._shard_files(shard_id)
         expected = raw.hashes.get(SHARD_HASH)
         if expected is not None and path.exists() and get_hash(SHARD_HASH, path.read_bytes()) != expected:
@@ -148,8 +148,7 @@ def open_splits(shards: str, cache_dir: Optional[str] = None):
     import json
 
     from . import storage
-    from .prepare import MANIFEST
-    from .splits import split_url
+    from .splits import MANIFEST, split_url
     counts = json.loads(storage.read_text(storage.join(shards, MANIFEST)))["splits"]
     cache = (lambda split: str(Path(cache_dir) / split)) if cache_dir else (lambda split: None)
     return tuple(DocumentSource(split_url(shards, split), cache(split)) if counts[split]["documents"] else None

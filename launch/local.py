@@ -24,7 +24,7 @@ def free_port() -> int:
 def shards_ready(cfg: Config) -> bool:
     from longctx.data import storage
     shards = cfg.data.shards or cfg.data.prepare.output
-    from longctx.data.prepare import DONE
+    from longctx.data.splits import DONE
     return bool(shards) and storage.exists(storage.join(shards, DONE))
 
 

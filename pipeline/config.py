@@ -17,7 +17,7 @@ from longctx.data.config import DataConfig, TokenizerConfig
 
 from .mitigations import MitigationsConfig, check_scales, merge_overrides, resolve
 from .model.config import Mamba2Config
-from .training.schedule import DECAYS
+from .schedule import DECAYS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_KINDS = ("heldout", "passkey", "length", "states")   # training.evaluator runs them, in this order
@@ -103,7 +103,7 @@ class StageConfig:
     max_doc_tokens: int = 0         # > 0: documents longer than this are left out of this stage's sequences
     # none | batch (each row starts from the detached final state of the same row at the previous micro-step:
     # State Passing) | document (a document longer than a row continues in the same row at the next
-    # micro-step, its state carried: truncated BPTT). README, "Length generalization"
+    # micro-step, its state carried: truncated BPTT). docs/guides/research.md, "Carried state"
     carry_state: str = "none"
 
 

@@ -1,6 +1,6 @@
-"""The configuration reference in README.md, generated from the config dataclasses.
+"""The configuration reference in docs/configuration.md, generated from the config dataclasses.
 
-`python -m longctx.pipeline.config_reference` prints it; a test checks that README.md carries
+`python -m longctx.pipeline.config_reference` prints it; a test checks that docs/configuration.md carries
 exactly this text between its markers, so the documentation cannot drift from the code.
 Each key's description is the comment on its line in the dataclass.
 """

@@ -155,6 +155,28 @@ def test_compiled_blocks_under_sequence_parallelism_do_not_recompile_every_step(
     assert r.returncode == 0 and r.stdout.count("NO-RECOMPILE") == 2, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.mark.timeout(300)
+def test_sequence_parallelism_set_after_compiling_runs_its_collectives_eagerly():
+    """The trainer compiles the blocks once, then sets each stage's sequence parallelism (the test above sets it
+    first): either way the model has its SequenceParallel keep the collectives eager, and only under compiled
+    blocks."""
+    r = run_script("""
+        from longctx.pipeline.parallel.sequence import SequenceParallel
+        names = ("all_gather", "all_reduce", "broadcast_from_last")
+        eager = lambda: [getattr(getattr(SequenceParallel, n), "runs_eagerly", False) for n in names]
+        model = Mamba2LM(Mamba2Config(**CONFIG)).train()
+        model.set_sequence_parallel(SequenceParallel(group=None, rank=0, size=2))
+        assert eager() == [False] * 3, eager()
+        model.set_sequence_parallel(None)
+        assert model.compile_blocks() is None
+        assert eager() == [False] * 3, eager()
+        model.set_sequence_parallel(SequenceParallel(group=None, rank=0, size=2))
+        assert eager() == [True] * 3, eager()
+        print("EAGER")
+    """)
+    assert r.returncode == 0 and "EAGER" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 @pytest.mark.timeout(120)
 def test_the_model_and_sequence_parallelism_import_without_dynamo():
     """train.compile's eager collectives are marked when blocks are compiled, not at import: marking them

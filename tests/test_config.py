@@ -74,14 +74,15 @@ def test_list_index_overrides(tmp_path):
         load_config(write(tmp_path, GOOD), ["curriculum.stages.0.bogus=4"])
 
 
-def test_readme_configuration_reference_is_generated_from_the_dataclasses():
+def test_docs_configuration_reference_is_generated_from_the_dataclasses():
     from pathlib import Path
 
     from longctx.pipeline.config_reference import END, START, reference
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert START in readme and END in readme
-    body = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    assert body == reference(), "README's configuration reference is stale: run python -m longctx.pipeline.config_reference"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert START in page and END in page
+    body = page.split(START, 1)[1].split(END, 1)[0].strip()
+    assert body == reference(), ("docs/configuration.md is stale: paste the output of "
+                                 "python -m longctx.pipeline.config_reference between its markers")
     for key in ("curriculum.stages", "eval.compare_mitigations", "mitigations.state_norm.every", "`seq_parallel`"):
         assert key in body
 
@@ -153,15 +154,15 @@ def test_deepspeed_keys_that_override_the_plan_are_refused(tmp_path, key, value,
 
 
 @pytest.mark.parametrize("recipe", ["configs/mamba2-370m-256k.yaml", "configs/mamba2-130m-256k.yaml"])
-def test_readme_states_the_recipes_checkpoint_passkey_grid_as_the_recipe_has_it(recipe):
-    """README once promised passkey up to 1M at every checkpoint where the recipe's grid stops at 512K."""
+def test_docs_state_the_recipes_checkpoint_passkey_grid_as_the_recipe_has_it(recipe):
+    """The docs once promised passkey up to 1M at every checkpoint where the recipe's grid stops at 512K."""
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(str(root / recipe))
-    readme = " ".join((root / "README.md").read_text().split())
-    claim = re.search(r"passkey from (\d+)K up to (\d+)K tokens \(2× the final length\) at every checkpoint", readme)
-    assert claim, "README's paragraph on the paper-scale recipes states their checkpoint passkey grid"
+    page = " ".join((root / "docs" / "guides" / "cluster.md").read_text().split())
+    claim = re.search(r"passkey from (\d+)K up to (\d+)K tokens \(2× the final length\) at every checkpoint", page)
+    assert claim, "docs/guides/cluster.md's paragraph on the paper-scale recipes states their checkpoint passkey grid"
     lengths = cfg.eval.passkey_lengths
     assert (int(claim.group(1)) * 1024, int(claim.group(2)) * 1024) == (min(lengths), max(lengths))
     assert max(lengths) == 2 * cfg.curriculum.stages[-1].seq_len

@@ -1,7 +1,9 @@
 """The installed API is one namespace, `longctx`, that coexists with unrelated packages named like
-our rooms (Hugging Face's `kernels`); README's Layout names every module; the code is lint-clean."""
+our rooms (Hugging Face's `kernels`); docs/layout.md names every module; the code is lint-clean."""
 import os
 import re
+import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -39,6 +41,20 @@ def test_wheel_installs_only_the_longctx_namespace(wheel):
         assert f"longctx/{tpl}" in names
 
 
+def _venv_seeing_this_environment(env_dir):
+    """A fresh virtualenv that imports torch & co. (and setuptools, to build `other`) from the environment running
+    the tests, after its own site-packages. Not `system_site_packages=True`: from inside a virtualenv that is the
+    base interpreter's site-packages (no torch, an older setuptools: "invalid command 'bdist_wheel'"). A .pth file
+    adds each of this environment's site directories as `site` does, with their own .pth files (a venv of a venv
+    with --system-site-packages, the editable install's finder, which the wheel's copy shadows)."""
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    own = _run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    Path(own, "running-environment.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
+    return py
+
+
 def test_wheel_beside_a_package_named_kernels(wheel, tmp_path):
     """A fresh virtualenv with the wheel and another distribution's top-level `kernels`: both import."""
     other = tmp_path / "other"
@@ -48,8 +64,7 @@ def test_wheel_beside_a_package_named_kernels(wheel, tmp_path):
                                           '"setuptools.build_meta"\n[project]\nname = "kernels"\nversion = "1.0"\n'
                                           '[tool.setuptools]\npackages = ["kernels"]\n')
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)   # torch & co. from this interpreter
-    py = env_dir / "bin" / "python"
+    py = _venv_seeing_this_environment(env_dir)
     _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-build-isolation", "--no-index",
           wheel, other])
     probe = ("import kernels, longctx, longctx.kernels, longctx.pipeline.training.trainer, longctx.launch.cli\n"
@@ -75,13 +90,11 @@ def test_source_checkout_imports_without_installing(tmp_path):
 
 
 def _layout_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Layout\n", 1)[1]
-    return section.split("```", 2)[1]
+    return (ROOT / "docs" / "layout.md").read_text().split("```", 2)[1]
 
 
-def test_readme_layout_names_every_module():
-    """Each folder line of README's Layout lists exactly the modules (and subfolders) on disk."""
+def test_docs_layout_names_every_module():
+    """Each folder line of docs/layout.md lists exactly the modules (and subfolders) on disk."""
     entries, current = {}, None
     for line in _layout_block().splitlines():
         m = re.match(r"^(\S+/)\s+(.*)$", line)
@@ -92,7 +105,7 @@ def test_readme_layout_names_every_module():
             entries[current] += " " + line.strip()
     for folder, text in entries.items():
         path = ROOT / folder
-        assert path.is_dir(), f"README Layout names {folder}, which does not exist"
+        assert path.is_dir(), f"docs/layout.md names {folder}, which does not exist"
         if folder.split("/")[0] not in ROOMS + ("longctx",):
             continue
         named = set(re.findall(r"([A-Za-z_]\w*\.py)\b", text))
@@ -101,14 +114,38 @@ def test_readme_layout_names_every_module():
         for sub in path.iterdir():
             if (sub / "__init__.py").exists() and f"{folder}{sub.name}/" not in entries:
                 on_disk |= {p.name for p in sub.glob("*.py") if p.name != "__init__.py"}
-        assert named == on_disk, f"README Layout, {folder}: names {sorted(named)}, on disk {sorted(on_disk)}"
+        assert named == on_disk, f"docs/layout.md, {folder}: names {sorted(named)}, on disk {sorted(on_disk)}"
     packages = {str(p.parent.relative_to(ROOT)) + "/" for room in ROOMS for p in (ROOT / room).rglob("__init__.py")}
     covered = {f for f in packages if f in entries or any(f.startswith(e) and f"{Path(f).name}/" in entries[e]
                                                           for e in entries)}
-    assert covered == packages, f"README Layout misses {sorted(packages - covered)}"
+    assert covered == packages, f"docs/layout.md misses {sorted(packages - covered)}"
 
 
 def test_ruff_clean():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True,
                        timeout=120, cwd=ROOT, env={**os.environ, "NO_COLOR": "1"})
     assert r.returncode == 0, r.stdout[-5000:]
+
+
+def _namespace_as_installed(view: Path) -> Path:
+    """`longctx` as the wheel lays it out (one folder holding every room), made of links to this checkout, with the
+    contracts beside it. import-linter reads a package from the folder of its __init__.py alone, and the checkout
+    keeps the rooms beside `longctx/`, not in it."""
+    (view / "longctx").mkdir(parents=True)
+    for f in (ROOT / "longctx").glob("*.py"):
+        (view / "longctx" / f.name).symlink_to(f)
+    for room in ROOMS:
+        (view / "longctx" / room).symlink_to(ROOT / room, target_is_directory=True)
+    (view / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")
+    return view
+
+
+def test_import_contracts(tmp_path):
+    """docs/ARCHITECTURE.md's dependency direction, as pyproject.toml's import-linter contracts; an import inside a
+    function counts as one at the top."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    lint = str(lint) if lint.exists() else shutil.which("lint-imports")
+    assert lint, "no lint-imports: install the dev tools (pip install -e '.[dev]' installs import-linter)"
+    r = subprocess.run([lint, "--no-cache"], capture_output=True, text=True, timeout=300,
+                       cwd=_namespace_as_installed(tmp_path / "installed"), env={**os.environ, "NO_COLOR": "1"})
+    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# State collapse at small scale, end to end (README, "State collapse at small scale").
+# State collapse at small scale, end to end (docs/results/collapse.md).
 # Trains three small Mamba-2 models on the demo's synthetic passkey documents (d_state 32 and 128 at
 # 256 tokens; d_state 128 trained on, at 1024 tokens), then reads 8192 tokens of concatenated documents
 # with the state carried across them, as trained and with each mitigation, and prints the table.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Length generalization at small scale, end to end (README, "Length generalization").
+# Length generalization at small scale, end to end (docs/results/length-generalization.md).
 # Starts from the collapse study's short-state128 model (configs/collapse/run.sh trains it: d_state 128, 1500
 # steps at 256 tokens with state resets; it collapses past its training length), then
 #   (a) continues it 150 steps (10% of its first stage) at 256 tokens with no change,

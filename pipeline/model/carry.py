@@ -1,6 +1,6 @@
 """Carried state: a micro-batch's rows start from the (detached) final state of the rows before them.
 
-`curriculum.stages[].carry_state` (README, "Length generalization"; Buitrago Ruiz & Gu, arXiv 2507.02782):
+`curriculum.stages[].carry_state` (docs/guides/research.md, "Carried state"; Buitrago Ruiz & Gu, arXiv 2507.02782):
 
 - `batch` (State Passing): each row starts from the final state of the same row at the previous micro-step,
   which read other text: the model learns to read past a state it did not make, as it must beyond its

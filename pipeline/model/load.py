@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import checkpoint
+from .checkpoint_layout import incomplete_reason, newest_complete
 from .config import Mamba2Config
 from .formats import load_tensors, load_weights, refusal
 from .mamba2 import Mamba2LM
@@ -22,13 +22,13 @@ def find_checkpoint(path: Path):
     """(checkpoints root, tag) when `path` is a checkpoint, a checkpoints/ root or a run dir (its newest
     complete checkpoint), else None. Checkpoints that are there but incomplete are an error, not None."""
     for root in (path, path / "checkpoints"):
-        tag, skipped = checkpoint.newest_complete(root)
+        tag, skipped = newest_complete(root)
         if tag is not None:
             return root, tag
         if skipped:
             raise ValueError(f"{root}: no complete checkpoint ({'; '.join(skipped)})")
     if (path / "model_config.json").exists() and (path / "trainer_state.json").exists():
-        reason = checkpoint.incomplete_reason(path)
+        reason = incomplete_reason(path)
         if reason is not None:
             raise ValueError(f"{path}: not a complete checkpoint ({reason})")
         return path.parent, path.name

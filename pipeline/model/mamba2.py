@@ -312,8 +312,11 @@ class Mamba2LM(nn.Module):
     # -- sequence parallelism (longctx.pipeline.parallel) ----------------------------------------
     def set_sequence_parallel(self, sp):
         """A pipeline.parallel.SequenceParallel: forward then takes this rank's contiguous segment
-        of each sequence and returns its logits; None: whole sequences (decoding, evaluation)."""
+        of each sequence and returns its logits; None: whole sequences (decoding, evaluation).
+        Under compiled blocks (compile_blocks, before or after this) its collectives run eagerly."""
         self.sequence_parallel = sp
+        if sp is not None and any(layer.compiled_forward is not None for layer in self.backbone.layers):
+            sp.keep_collectives_eager()
         for layer in self.backbone.layers:
             layer.mixer.ops = LOCAL if sp is None else sp
 
@@ -358,10 +361,9 @@ class Mamba2LM(nn.Module):
         reason = compiler_failure(self.lm_head.weight.device)
         if reason is None:
             import torch._dynamo
-
-            from ..parallel.sequence import keep_collectives_eager
             torch._dynamo.config.suppress_errors = True       # one process-wide switch, set once
-            keep_collectives_eager()
+            if self.sequence_parallel is not None:             # one set after this: set_sequence_parallel asks it
+                self.sequence_parallel.keep_collectives_eager()
             for layer in self.backbone.layers:
                 layer.compile_training_forward()
         return reason

@@ -5,7 +5,9 @@ Every provider of these operations has the same two methods, so the mixer has on
 `LocalOps` (here), `longctx.pipeline.parallel.SequenceParallel` (the sequence split over
 ranks) and `longctx.pipeline.model.inference.LayerCache` (decoding, continuing a state).
 Providers that training with a carried state uses (`carry.py`) also have `conv_from` and
-`scan_from`, which enter with a given conv tail / SSM state and return the final one.
+`scan_from`, which enter with a given conv tail / SSM state and return the final one. A provider
+given to `Mamba2LM.set_sequence_parallel` also has `keep_collectives_eager()`, which the model calls
+once its blocks are compiled (train.compile): the model never imports the provider's module.
 `arguments(offset)` gives the layer's SSD keyword arguments, mitigations included, with
 state-norm positions counted from `offset` tokens before the call.
 """

@@ -133,6 +133,19 @@ class SequenceParallel:
         self.bytes_sent += t.numel() * t.element_size()
         return t
 
+    @staticmethod
+    def keep_collectives_eager() -> None:
+        """Run the collectives outside torch.compile's tracing (train.compile: Mamba2LM calls it once its blocks
+        are compiled and this is its sequence parallelism). Traced, their byte counter's new value at every call
+        failed dynamo's guards, so each step recompiled until dynamo's limit sent the blocks back to eager. Not
+        applied at import: torch.compiler.disable imports dynamo, seconds of every process's start-up."""
+        for name in ("all_gather", "all_reduce", "broadcast_from_last"):
+            method = getattr(SequenceParallel, name)
+            if not getattr(method, "runs_eagerly", False):
+                eager = torch.compiler.disable(method)
+                eager.runs_eagerly = True
+                setattr(SequenceParallel, name, eager)
+
     def _windowed_scan(self, x, dt, A, B, C, z, seq_idx, kw):
         """Under a window of r tokens an output reads only the last r inputs: scan the r-1 inputs
         before the segment (from earlier ranks) and the segment, and keep the segment's outputs.
@@ -149,19 +162,6 @@ class SequenceParallel:
         zs = None if z is None else torch.cat([z.new_zeros(b, k, h, p), z], 1)
         y = kernels.ssd(xs, torch.cat([hdt, dt], 1), A, Bs, Cs, z=zs, seq_idx=self._halo_docs(seq_idx, k), **kw)
         return y[:, k:]
-
-
-def keep_collectives_eager() -> None:
-    """Run SequenceParallel's collectives outside torch.compile's tracing (train.compile; called by
-    Mamba2LM.compile_blocks). Traced, their byte counter's new value at every call failed dynamo's guards, so
-    each step recompiled until dynamo's limit sent the blocks back to eager. Not applied at import:
-    torch.compiler.disable imports dynamo, seconds of every process's start-up."""
-    for name in ("all_gather", "all_reduce", "broadcast_from_last"):
-        method = getattr(SequenceParallel, name)
-        if not getattr(method, "runs_eagerly", False):
-            eager = torch.compiler.disable(method)
-            eager.runs_eagerly = True
-            setattr(SequenceParallel, name, eager)
 
 
 def halo(t: torch.Tensor, width: int, sp: SequenceParallel) -> torch.Tensor:

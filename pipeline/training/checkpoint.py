@@ -5,9 +5,8 @@ model_config.json, tokenizer_info.json and, for a Hugging Face tokenizer, tokeni
 COMPLETE.json last), checkpoints/latest (the tag of the newest complete checkpoint).
 
 A checkpoint counts only when its COMPLETE.json exists and every file it lists has the size it
-records: the marker is written after every rank has written its part, so a save cut short (a
-kill, a full disk, a lost node) leaves a directory without one, and a file truncated or removed
-later no longer matches. Resuming takes the newest complete checkpoint and says what it skipped.
+records (longctx.pipeline.model.checkpoint_layout: what loading a model from a checkpoint reads too).
+Resuming takes the newest complete checkpoint and says what it skipped.
 The checkpoints directory must be one filesystem all ranks write to (as DeepSpeed requires).
 """
 from __future__ import annotations
@@ -17,74 +16,29 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 from ..config import ConfigError
+from ..model.checkpoint_layout import (
+    LATEST,
+    MARKER,
+    incomplete_reason,
+    marker_files,
+    newest_complete,
+    step_dirs,
+    tag_of,
+)
 
-LATEST = "latest"
-MARKER = "COMPLETE.json"
 TOKENIZER_INFO = "tokenizer_info.json"
 TOKENIZER_FILE = "tokenizer.json"
-PREFIX = "step_"
 STOPPED = "stopped.json"     # in the run directory: the run stopped at a checkpoint on SIGTERM
 EXIT_STOPPED = 143           # 128 + SIGTERM: stopped at a checkpoint, resume to continue (SLURM RequeueExit)
-
-
-def tag_of(step: int) -> str:
-    return f"{PREFIX}{step:07d}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _files(d: Path) -> Dict[str, int]:
-    return {p.relative_to(d).as_posix(): p.stat().st_size for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
-
-
-def incomplete_reason(d: Path) -> Optional[str]:
-    """None when the checkpoint directory `d` is complete, else why not (for the warning)."""
-    marker = d / MARKER
-    if not marker.exists():
-        return f"{d.name}: no {MARKER} (the save did not finish)"
-    try:
-        listed = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{d.name}: {MARKER} is unreadable ({e})"
-    for name, size in listed.items():
-        path = d / name
-        if not path.is_file():
-            return f"{d.name}: {name} is missing"
-        if path.stat().st_size != size:
-            return f"{d.name}: {name} is {path.stat().st_size} bytes, the marker says {size}"
-    return None
-
-
-def _step_dirs(root: Path) -> List[Path]:
-    """step_* directories, newest first."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
-
-
-def newest_complete(root: Path) -> Tuple[Optional[str], List[str]]:
-    """(tag of the newest complete checkpoint or None, what was skipped and why)."""
-    root = Path(root)
-    skipped = []
-    latest = root / LATEST
-    if latest.exists():
-        named = latest.read_text().strip()
-        if not (root / named).is_dir() or not named.startswith(PREFIX):
-            skipped.append(f"{LATEST} names {named!r}, which is not a checkpoint here")
-    for d in _step_dirs(root):
-        reason = incomplete_reason(d)
-        if reason is None:
-            return d.name, skipped
-        skipped.append(reason)
-    return None, skipped
 
 
 def rank_state_file(ckpt_dir: Path, rank: int) -> Path:
@@ -116,7 +70,7 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, model_config, 
             shutil.copyfile(tokenizer_file, d / TOKENIZER_FILE)
     barrier()                                    # every rank's part is on disk before the marker says so
     if is_rank0:
-        _write_atomic(d / MARKER, json.dumps({"step": step, "files": _files(d)}, indent=1))
+        _write_atomic(d / MARKER, json.dumps({"step": step, "files": marker_files(d)}, indent=1))
         _write_atomic(ckpt_root / LATEST, tag)
         _prune(ckpt_root, keep_last, tag)
     barrier()
@@ -128,7 +82,7 @@ def _prune(root: Path, keep_last: int, current: str) -> None:
     it keeps its disk space, and the operator should know."""
     if keep_last <= 0:
         return
-    for old in _step_dirs(root)[keep_last:]:
+    for old in step_dirs(root)[keep_last:]:
         if old.name == current:
             continue
         try:

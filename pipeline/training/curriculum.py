@@ -15,7 +15,7 @@ from ..config import Config, ConfigError
 from ..mitigations import merge_overrides
 from ..model.carry import CARRY_MODES
 from ..model.mitigations import STATE_NORM_UNSUPPORTED
-from .schedule import DECAYS, end_lr
+from ..schedule import DECAYS, end_lr
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..config import evaluation_variants
 from ..evaluate.run import run_eval
 from ..evaluate.share import EVERYTHING, RankShare
 from ..mitigations import merge_overrides
-from .checkpoint import tag_of
+from ..model.checkpoint_layout import tag_of
 from .loss import sequence_loss
 
 

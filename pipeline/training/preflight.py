@@ -15,7 +15,7 @@ import json
 from dataclasses import fields
 
 from longctx.data import storage
-from longctx.data.prepare import DONE, FORMAT_VERSION, MANIFEST
+from longctx.data.splits import DONE, FORMAT_VERSION, MANIFEST
 from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
 from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_variants, model_config

@@ -381,7 +381,7 @@ class Trainer:
     def _enter_carried(self, p, rows) -> Optional[list]:
         """Sets the state this micro-batch's rows start from (carry_state; None: zeros) and returns it.
         Under document resets a row of a document lane takes the carried state only where it continues the
-        document its lane's previous row was in (README, "Length generalization")."""
+        document its lane's previous row was in (docs/guides/research.md, "Carried state")."""
         if p.carry_state == "none":
             return None
         continues = rows.continues if p.carry_state == "document" and self.cfg.train.document_resets else None
