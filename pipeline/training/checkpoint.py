@@ -144,7 +144,7 @@ class Checkpointer:
                 raise ConfigError(
                     f"{self.metrics_file} records {recorded} steps but there is no complete checkpoint in "
                     f"{self.root}{' (skipped: ' + '; '.join(skipped) + ')' if skipped else ''}: refusing to start "
-                    "over. Set run.resume=never to start a new run (the old metrics are kept beside it), "
+                    "over. Set run.resume=never to start a new run (this one's outputs move to previous/ beside it), "
                     "or run.resume=PATH to a checkpoint")
             return None
         return self.root, tag
