@@ -86,11 +86,13 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     from longctx.pipeline.training.report import write_report
     report = write_report(Path(cfg.run.dir), plan_text)
     print(f"report: {report}")
+    # the same command with run.resume=never would set this run aside and start over
+    again = "run it again with run.resume=auto" if cfg.run.resume == "never" else "run the same command"
     if stopped.exists():
-        print(f"longctx run: stopped at a checkpoint ({stopped}); run the same command to resume", flush=True)
+        print(f"longctx run: stopped at a checkpoint ({stopped}); {again} to resume", flush=True)
         return EXIT_STOPPED
     if rc != 0:
         lost = rank_status.failures(Path(cfg.run.dir))
         print("longctx run: the run ended with status " + str(rc) + "".join(f"\n  {line}" for line in lost)
-              + "\n  run the same command to resume from the last complete checkpoint", file=sys.stderr, flush=True)
+              + f"\n  {again} to resume from the last complete checkpoint", file=sys.stderr, flush=True)
     return rc

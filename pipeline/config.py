@@ -33,6 +33,8 @@ PLANNED_DEEPSPEED_KEYS = {
     "zero_optimization.stage": "train.zero_stage",
     "bf16.enabled": "train.precision", "fp16.enabled": "train.precision", "amp": "train.precision",
     "torch_autocast": "train.precision",
+    # grad_accum_dtype swaps DeepSpeed's ZeRO optimizer for another (BF16_Optimizer) the trainer does not drive
+    "data_types": "train.precision (and train.zero_stage: ZeRO 1-3 accumulate gradients in fp32)",
     "gradient_clipping": "train.grad_clip",
     # the trainer passes its own AdamW and sets each step's LR from the curriculum
     "optimizer": "train.weight_decay, train.betas and curriculum.stages[].lr",

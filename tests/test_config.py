@@ -143,6 +143,8 @@ def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
     ("torch_autocast", {"enabled": True}, "torch_autocast.enabled", "train.precision"),
     ("scheduler", {"type": "WarmupLR"}, "scheduler.type", r"curriculum.stages\[\].lr"),
     ("optimizer", {"type": "Adam"}, "optimizer.type", "train.weight_decay"),
+    # grad_accum_dtype makes DeepSpeed drive a BF16_Optimizer, which the trainer's overflow check cannot read
+    ("data_types", {"grad_accum_dtype": "fp32"}, "data_types.grad_accum_dtype", "train.precision"),
 ])
 def test_deepspeed_keys_that_override_the_plan_are_refused(tmp_path, key, value, reported, use):
     import json

@@ -103,6 +103,16 @@ def test_resume_never_sets_the_earlier_run_aside_and_auto_then_continues_the_new
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"resumed from \S+step_0000002 at step 2\b", r.stdout), r.stdout[-3000:]
     assert_same_run(records(run), full)
+    # the old run continued on purpose from its step 8 (run.resume=PATH): the new run is set aside first, so
+    # neither is pruned for the other nor mixed into the other's checkpoint folders
+    r = subprocess.run(run_cmd(cfg, f"run.resume={old / 'checkpoints' / 'step_0000008'}"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"this directory's run {new_id} is now in" in r.stdout
+    assert json.loads((run / "run.json").read_text())["run_id"] == json.loads((old / "run.json").read_text())["run_id"]
+    assert len(list((run / "previous").iterdir())) == 2
+    assert [p.name for p in sorted((run / "checkpoints").glob("step_*"))] == ["step_0000010"]
+    assert_same_run(records(run), full[8:])
 
 
 def test_zero3_run_and_export_round_trip(uninterrupted, tmp_path):

@@ -263,6 +263,18 @@ def test_a_checkpoint_in_any_stage_of_a_three_stage_run_resumes_under_the_same_c
         "curriculum.stages.2.steps: 3 -> 9"]             # the current stage may grow
 
 
+def test_never_starts_one_run_per_slurm_job_and_a_requeued_job_continues_it(monkeypatch):
+    """The rendered job script passes its overrides again on every requeue: run.resume=never there would set the
+    pre-empted run aside and start over at each one."""
+    from longctx.pipeline.training.run_dir import resume_mode
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resume_mode("never") == "never" and resume_mode("auto") == "auto"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resume_mode("never") == "never"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert resume_mode("never") == "auto" and resume_mode("/x/step_0000004") == "/x/step_0000004"
+
+
 def test_a_checkpoint_of_another_run_is_not_resumed_by_auto(tmp_path):
     from longctx.pipeline.training.run_dir import check_run_id, recorded_run_id, set_aside, start_run
     run = tmp_path / "run"

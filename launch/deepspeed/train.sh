@@ -93,6 +93,8 @@ argv="$(printf '%s\0' train "${LONGCTX_CONFIG}" "${overrides[@]}" | base64 -w0)"
   "${extra[@]}" --no_local_rank --module longctx.launch.cli --argv-b64 "${argv}" < /dev/null &
 runner=$!
 trap 'kill -TERM "${runner}" 2>/dev/null || true' TERM
+trap 'kill -INT "${runner}" 2>/dev/null || true' INT      # a background job starts with SIGINT ignored
+trap 'kill -HUP "${runner}" 2>/dev/null || true' HUP
 while kill -0 "${runner}" 2>/dev/null; do
   wait "${runner}" || true               # returns early when the TERM trap runs; then wait again
 done

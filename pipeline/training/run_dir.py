@@ -62,6 +62,21 @@ def set_aside(run_dir: Path) -> Optional[Path]:
     return dest
 
 
+def resume_mode(resume: str, say: bool = False) -> str:
+    """`run.resume` as this process applies it: `never` starts one new run per job, so a job SLURM requeues
+    (SLURM_RESTART_COUNT > 0, the same command again) continues that run instead of starting over each time."""
+    if resume == "never" and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        if say:
+            print(f"run.resume=never: restart {os.environ['SLURM_RESTART_COUNT']} of this SLURM job continues the "
+                  "run it started (auto)", flush=True)
+        return "auto"
+    return resume
+
+
+def is_under(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_run_id(run_dir: Path, checkpoint: Path, saved_id: Optional[str], resume: str) -> None:
     """Refuses to continue, by `auto`, a checkpoint another run wrote. A path given as run.resume is the
     user's choice of checkpoint: continued whatever run wrote it."""

@@ -40,7 +40,7 @@ from .evaluator import EvaluationInterrupted, Evaluator
 from .loss import sequence_loss
 from .metrics import MetricsLogger
 from .preflight import preflight
-from .run_dir import check_run_id, recorded_run_id, set_aside, start_run
+from .run_dir import check_run_id, is_under, recorded_run_id, resume_mode, set_aside, start_run
 from .stage_mitigations import StageMitigations
 
 EVAL_SEED_OFFSET = 1_000_003      # the held-out stream's order: another seed than the training stream's
@@ -173,12 +173,13 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last, model_config=model.config, tokenizer_identity=identity(self.tok),
             tokenizer_file=cfg.tokenizer.path if cfg.tokenizer.kind == "hf" else None,
             metrics_file=self.run_dir / "metrics.jsonl")
-        if self.rank == 0 and cfg.run.resume == "never":
+        resume = resume_mode(cfg.run.resume, self.rank == 0)
+        if self.rank == 0 and resume == "never":
             moved = set_aside(self.run_dir)
             if moved is not None:
                 print(f"run.resume=never: the earlier run's outputs are now in {moved}", flush=True)
         dist.barrier()
-        self.to_resume = self.checkpoints.to_resume(cfg.run.resume)
+        self.to_resume = self.checkpoints.to_resume(resume)
         saved_id = None
         if self.to_resume is not None:        # refuse what the checkpoint cannot continue under before DeepSpeed starts
             saved_id = self._check_resume(*self.to_resume, where)
@@ -237,7 +238,7 @@ class Trainer:
         if "identity" not in saved:
             raise ConfigError(f"{root / tag}: the checkpoint records no run identity (written by an older longctx); "
                               "it cannot be checked against this run: start a new run with run.resume=never")
-        check_run_id(self.run_dir, root / tag, saved.get("run_id"), self.cfg.run.resume)
+        check_run_id(self.run_dir, root / tag, saved.get("run_id"), resume_mode(self.cfg.run.resume))
         for note in check_resume(saved["identity"], self.identity, saved["step"], where):
             if self.rank == 0:
                 print(f"resume: changed since {tag}: {note}", flush=True)
@@ -246,10 +247,17 @@ class Trainer:
     def _this_run(self, saved_id: Optional[str]) -> str:
         """The run's id: a new one for a new run, the checkpoint's when continuing one (rank 0 records it)."""
         if self.rank == 0:
+            mine = recorded_run_id(self.run_dir)
             if self.to_resume is None:
                 start_run(self.run_dir)
-            elif recorded_run_id(self.run_dir) is None or (saved_id and saved_id != recorded_run_id(self.run_dir)):
-                start_run(self.run_dir, saved_id)     # an older longctx's run, or a checkpoint given by path
+            elif saved_id and mine and saved_id != mine:      # another run's checkpoint, given by path
+                if not is_under(self.to_resume[0], self.run_dir / "checkpoints"):
+                    moved = set_aside(self.run_dir)   # this directory's run: not pruned for, nor mixed with it
+                    print(f"run.resume={self.cfg.run.resume} continues run {saved_id}; this directory's run "
+                          f"{mine} is now in {moved}", flush=True)
+                start_run(self.run_dir, saved_id)
+            elif mine is None:                        # an older longctx's run
+                start_run(self.run_dir, saved_id)
         self.dist.barrier()
         return recorded_run_id(self.run_dir)
 
@@ -442,7 +450,8 @@ class Trainer:
         if self.cfg.train.zero_stage > 0:    # the ZeRO optimizer holds the reduced partitions; it agrees over ranks
             return not self.engine.optimizer.has_overflow(partition_gradients=True)
         grads = [p_.grad for p_ in self.engine.module.parameters() if p_.grad is not None]
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0], device=self.device)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        bad = (~finite).to(device=self.device, dtype=torch.float32).reshape(1)    # one flag: one host sync
         self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)
         return not bool(bad.item())
 
