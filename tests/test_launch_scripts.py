@@ -3,6 +3,7 @@
 arrives whole, no value written into a script runs as a command, and no secret is written where a log or
 another user reads it. Over ssh the real DeepSpeed runner runs; only pdsh is fake, and it runs each host's line
 with a fresh environment through bash, as a remote login shell would."""
+import contextlib
 import json
 import os
 import re
@@ -317,10 +318,8 @@ def test_deepspeed_script_over_ssh_passes_sigterm_on_to_the_runner_and_removes_i
         proc.send_signal(signal.SIGTERM)               # to the script alone, as `kill PID` sends it
         out = proc.communicate(timeout=60)[0]
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):      # all gone: the script and everything it started
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:      # all gone: the script and everything it started
-            pass
     assert proc.returncode != 0 and fakes.records("pdsh-kill"), out[-3000:]
     assert not Path(fakes.records("pdsh")[0]["env_file"]).exists()
 
