@@ -173,7 +173,7 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last, model_config=model.config, tokenizer_identity=identity(self.tok),
             tokenizer_file=cfg.tokenizer.path if cfg.tokenizer.kind == "hf" else None,
             metrics_file=self.run_dir / "metrics.jsonl")
-        resume = resume_mode(cfg.run.resume, self.rank == 0)
+        self.resume_as_applied = resume = resume_mode(cfg.run.resume, self.rank == 0)
         if self.rank == 0 and resume == "never":
             moved = set_aside(self.run_dir)
             if moved is not None:
@@ -238,7 +238,7 @@ class Trainer:
         if "identity" not in saved:
             raise ConfigError(f"{root / tag}: the checkpoint records no run identity (written by an older longctx); "
                               "it cannot be checked against this run: start a new run with run.resume=never")
-        check_run_id(self.run_dir, root / tag, saved.get("run_id"), resume_mode(self.cfg.run.resume))
+        check_run_id(self.run_dir, root / tag, saved.get("run_id"), self.resume_as_applied)
         for note in check_resume(saved["identity"], self.identity, saved["step"], where):
             if self.rank == 0:
                 print(f"resume: changed since {tag}: {note}", flush=True)
