@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import List, Optional
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.micro_batch_size=2")
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.micro_batch_size=2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,144 +20,174 @@ def build_parser() -> argparse.ArgumentParser:
         "Continual pretraining of Mamba-2 on 100K-1M token contexts: data preparation with Ray, "
         "DeepSpeed training with a context-length curriculum, state-collapse mitigations, passkey eval."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in SUBCOMMANDS:        # `longctx --help` lists them in this order
+        add_command(sub)
+    return parser
 
-    p = sub.add_parser("prepare", help="tokenize raw text (local or s3://) into MDS shards with Ray")
-    _add_config_args(p)
 
-    p = sub.add_parser("train", help="per-rank training entry point (what the DeepSpeed launcher starts)")
-    _add_config_args(p)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # set by the DeepSpeed launcher
+def _add_prepare(sub) -> None:
+    parser = sub.add_parser("prepare", help="tokenize raw text (local or s3://) into MDS shards with Ray")
+    _add_config_args(parser)
 
-    p = sub.add_parser("node", help="one node of a multi-node run: DeepSpeed's launcher for this node's ranks "
-                                    "(what launch/slurm/train.sbatch starts on each node through srun, and "
-                                    "launch/deepspeed/train.sh on each host of a hostfile when NODE_RANK is set)")
-    _add_config_args(p)
-    nodes = p.add_mutually_exclusive_group(required=True)
+
+def _add_train(sub) -> None:
+    parser = sub.add_parser("train", help="per-rank training entry point (what the DeepSpeed launcher starts)")
+    _add_config_args(parser)
+    # set by the DeepSpeed launcher
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _add_node(sub) -> None:
+    parser = sub.add_parser("node", help="one node of a multi-node run: DeepSpeed's launcher for this node's ranks "
+                                         "(what launch/slurm/train.sbatch starts on each node through srun, and "
+                                         "launch/deepspeed/train.sh on each host of a hostfile when NODE_RANK is set)")
+    _add_config_args(parser)
+    nodes = parser.add_mutually_exclusive_group(required=True)
     nodes.add_argument("--hosts", help="comma-separated node names, in node-rank order (with --nproc)")
     nodes.add_argument("--hostfile", help="a DeepSpeed hostfile ('host slots=N' per line, in node-rank order)")
-    p.add_argument("--node-rank", type=int, required=True, help="this node's index among the hosts")
-    p.add_argument("--nproc", type=int, default=None, help="ranks per node (GPUs per node), with --hosts")
-    p.add_argument("--master-addr", default=None, help="rendezvous host (default: the first host)")
-    p.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--node-rank", type=int, required=True, help="this node's index among the hosts")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks per node (GPUs per node), with --hosts")
+    parser.add_argument("--master-addr", default=None, help="rendezvous host (default: the first host)")
+    parser.add_argument("--master-port", type=int, default=29500)
 
-    p = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
-    _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=None, help="local processes (DeepSpeed launcher); "
-                                                             "default launch.local_procs")
-    p.add_argument("--plan", action="store_true", help="print the stage table and exit")
 
-    p = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
-    p.add_argument("kind", choices=["passkey", "length", "states"])
-    p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
-    p.add_argument("--lengths", default="", help="comma-separated context lengths, e.g. 4096,65536")
-    p.add_argument("--depths", default="", help="comma-separated depths in [0, 1]")
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
-    p.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL",
-                   help="mitigations keys, on top of the model's own (scales saved by `longctx calibrate`, a "
-                        "training stage's): a key given replaces the model's value for it, the others are kept")
-    p.add_argument("--compare", action="store_true", help="run the model as loaded and with --mitigations side by side")
-    p.add_argument("--variants", nargs="+", default=[], metavar="NAME=KEY=VAL[,KEY=VAL...]",
-                   help="variants side by side on the same prompts: NAME= (as it is), mitigations keys "
-                        "(decay_scale, a_scale, state_norm.every, window, ...) and/or checkpoint=PATH; one JSON, "
-                        "table.md and plot. Keys compose with the model's own mitigations: one the variant sets "
-                        "replaces the model's value (a_scale=1 removes it), the others (e.g. calibrated scales) "
-                        "are kept")
-    p.add_argument("--data", default=None, help="length/states: a `longctx prepare` output; its held-out split is read "
-                        "(default: synthetic documents)")
-    p.add_argument("--buckets", type=int, default=16, help="length: position buckets")
-    p.add_argument("--margin", type=float, default=0.5, help="length: nats above the running minimum = collapse")
-    p.add_argument("--min-position", type=int, default=64,
-                   help="length: buckets ending before this position are not judged (e.g. the training length)")
-    p.add_argument("--prefill-chunk", type=int, default=4096, help="tokens read per forward call")
-    p.add_argument("--calibration-length", type=int, default=None,
-                   help="state_norm without thresholds: calibrate at this length (default: the training length)")
-    p.add_argument("--seed", type=int, default=0)
+def _add_run(sub) -> None:
+    parser = sub.add_parser("run", help="prepare data if missing, train on N local processes, write the report")
+    _add_config_args(parser)
+    parser.add_argument("--nproc", type=int, default=None, help="local processes (DeepSpeed launcher); "
+                                                                  "default launch.local_procs")
+    parser.add_argument("--plan", action="store_true", help="print the stage table and exit")
 
-    p = sub.add_parser("calibrate", help="fit one scale per layer (decay or A) to the held-out loss at a length, "
-                                         "on top of the model's own (a fitted scale multiplies it); writes a model "
-                                         "directory that loads with its scales")
-    p.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
-    p.add_argument("--length", type=int, required=True, help="tokens per calibration sequence (the target length)")
-    p.add_argument("--data", required=True, help="a `longctx prepare` output: its held-out split is read")
-    p.add_argument("--param", choices=["decay", "A"], default="decay",
-                   help="decay: decay_scale in (0, 1] (MambaExtend); A: a_scale on A (Mamba Modulation)")
-    p.add_argument("--per-head", action="store_true", help="one scale per layer x head (default: per layer)")
-    p.add_argument("--samples", type=int, default=16,
-                   help="held-out sequences to fit on; the loss before (the model as loaded) and after is reported "
-                        "on the next --samples held-out sequences, never fitted on")
-    p.add_argument("--batch", type=int, default=4, help="sequences per gradient step")
-    p.add_argument("--steps", type=int, default=40, help="Adam steps on the scales")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0, help="order of the held-out documents")
-    p.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
-    p.add_argument("--out", required=True, help="the calibrated model directory")
 
-    p = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
-    p.add_argument("target", choices=["slurm", "deepspeed", "ray"])
-    _add_config_args(p)
-    p.add_argument("--nodes", type=int, default=None, help="default launch.nodes")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default launch.gpus_per_node")
-    p.add_argument("--partition", default="", help="slurm: partition (default launch.partition)")
-    p.add_argument("--time", default="", help="slurm: time limit (default launch.time)")
-    p.add_argument("--hostfile", default=None, help="deepspeed: the hostfile ('host slots=N' lines)")
-    p.add_argument("--address", default="", help="ray: the job server, e.g. http://head:8265")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--dry-run", action="store_true", help="print the script")
-    g.add_argument("--submit", action="store_true", help="write it and submit it (sbatch / bash)")
+def _add_eval(sub) -> None:
+    parser = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
+    parser.add_argument("kind", choices=["passkey", "length", "states"])
+    parser.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
+    parser.add_argument("--lengths", default="", help="comma-separated context lengths, e.g. 4096,65536")
+    parser.add_argument("--depths", default="", help="comma-separated depths in [0, 1]")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
+    parser.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL",
+                        help="mitigations keys, on top of the model's own (scales saved by `longctx calibrate`, a "
+                             "training stage's): a key given replaces the model's value for it, the others are kept")
+    parser.add_argument("--compare", action="store_true",
+                        help="run the model as loaded and with --mitigations side by side")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="NAME=KEY=VAL[,KEY=VAL...]",
+                        help="variants side by side on the same prompts: NAME= (as it is), mitigations keys "
+                             "(decay_scale, a_scale, state_norm.every, window, ...) and/or checkpoint=PATH; one JSON, "
+                             "table.md and plot. Keys compose with the model's own mitigations: one the variant sets "
+                             "replaces the model's value (a_scale=1 removes it), the others (e.g. calibrated scales) "
+                             "are kept")
+    parser.add_argument("--data", default=None,
+                        help="length/states: a `longctx prepare` output; its held-out split is read "
+                             "(default: synthetic documents)")
+    parser.add_argument("--buckets", type=int, default=16, help="length: position buckets")
+    parser.add_argument("--margin", type=float, default=0.5, help="length: nats above the running minimum = collapse")
+    parser.add_argument("--min-position", type=int, default=64,
+                        help="length: buckets ending before this position are not judged (e.g. the training length)")
+    parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens read per forward call")
+    parser.add_argument("--calibration-length", type=int, default=None,
+                        help="state_norm without thresholds: calibrate at this length (default: the training length)")
+    parser.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("export", help="write a model directory in the mamba_ssm or Hugging Face layout")
-    p.add_argument("source", help="a training checkpoint (checkpoints/step_XXXXXXX, or a run's checkpoints/ for the "
-                                  "latest) or a mamba_ssm / Hugging Face Mamba2 directory")
-    p.add_argument("out_pos", nargs="?", metavar="out", help="output directory (or --out)")
-    p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
 
-    p = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s), "
-                                     "sp (sequence-parallel step time and bytes per layer)")
-    p.add_argument("what", choices=list(BENCHES))
-    p.add_argument("--lengths", default=None,
-                   help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,32768)")
-    p.add_argument("--nproc", type=int, default=2, help="sp: processes in the sequence-parallel group")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--headdim", type=int, default=64)
-    p.add_argument("--d-state", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--naive-max-len", type=int, default=8192, help="skip the slow reference above this length")
-    p.add_argument("--dtypes", default="float32", help="kernels: comma-separated input dtypes (float32,bfloat16)")
-    p.add_argument("--devices", default="cpu,cuda", help="kernels: comma-separated devices to time on")
-    p.add_argument("--out", default=None, help="JSON results file (default bench_results/WHAT.json)")
-    p.add_argument("--megabytes", type=float, default=100, help="data: size of the generated jsonl corpus")
-    p.add_argument("--workers", type=int, default=2, help="data: Ray workers for prepare (and cores for the baseline)")
-    p.add_argument("--tokenizer", default=None, help="data: a tokenizer.json (default: train a BPE on the corpus)")
-    p.add_argument("--ranks", default="8,64", help="data: simulated ranks sharing each step (loader tokens/s per rank)")
-    p.add_argument("--vs-minimal", action="store_true",
-                   help="kernels: our torch scan against mamba_ssm's ssd_minimal_discrete (transcribed), each at "
-                        "every --chunk-sizes, on CPU")
-    p.add_argument("--chunk-sizes", default="64,128,256", help="kernels --vs-minimal: chunk sizes to try")
-    p.add_argument("--vs-bare", action="store_true",
-                   help="train: the trainer (a real `longctx run` of each stage of --config) against a bare PyTorch "
-                        "loop of the same model, shapes and optimizer, for each --procs")
-    p.add_argument("--compile", action="store_true",
-                   help="train: each stage of --config, one process: the first step under train.compile (its "
-                        "compile) and eager against compiled steps, in turn")
-    p.add_argument("--plateau", action="store_true",
-                   help="train: the first stage of --config in one process on its prepared shards, loss and the "
-                        "loss on the passkey's digits (the key, its repeat in the needle, the answer) every 100 "
-                        "steps: how soon the model learns to copy")
-    p.add_argument("--config", dest="bench_config", default="configs/demo.yaml",
-                   help="train --vs-bare / --compile / --plateau: the model, batch and data")
-    p.add_argument("--procs", default="1,2", help="train --vs-bare: comma-separated process counts")
-    p.add_argument("--steps", type=int, default=None, help="train --vs-bare: optimizer steps per measurement "
-                                                          "(default 20, the first 3 are warm-up); --compile: steps "
-                                                          "per block (default 20); --plateau: steps to train "
-                                                          "(default and at most: the stage's)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="train --plateau: config overrides, e.g. train.betas=[0.9,0.999] run.seed=1")
-    return parser
+def _add_calibrate(sub) -> None:
+    parser = sub.add_parser("calibrate",
+                            help="fit one scale per layer (decay or A) to the held-out loss at a length, "
+                                 "on top of the model's own (a fitted scale multiplies it); writes a model "
+                                 "directory that loads with its scales")
+    parser.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
+    parser.add_argument("--length", type=int, required=True, help="tokens per calibration sequence (the target length)")
+    parser.add_argument("--data", required=True, help="a `longctx prepare` output: its held-out split is read")
+    parser.add_argument("--param", choices=["decay", "A"], default="decay",
+                        help="decay: decay_scale in (0, 1] (MambaExtend); A: a_scale on A (Mamba Modulation)")
+    parser.add_argument("--per-head", action="store_true", help="one scale per layer x head (default: per layer)")
+    parser.add_argument("--samples", type=int, default=16,
+                        help="held-out sequences to fit on; the loss before (the model as loaded) and after is "
+                             "reported on the next --samples held-out sequences, never fitted on")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per gradient step")
+    parser.add_argument("--steps", type=int, default=40, help="Adam steps on the scales")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="order of the held-out documents")
+    parser.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
+    parser.add_argument("--out", required=True, help="the calibrated model directory")
+
+
+def _add_launch(sub) -> None:
+    parser = sub.add_parser("launch", help="render (and submit) SLURM / DeepSpeed hostfile / Ray job scripts")
+    parser.add_argument("target", choices=["slurm", "deepspeed", "ray"])
+    _add_config_args(parser)
+    parser.add_argument("--nodes", type=int, default=None, help="default launch.nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="default launch.gpus_per_node")
+    parser.add_argument("--partition", default="", help="slurm: partition (default launch.partition)")
+    parser.add_argument("--time", default="", help="slurm: time limit (default launch.time)")
+    parser.add_argument("--hostfile", default=None, help="deepspeed: the hostfile ('host slots=N' lines)")
+    parser.add_argument("--address", default="", help="ray: the job server, e.g. http://head:8265")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the script")
+    mode.add_argument("--submit", action="store_true", help="write it and submit it (sbatch / bash)")
+
+
+def _add_export(sub) -> None:
+    parser = sub.add_parser("export", help="write a model directory in the mamba_ssm or Hugging Face layout")
+    parser.add_argument("source", help="a training checkpoint (checkpoints/step_XXXXXXX, or a run's checkpoints/ for "
+                                       "the latest) or a mamba_ssm / Hugging Face Mamba2 directory")
+    parser.add_argument("out_pos", nargs="?", metavar="out", help="output directory (or --out)")
+    parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
+
+
+def _add_bench(sub) -> None:
+    parser = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s), "
+                                          "sp (sequence-parallel step time and bytes per layer)")
+    parser.add_argument("what", choices=list(BENCHES))
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,32768)")
+    parser.add_argument("--nproc", type=int, default=2, help="sp: processes in the sequence-parallel group")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--headdim", type=int, default=64)
+    parser.add_argument("--d-state", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-max-len", type=int, default=8192, help="skip the slow reference above this length")
+    parser.add_argument("--dtypes", default="float32", help="kernels: comma-separated input dtypes (float32,bfloat16)")
+    parser.add_argument("--devices", default="cpu,cuda", help="kernels: comma-separated devices to time on")
+    parser.add_argument("--out", default=None, help="JSON results file (default bench_results/WHAT.json)")
+    parser.add_argument("--megabytes", type=float, default=100, help="data: size of the generated jsonl corpus")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data: Ray workers for prepare (and cores for the baseline)")
+    parser.add_argument("--tokenizer", default=None, help="data: a tokenizer.json (default: train a BPE on the corpus)")
+    parser.add_argument("--ranks", default="8,64",
+                        help="data: simulated ranks sharing each step (loader tokens/s per rank)")
+    parser.add_argument("--vs-minimal", action="store_true",
+                        help="kernels: our torch scan against mamba_ssm's ssd_minimal_discrete (transcribed), each at "
+                             "every --chunk-sizes, on CPU")
+    parser.add_argument("--chunk-sizes", default="64,128,256", help="kernels --vs-minimal: chunk sizes to try")
+    parser.add_argument("--vs-bare", action="store_true",
+                        help="train: the trainer (a real `longctx run` of each stage of --config) against a bare "
+                             "PyTorch loop of the same model, shapes and optimizer, for each --procs")
+    parser.add_argument("--compile", action="store_true",
+                        help="train: each stage of --config, one process: the first step under train.compile (its "
+                             "compile) and eager against compiled steps, in turn")
+    parser.add_argument("--plateau", action="store_true",
+                        help="train: the first stage of --config in one process on its prepared shards, loss and the "
+                             "loss on the passkey's digits (the key, its repeat in the needle, the answer) every 100 "
+                             "steps: how soon the model learns to copy")
+    parser.add_argument("--config", dest="bench_config", default="configs/demo.yaml",
+                        help="train --vs-bare / --compile / --plateau: the model, batch and data")
+    parser.add_argument("--procs", default="1,2", help="train --vs-bare: comma-separated process counts")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train --vs-bare: optimizer steps per measurement (default 20, the first 3 are warm-up); "
+                             "--compile: steps per block (default 20); --plateau: steps to train (default and at "
+                             "most: the stage's)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="train --plateau: config overrides, e.g. train.betas=[0.9,0.999] run.seed=1")
+
+
+SUBCOMMANDS = (_add_prepare, _add_train, _add_node, _add_run, _add_eval, _add_calibrate, _add_launch,
+               _add_export, _add_bench)
 
 
 def _ints(text: str) -> List[int]:

@@ -209,43 +209,75 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
-    """Checks that need no other component (the stage plan against the world size is `training.curriculum.plan`)."""
+    """Checks that need no other component (the stage plan against the world size is `training.curriculum.plan`).
+    The first error found is the one reported: the checks run in this order."""
     def fail(key, msg):
         raise ConfigError(f"{where}: {key}: {msg}")
 
-    if cfg.train.precision not in PRECISIONS:
-        fail("train.precision", f"must be one of {PRECISIONS}, got {cfg.train.precision!r}")
-    if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
+    _validate_precision(cfg.train, fail)
+    _validate_tokenizer(cfg.tokenizer, fail)
+    _validate_deepspeed(cfg.train.deepspeed, fail)
+    _validate_ranges(cfg, fail)
+    _validate_eval(cfg.eval, fail)
+    _validate_timeouts(cfg, fail)
+    _validate_checkpoint(cfg.checkpoint, fail)
+    stage_mitigations = _validate_mitigations(cfg, where)
+    if not cfg.model.from_pretrained:
+        _validate_model(cfg, stage_mitigations, where, fail)
+    _validate_curriculum(cfg.curriculum, fail)
+
+
+def _validate_precision(train: TrainConfig, fail) -> None:
+    if train.precision not in PRECISIONS:
+        fail("train.precision", f"must be one of {PRECISIONS}, got {train.precision!r}")
+    if train.precision == "bf16" and train.zero_stage == 0:
         fail("train.precision", "bf16 with train.zero_stage=0: DeepSpeed then accumulates and all-reduces the "
              "gradients in bf16 (measured here: the loss 1.8% above fp32 after 20 steps, where ZeRO 1-3 stay within "
              "0.1%); set train.zero_stage=1 or more (fp32 gradient accumulation)")
-    if cfg.tokenizer.kind not in ("byte", "hf"):
-        fail("tokenizer.kind", f"must be 'byte' or 'hf', got {cfg.tokenizer.kind!r}")
-    if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.path:
+
+
+def _validate_tokenizer(tokenizer: TokenizerConfig, fail) -> None:
+    if tokenizer.kind not in ("byte", "hf"):
+        fail("tokenizer.kind", f"must be 'byte' or 'hf', got {tokenizer.kind!r}")
+    if tokenizer.kind == "hf" and not tokenizer.path:
         fail("tokenizer.path", "tokenizer.kind=hf needs the path of a tokenizer.json")
-    for key, value in flatten(cfg.train.deepspeed).items():
+
+
+def _validate_deepspeed(deepspeed: Dict[str, Any], fail) -> None:
+    """train.deepspeed: none of the keys the run plans itself (PLANNED_DEEPSPEED_KEYS)."""
+    for key, value in flatten(deepspeed).items():
         planned = planned_deepspeed_key(key, value)
         if planned:
             what = "" if planned == key else (f" (part of {planned})" if key.startswith(planned) else
                                               f" (a {type(value).__name__} in place of {planned})")
             fail(f"train.deepspeed.{key}", f"the run plans this itself{what}; set {PLANNED_DEEPSPEED_KEYS[planned]} "
                                            "instead")
-    _validate_ranges(cfg, fail)
-    _validate_eval(cfg.eval, fail)
+
+
+def _validate_timeouts(cfg: Config, fail) -> None:
+    """How long a collective may wait, and how long before SLURM's time limit a run stops at a checkpoint."""
     if cfg.train.collective_timeout_s < 1:
         fail("train.collective_timeout_s", f"must be >= 1, got {cfg.train.collective_timeout_s}")
     if cfg.launch.stop_seconds < 30:
         fail("launch.stop_seconds", f"must be >= 30 (a training step and a checkpoint), got {cfg.launch.stop_seconds}")
-    if cfg.checkpoint.every_steps < 0:
-        fail("checkpoint.every_steps", f"must be >= 0 (0: only at stage ends), got {cfg.checkpoint.every_steps}")
-    if cfg.checkpoint.keep_last < 0:
-        fail("checkpoint.keep_last", f"must be >= 0 (0 keeps every checkpoint), got {cfg.checkpoint.keep_last}")
+
+
+def _validate_checkpoint(checkpoint: CheckpointConfig, fail) -> None:
+    if checkpoint.every_steps < 0:
+        fail("checkpoint.every_steps", f"must be >= 0 (0: only at stage ends), got {checkpoint.every_steps}")
+    if checkpoint.keep_last < 0:
+        fail("checkpoint.keep_last", f"must be >= 0 (0 keeps every checkpoint), got {checkpoint.keep_last}")
+
+
+def _validate_mitigations(cfg: Config, where: str) -> List[MitigationsConfig]:
+    """The scales of the mitigations section, of each stage's (merged onto it) and of the evaluation's
+    comparison and variants; returns each stage's merged section, for `_validate_model`."""
     try:
         check_scales(cfg.mitigations, "mitigations")
         stage_mitigations = []
-        for i, st in enumerate(cfg.curriculum.stages):
-            key = f"curriculum.stages[{i}] ({st.name})"
-            stage_mitigations.append(merge_overrides(cfg.mitigations, st.mitigations, key))
+        for i, stage in enumerate(cfg.curriculum.stages):
+            key = f"curriculum.stages[{i}] ({stage.name})"
+            stage_mitigations.append(merge_overrides(cfg.mitigations, stage.mitigations, key))
             check_scales(stage_mitigations[-1], f"{key}.mitigations")
         if cfg.eval.compare_mitigations:
             check_scales(merge_overrides(cfg.mitigations, cfg.eval.compare_mitigations, "eval.compare_mitigations"),
@@ -257,26 +289,35 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             check_scales(merge_overrides(cfg.mitigations, overrides, f"eval.variants.{name}"), f"eval.variants.{name}")
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if not cfg.model.from_pretrained:
+    return stage_mitigations
+
+
+def _validate_model(cfg: Config, stage_mitigations: List[MitigationsConfig], where: str, fail) -> None:
+    """The architecture of the model section, and the run's and each stage's mitigations against its shapes
+    (thresholds may be calibrated later). Not for `model.from_pretrained`: the architecture is then the
+    checkpoint's, read when the model loads."""
+    try:
+        arch = model_config(cfg).validate()
+    except ValueError as e:
+        fail("model", str(e))
+    import torch
+    for mitigations in [cfg.mitigations] + stage_mitigations:
         try:
-            arch = model_config(cfg).validate()
+            resolve(mitigations, arch.n_layer, arch.nheads, calibrated=torch.ones(arch.n_layer, arch.nheads))
         except ValueError as e:
-            fail("model", str(e))
-        import torch
-        for m in [cfg.mitigations] + stage_mitigations:   # shapes against the model; thresholds may be calibrated later
-            try:
-                resolve(m, arch.n_layer, arch.nheads, calibrated=torch.ones(arch.n_layer, arch.nheads))
-            except ValueError as e:
-                raise ConfigError(f"{where}: {e}") from None
-    for i, st in enumerate(cfg.curriculum.stages):
-        key = f"curriculum.stages[{i}] ({st.name})"
-        if (st.steps is None) == (st.tokens is None):
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _validate_curriculum(curriculum: CurriculumConfig, fail) -> None:
+    for i, stage in enumerate(curriculum.stages):
+        key = f"curriculum.stages[{i}] ({stage.name})"
+        if (stage.steps is None) == (stage.tokens is None):
             fail(key, "give exactly one of steps or tokens")
-        if st.decay not in DECAYS:
-            fail(f"{key}.decay", f"must be one of {tuple(DECAYS)}, got {st.decay!r}")
-        if st.seq_len <= 0 or st.global_batch_tokens % st.seq_len:
+        if stage.decay not in DECAYS:
+            fail(f"{key}.decay", f"must be one of {tuple(DECAYS)}, got {stage.decay!r}")
+        if stage.seq_len <= 0 or stage.global_batch_tokens % stage.seq_len:
             fail(f"{key}.global_batch_tokens",
-                 f"{st.global_batch_tokens} must be a positive multiple of seq_len {st.seq_len}")
+                 f"{stage.global_batch_tokens} must be a positive multiple of seq_len {stage.seq_len}")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -105,34 +105,35 @@ def plan(cfg: Config, world_size: int, chunk_size: int, where: str = "<config>")
 
 def stage_at(plans: List[StagePlan], step: int) -> StagePlan:
     """The stage that optimizer step `step` (0-based) belongs to."""
-    for p in plans:
-        if step < p.last_step:
-            return p
+    for stage in plans:
+        if step < stage.last_step:
+            return stage
     return plans[-1]
 
 
 def learning_rate(plans: List[StagePlan], step: int) -> float:
     """LR of optimizer step `step`: warmup from the previous stage's final LR (0 for the first),
     then the stage's decay from lr to lr * min_lr_ratio over the rest of the stage."""
-    p = stage_at(plans, step)
-    t = step - p.first_step
-    start = 0.0 if p.index == 0 else _end_lr(plans[p.index - 1])
-    if t < p.warmup_steps:
-        return start + (p.lr - start) * (t + 1) / p.warmup_steps
-    span = max(1, p.steps - p.warmup_steps)
-    return DECAYS[p.decay](p.lr, p.lr * p.min_lr_ratio, (t - p.warmup_steps) / span)
+    stage = stage_at(plans, step)
+    t = step - stage.first_step
+    start = 0.0 if stage.index == 0 else _end_lr(plans[stage.index - 1])
+    if t < stage.warmup_steps:
+        return start + (stage.lr - start) * (t + 1) / stage.warmup_steps
+    span = max(1, stage.steps - stage.warmup_steps)
+    return DECAYS[stage.decay](stage.lr, stage.lr * stage.min_lr_ratio, (t - stage.warmup_steps) / span)
 
 
-def _end_lr(p: StagePlan) -> float:
-    return end_lr(p.decay, p.lr, p.min_lr_ratio)
+def _end_lr(stage: StagePlan) -> float:
+    return end_lr(stage.decay, stage.lr, stage.min_lr_ratio)
 
 
 def format_plan(plans: List[StagePlan], world_size: int) -> str:
     head = ("stage", "seq_len", "steps", "tokens", "seqs/step", "micro", "accum", "SP", "DP", "lr", "warmup", "decay")
-    rows = [head] + [(p.name, p.seq_len, p.steps, f"{p.tokens:,}", p.sequences_per_step, p.micro_batch,
-                      p.grad_accum, p.seq_parallel, p.data_parallel, f"{p.lr:g}", p.warmup_steps, p.decay)
-                     for p in plans]
+    rows = [head] + [(stage.name, stage.seq_len, stage.steps, f"{stage.tokens:,}", stage.sequences_per_step,
+                      stage.micro_batch, stage.grad_accum, stage.seq_parallel, stage.data_parallel, f"{stage.lr:g}",
+                      stage.warmup_steps, stage.decay)
+                     for stage in plans]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines = ["  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
-    total = sum(p.tokens for p in plans)
-    return "\n".join(lines + [f"world size {world_size}; {sum(p.steps for p in plans)} steps, {total:,} tokens"])
+    steps, total = sum(stage.steps for stage in plans), sum(stage.tokens for stage in plans)
+    return "\n".join(lines + [f"world size {world_size}; {steps} steps, {total:,} tokens"])

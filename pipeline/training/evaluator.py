@@ -46,7 +46,7 @@ class Evaluator:
         self.kinds = {"heldout": (self.heldout, False), "passkey": (self.passkey, True),
                       "length": (self.length, True), "states": (self.states, True)}
 
-    def evaluate(self, p, step: int, record: dict, metrics) -> None:
+    def evaluate(self, stage, step: int, record: dict, metrics) -> None:
         ev = self.cfg.eval
         if not ev.every_checkpoint:
             return
@@ -58,7 +58,7 @@ class Evaluator:
                     if self.should_stop():
                         raise EvaluationInterrupted(name)
                     with self._whole_sequences() if whole else contextlib.nullcontext():
-                        run(p, step, record, metrics, out)
+                        run(stage, step, record, metrics, out)
         finally:
             self.model.train()
         record["eval_seconds"] = time.perf_counter() - t0
@@ -73,12 +73,12 @@ class Evaluator:
             self.model.set_sequence_parallel(sp)
 
     @torch.no_grad()
-    def heldout_loss(self, p) -> float:
+    def heldout_loss(self, stage) -> float:
         """Loss on sequences of the held-out stream at the stage's length; under sequence
         parallelism each rank reads its segment (the group sums)."""
         n = self.cfg.eval.heldout_sequences
         sp = self.model.sequence_parallel
-        batch = self.stream.next_batch(n, p.seq_len)
+        batch = self.stream.next_batch(n, stage.seq_len)
         if sp is not None:
             batch = rank_share(batch, 0, 1, sp.rank, sp.size)
         was_training = self.model.training
@@ -89,64 +89,65 @@ class Evaluator:
         self.model.train(was_training)
         return float(mean)
 
-    def heldout(self, p, step, record, metrics, out) -> None:
-        loss = self.heldout_loss(p)
+    def heldout(self, stage, step, record, metrics, out) -> None:
+        loss = self.heldout_loss(stage)
         record["eval_loss"] = loss if math.isfinite(loss) else None
         if self.write:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "heldout.json").write_text(json.dumps({"step": step, "seq_len": p.seq_len,
+            (out / "heldout.json").write_text(json.dumps({"step": step, "seq_len": stage.seq_len,
                                                           "heldout_loss": record["eval_loss"]}))
 
-    def _common(self, p) -> dict:
+    def _common(self, stage) -> dict:
         ev = self.cfg.eval
-        return dict(prefill_chunk=ev.prefill_chunk, train_length=p.seq_len, write=self.write, seed=self.cfg.run.seed,
-                    should_stop=self._check_stop, share=self.share)
+        return dict(prefill_chunk=ev.prefill_chunk, train_length=stage.seq_len, write=self.write,
+                    seed=self.cfg.run.seed, should_stop=self._check_stop, share=self.share)
 
     def _check_stop(self) -> None:
         if self.should_stop():
             raise EvaluationInterrupted("passkey")
 
-    def _variants(self, p):
+    def _variants(self, stage):
         """With eval.compare_mitigations ("with mitigations") or eval.variants (named): the model as trained (with
         the stage's mitigations) and with each on top, all on the same prompts; else None (the model as it is)."""
         extra = evaluation_variants(self.cfg.eval)
         if not extra:
             return None
-        stage = self.mitigations.stage_config(p)
-        variants = {name: self.mitigations.resolve(merge_overrides(stage, overrides, f"eval.variants.{name}"), p)
+        as_trained = self.mitigations.stage_config(stage)
+        variants = {name: self.mitigations.resolve(merge_overrides(as_trained, overrides, f"eval.variants.{name}"),
+                                                   stage)
                     for name, overrides in extra.items()}
-        self.model.set_mitigations(self.mitigations.of(p))
+        self.model.set_mitigations(self.mitigations.of(stage))
         return {"as trained": "as is", **variants}
 
     def _named(self, results: dict, field: str) -> dict:
         """eval.variants' results of one field, by name (for the metrics record)."""
         return {name: results[name][field] for name in self.cfg.eval.variants}
 
-    def passkey(self, p, step, record, metrics, out) -> None:
+    def passkey(self, stage, step, record, metrics, out) -> None:
         ev = self.cfg.eval
-        variants = self._variants(p)
+        variants = self._variants(stage)
         results = run_eval("passkey", self.model, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
-                           samples=ev.passkey_samples, variants=variants, **self._common(p))
+                           samples=ev.passkey_samples, variants=variants, **self._common(stage))
         res = results["as trained" if variants else "model"]
         record["passkey_accuracy"] = res["mean_accuracy"]
-        for L, acc in res["per_length"].items():
-            metrics.scalar(f"eval/passkey_accuracy_{L}", acc, step)
+        for length, acc in res["per_length"].items():
+            metrics.scalar(f"eval/passkey_accuracy_{length}", acc, step)
         if "with mitigations" in results:
             record["passkey_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
-            for L, acc in results["with mitigations"]["per_length"].items():
-                metrics.scalar(f"eval/passkey_accuracy_mitigated_{L}", acc, step)
+            for length, acc in results["with mitigations"]["per_length"].items():
+                metrics.scalar(f"eval/passkey_accuracy_mitigated_{length}", acc, step)
         if self.cfg.eval.variants:
             record["passkey_accuracy_variants"] = self._named(results, "mean_accuracy")
             for name in self.cfg.eval.variants:
-                for L, acc in results[name]["per_length"].items():
-                    metrics.scalar(f"eval/passkey_accuracy_{name}_{L}", acc, step)
+                for length, acc in results[name]["per_length"].items():
+                    metrics.scalar(f"eval/passkey_accuracy_{name}_{length}", acc, step)
         metrics.image("eval/passkey", out / "passkey.png", step)
 
-    def length(self, p, step, record, metrics, out) -> None:
+    def length(self, stage, step, record, metrics, out) -> None:
         ev = self.cfg.eval
-        variants = self._variants(p)
+        variants = self._variants(stage)
         results = run_eval("length", self.model, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
-                           margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(p))
+                           margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(stage))
         res = results["as trained" if variants else "model"]
         record["collapse_point"] = res["collapse_point"]
         if "with mitigations" in results:
@@ -155,7 +156,7 @@ class Evaluator:
             record["collapse_point_variants"] = self._named(results, "collapse_point")
         metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
 
-    def states(self, p, step, record, metrics, out) -> None:
+    def states(self, stage, step, record, metrics, out) -> None:
         res = run_eval("states", self.model, self.tok, out, lengths=[self.cfg.eval.length_max], stream=self.stream,
-                       **self._common(p))["model"]
+                       **self._common(stage))["model"]
         record["max_state_norm"] = float(np.max(res["norms"][-1]))

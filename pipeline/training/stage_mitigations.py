@@ -23,18 +23,18 @@ class StageMitigations:
         self.cfg, self.module, self.prompt = cfg, module, prompt
         self.by_stage: Dict[int, Layers] = {}
 
-    def stage_config(self, p) -> MitigationsConfig:
+    def stage_config(self, stage) -> MitigationsConfig:
         """The stage's mitigations section: the top-level one with the stage's overrides merged in."""
-        return merge_overrides(self.cfg.mitigations, self.cfg.curriculum.stages[p.index].mitigations,
-                               f"curriculum.stages[{p.index}]")
+        return merge_overrides(self.cfg.mitigations, self.cfg.curriculum.stages[stage.index].mitigations,
+                               f"curriculum.stages[{stage.index}]")
 
-    def of(self, p) -> Layers:
+    def of(self, stage) -> Layers:
         """The stage's per-layer mitigations, resolved (and calibrated) the first time it is asked for."""
-        if p.index not in self.by_stage:
-            self.by_stage[p.index] = self.resolve(self.stage_config(p), p)
-        return self.by_stage[p.index]
+        if stage.index not in self.by_stage:
+            self.by_stage[stage.index] = self.resolve(self.stage_config(stage), stage)
+        return self.by_stage[stage.index]
 
-    def resolve(self, mit: MitigationsConfig, p) -> Layers:
+    def resolve(self, mit: MitigationsConfig, stage) -> Layers:
         """Per-layer mitigations of a merged config, calibrating state norm on a prompt of the stage's length.
         The model must read whole sequences (no sequence parallelism) while this runs."""
         n_layer, nheads = self.module.config.n_layer, self.module.config.nheads
@@ -44,7 +44,7 @@ class StageMitigations:
             self.module.set_mitigations(resolve(scales, n_layer, nheads))
             was_training = self.module.training
             self.module.eval()
-            calibrated = calibrate_state_norm(self.module, self.prompt(p.seq_len), mit.state_norm.multiplier)
+            calibrated = calibrate_state_norm(self.module, self.prompt(stage.seq_len), mit.state_norm.multiplier)
             self.module.train(was_training)
         layers = resolve(mit, n_layer, nheads, calibrated=calibrated)
         return layers if any(m.active for m in layers) else None
