@@ -78,6 +78,9 @@ SlurmctldPort=${ports[0]}
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job may start again only cred_expire seconds after its requeue (120 by default): 10 here, so
+# the requeue tests do not idle for two minutes at each pre-emption
+AuthInfo=cred_expire=10
 StateSaveLocation=$dir/ctld
 SlurmdSpoolDir=$dir/spool-%n
 SlurmdPidFile=$dir/slurmd-%n.pid
