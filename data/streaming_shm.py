@@ -21,6 +21,37 @@ from typing import Callable, List, Tuple
 
 _constructing = threading.Lock()     # the recorder stands in for a module attribute: one construction at a time
 
+# Streaming picks its number by scanning for the first free one, then registers it (every rank scans, the host's
+# leader registers, the others attach): two jobs doing so at once on one host pick the same number, and one fails
+# (`FileExistsError: '/000000_locals'`, or a rank attaching to the other job's registration). Two runs on one
+# machine, or two SLURM jobs sharing a node, start at the same moment often enough. The jobs of a host therefore
+# register one at a time, under this file lock.
+HOST_REGISTRY_LOCK = os.path.join(tempfile.gettempdir(), "longctx-streaming-registry.lock")
+
+
+@contextlib.contextmanager
+def host_registry_lock():
+    """The host's lock on streaming's registrations, held by this process (released at exit too)."""
+    import fcntl
+    with open(HOST_REGISTRY_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)         # released when the file is closed
+        yield
+
+
+@contextlib.contextmanager
+def registering_alone(leader: bool):
+    """Held around a dataset's construction by every rank of a job: the host's leader takes the host's lock before
+    any rank of its job scans for a number, and gives it back once every rank has attached (two collectives when
+    torch.distributed is up; a process alone just holds the lock)."""
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    with host_registry_lock() if leader else contextlib.nullcontext():
+        if distributed:
+            dist.barrier()                       # no rank scans before its leader holds the lock
+        yield
+        if distributed:
+            dist.barrier()                       # every rank has attached before another job scans
+
 
 class _AtexitRecorder:
     """What streaming's shared-memory module sees as `atexit` while a dataset is constructed: every clean-up it
@@ -60,9 +91,10 @@ def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
     from streaming import StreamingDataset
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared import memory
+    from streaming.base.world import World
 
     recorder = _AtexitRecorder()
-    with _constructing:
+    with _constructing, registering_alone(World.detect().is_local_leader):
         saved, memory.atexit = memory.atexit, recorder
         try:
             dataset = StreamingDataset(**kwargs)

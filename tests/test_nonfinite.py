@@ -19,13 +19,25 @@ from longctx.pipeline.training.trainer import param_groups
 MARK = ord("#")          # the one byte whose embedding row is NaN: it appears in a single document
 
 
-def _setup(tmp_path, name, global_batch_tokens, mark_value=float("nan"), zero=0):
+@pytest.fixture(scope="module")
+def marked_shards(tmp_path_factory):
+    """30 short documents, one of them (the 8th) holding the marked byte, prepared once for the module's runs."""
     import random
+    root = tmp_path_factory.mktemp("nonfinite-data")
     rng = random.Random(0)
-    with open(tmp_path / "docs.jsonl", "w") as f:
+    with open(root / "docs.jsonl", "w") as f:
         for i in range(30):
             text = "".join(rng.choice("abcdefgh ") for _ in range(50))
             f.write(json.dumps({"text": text[:20] + "#" + text[20:] if i == 7 else text}) + "\n")
+    (root / "prepare.yaml").write_text(f"data: {{prepare: {{inputs: [{root / 'docs.jsonl'}], output: {root / 'mds'}, "
+                                       "heldout_fraction: 0}}\n")
+    r = subprocess.run([sys.executable, "-m", "longctx", "prepare", str(root / "prepare.yaml")], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root / "mds"
+
+
+def _setup(tmp_path, shards, name, global_batch_tokens, mark_value=float("nan"), zero=0):
     model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=16, headdim=16, chunk_size=16,
                                   tie_embeddings=False))
     with torch.no_grad():
@@ -35,7 +47,7 @@ def _setup(tmp_path, name, global_batch_tokens, mark_value=float("nan"), zero=0)
     cfg.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 9}}
 model: {{from_pretrained: {tmp_path / 'model'}}}
-data: {{prepare: {{inputs: [{tmp_path / 'docs.jsonl'}], output: {tmp_path / 'mds'}, heldout_fraction: 0}}}}
+data: {{shards: {shards}}}
 train: {{micro_batch_size: 1, zero_stage: {zero}, max_bad_steps: 5, grad_clip: 0}}
 curriculum: {{stages: [{{name: a, seq_len: 64, steps: 6, global_batch_tokens: {global_batch_tokens}, lr: 0.003}}]}}
 checkpoint: {{every_steps: 1, keep_last: 0}}
@@ -65,8 +77,8 @@ def _states(ckpts, step):
 
 
 @pytest.mark.timeout(900)
-def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
-    cfg_path, ckpts, step, recs = _setup(tmp_path, "partial", global_batch_tokens=384)   # 3 micro-batches per rank
+def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path, marked_shards):
+    cfg_path, ckpts, step, recs = _setup(tmp_path, marked_shards, "partial", global_batch_tokens=384)   # 3 micro-batches per rank
     assert recs[step - 1]["skipped_micro_batches"] == 1 and recs[step - 1]["loss"] is not None
     assert step >= 2, "the step must have optimizer history, or AdamW's first step hides the gradient's scale"
     cfg = load_config(str(cfg_path))
@@ -81,7 +93,7 @@ def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
         opt.load_state_dict(before["optimizer"])
     for g in opt.param_groups:
         g["lr"] = learning_rate(plans, step - 1)
-    stream = PackedStream(open_splits(str(tmp_path / "mds"))[0], 256, seed=9)
+    stream = PackedStream(open_splits(str(marked_shards))[0], 256, seed=9)
     if loader is not None:
         stream.load_state_dict(loader)
     batch = stream.next_batch(p.sequences_per_step, p.seq_len)
@@ -104,8 +116,8 @@ def test_a_non_finite_micro_batch_is_left_out_and_the_step_is_exact(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_a_step_whose_micro_batches_were_all_left_out_changes_nothing(tmp_path):
-    _, ckpts, step, recs = _setup(tmp_path, "all", global_batch_tokens=128)             # 1 micro-batch per rank
+def test_a_step_whose_micro_batches_were_all_left_out_changes_nothing(tmp_path, marked_shards):
+    _, ckpts, step, recs = _setup(tmp_path, marked_shards, "all", global_batch_tokens=128)             # 1 micro-batch per rank
     assert step >= 2
     assert recs[step - 1]["loss"] is None and recs[step - 1]["skipped_micro_batches"] == 1
     (before, _), (after, _) = _states(ckpts, step - 1), _states(ckpts, step)
@@ -138,10 +150,10 @@ HUGE = 3e38    # an embedding row this large: the norms square it to inf, the lo
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zero", [0, 2])
-def test_a_finite_loss_with_a_non_finite_gradient_is_a_bad_step_that_changes_nothing(tmp_path, zero):
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_bad_step_that_changes_nothing(tmp_path, zero, marked_shards):
     """Left as a good step, ZeRO 0's AdamW wrote NaN into the weights (and DeepSpeed's ZeRO optimizer skips such
     a step on its own in fp32 while the run logged it as good): the step counts as bad like a non-finite loss."""
-    _, ckpts, step, recs = _setup(tmp_path, f"grad{zero}", global_batch_tokens=128, mark_value=HUGE, zero=zero)
+    _, ckpts, step, recs = _setup(tmp_path, marked_shards, f"grad{zero}", global_batch_tokens=128, mark_value=HUGE, zero=zero)
     assert step >= 2
     assert recs[step - 1]["loss"] is None and recs[step - 1]["skipped_micro_batches"] == 1
     (before, _), (after, _) = _states(ckpts, step - 1), _states(ckpts, step)

@@ -391,3 +391,42 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
     again, release = open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
     assert again[0]["tokens"].size
     release()
+
+
+def _job_rank(index, shards, caches, ports, start, rounds):
+    """One rank of one of two 2-rank jobs (their own process groups) that open a reader at the same moment,
+    `rounds` times: what two `longctx run`s started together on one machine do."""
+    import os
+
+    import torch.distributed as dist
+
+    from longctx.data.streaming_shm import open_dataset
+    job, rank = divmod(index, 2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[job]))
+    dist.init_process_group("gloo")
+    try:
+        for _ in range(rounds):
+            start.wait(timeout=120)
+            ds, release = open_dataset(remote=shards, local=caches[job], shuffle=False, batch_size=1)
+            assert ds[0]["tokens"].size
+            release()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_two_jobs_on_one_host_open_their_readers_at_the_same_moment(shards, tmp_path):
+    """Streaming picks its registration number by scanning for the first free one: two jobs scanning at once
+    took the same one (`FileExistsError: '/000000_locals'`, or a rank attaching to the other job's number and
+    failing). The host's jobs register one at a time (data/streaming_shm.py), so every round opens in both."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    from longctx.launch.local import free_port
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(4)
+    caches = [str(tmp_path / "cache-a"), str(tmp_path / "cache-b")]
+    mp.start_processes(_job_rank, args=(shards, caches, [free_port(), free_port()], start, 6), nprocs=4,
+                       start_method="spawn")

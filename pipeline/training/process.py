@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ...data.streaming_shm import host_registry_lock
 from ..parallel.shm import CLEAN_STREAMING_SHM, release_shm_buffers, release_stale_streaming_shm
 
 
@@ -65,7 +66,8 @@ def release_killed_runs_streaming_shm(rank: int) -> None:
     if os.environ.get(CLEAN_STREAMING_SHM) != "1":
         return
     if rank == 0:
-        _release_stale_streaming_shm()
+        with host_registry_lock():     # not while another job on the host registers its readers
+            _release_stale_streaming_shm()
     dist.barrier()
 
 
