@@ -57,6 +57,9 @@ def _add_run(sub) -> None:
     parser.add_argument("--nproc", type=int, default=None, help="local processes (DeepSpeed launcher); "
                                                                   "default launch.local_procs")
     parser.add_argument("--plan", action="store_true", help="print the stage table and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything the launcher and the ranks write (by default the known third-party "
+                             "noise is left out: DeepSpeed's INFO lines, torch's and streaming's repeated warnings)")
 
 
 def _add_eval(sub) -> None:
@@ -321,7 +324,7 @@ def cmd_run(args) -> int:
     if args.plan:
         print(text + note)
         return 0
-    return run_local(cfg, args.config, args.overrides, nproc, text)
+    return run_local(cfg, args.config, args.overrides, nproc, text, verbose=args.verbose)
 
 
 EXIT_REJECTED = 3      # `longctx prepare`: the output is complete, but records or files were rejected

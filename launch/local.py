@@ -1,5 +1,5 @@
-"""`longctx run`: prepare data if needed, train on N local processes through the DeepSpeed launcher,
-write the report."""
+"""`longctx run`: prepare data if needed, train on N local processes through the DeepSpeed launcher (its output
+and its ranks' through the console: launch/console.py), write the report."""
 from __future__ import annotations
 
 import base64
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Dict, List
 
 from longctx.pipeline.config import Config
+from longctx.pipeline.training.progress import CONSOLE_ENV, LIVE
+
+from .console import Console, Relay
 
 
 def free_port() -> int:
@@ -51,10 +54,39 @@ def launch_command(config: str, overrides: List[str], world: Dict[str, int], por
             "--module", "longctx.launch.cli", "train", config, *overrides]
 
 
-def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_text: str) -> int:
+# Once the launcher has exited, how long its output may stay open: its ranks have ended with it, unless one it
+# could not stop still holds the pipes; its lines until then are shown, and then this process goes on.
+LINGER_S = 10.0
+
+
+def run_relayed(cmd: List[str], env: Dict[str, str], console: Console, verbose: bool) -> int:
+    """Run the launcher with its (and its ranks') stdout and stderr through the console; its exit status. As
+    `subprocess.call` did before the relay: an exception here (Ctrl-C's KeyboardInterrupt: the ranks, in the
+    terminal's process group, have their SIGINT too) kills the launcher and is raised again; a signal whose
+    handler returns (SIGTERM) leaves the wait going on."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relay = Relay(proc.stdout, proc.stderr, console, verbose)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if not relay.finish(LINGER_S):     # every line read to its end before the report and the exit status
+            console.line(f"longctx run: a process the launcher started still holds its output open after "
+                         f"{LINGER_S:.0f} s; not waiting for it", to_err=True)
+
+
+def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_text: str,
+              verbose: bool = False) -> int:
     import torch
 
     from longctx.pipeline.training.preflight import preflight
+
+    from .noise import quiet_in_process
+    if not verbose:
+        quiet_in_process()          # Ray's banner (the data prepared here), streaming's (the preflight)
     ensure_data(cfg)
     preflight(cfg, config)           # before any process starts: a mismatch costs seconds here, days later
     env = dict(os.environ)
@@ -74,12 +106,14 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     port = free_port()
     cmd = launch_command(config, overrides, {"localhost": nproc}, port)
     print("launch:", " ".join(cmd), flush=True)
+    console = Console(sys.stdout, sys.stderr, live=sys.stdout.isatty())
+    env[CONSOLE_ENV] = LIVE if console.live else "lines"     # the ranks' stdout is our pipe: tell them (progress.py)
     # SIGTERM to this process group (pre-emption) reaches the launcher and the ranks too: they stop at a
     # checkpoint; this process waits for them instead of dying first, then reports how the run ended.
-    previous = signal.signal(signal.SIGTERM, lambda *_: print("longctx run: SIGTERM; waiting for the ranks to "
-                                                              "checkpoint", flush=True))
+    previous = signal.signal(signal.SIGTERM, lambda *_: console.line("longctx run: SIGTERM; waiting for the ranks "
+                                                                     "to checkpoint"))
     try:
-        rc = subprocess.call(cmd, env=env)
+        rc = run_relayed(cmd, env, console, verbose)
     finally:
         signal.signal(signal.SIGTERM, previous)
     release_shm_buffers("127.0.0.1", str(port))     # also those of ranks that were killed

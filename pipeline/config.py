@@ -62,6 +62,9 @@ class RunConfig:
     dir: str = "runs/${run.name}"   # run directory: metrics, checkpoints, eval, report
     seed: int = 0                   # model init, data order, evaluation prompts
     resume: str = "auto"            # auto | never | path to a checkpoint directory
+    # steps between step lines when the output is a log, not a terminal (a terminal shows one live line per
+    # stage); each stage's last step is printed too, and metrics.jsonl and TensorBoard keep every step
+    log_every: int = 10
 
 
 @dataclass
@@ -337,6 +340,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 # (key, smallest value allowed, what the bound means): checked at load, before any work (a zero here crashed
 # at the first checkpoint, after a whole stage of training, or reported NaN)
 RANGES = (
+    ("run.log_every", 1, "steps between step lines in a log"),
     ("eval.prefill_chunk", 1, "tokens per forward"), ("eval.passkey_samples", 1, "keys per length and depth"),
     ("eval.length_buckets", 1, "position buckets"), ("eval.length_max", 2, "tokens read"),
     ("eval.collapse_margin", 0, "nats above the running minimum"),

@@ -122,6 +122,7 @@ STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_to
     ("train: {betas: [0.9, 1.5]}\n", r"train.betas: must be two numbers in \[0, 1\)"),
     ("launch: {master_port: 0}\n", r"launch.master_port: must be >= 1"),
     ("launch: {master_port: 70000}\n", r"launch.master_port: must be a TCP port"),
+    ("run: {log_every: 0}\n", r"run.log_every: must be >= 1 \(steps between step lines in a log\), got 0"),
 ])
 def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,9 +1,12 @@
-"""Run logging: metrics.jsonl (one object per optimizer step), TensorBoard scalars, a live line on a TTY."""
+"""Run logging: metrics.jsonl (one object per optimizer step), TensorBoard scalars, and what the console shows
+of them (progress.py)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+from typing import Optional
+
+from .progress import Progress
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage")
 EVAL_KEYS = ("eval_loss", "passkey_accuracy", "passkey_accuracy_mitigated", "collapse_point",
@@ -13,12 +16,13 @@ EVAL_KEYS = ("eval_loss", "passkey_accuracy", "passkey_accuracy_mitigated", "col
 class MetricsLogger:
     """Rank 0 writes; other ranks hold an inert logger. `resume_step` drops records after it, so a
     resumed run's file equals an uninterrupted run's (an earlier run's file was set aside by
-    run.resume=never before: training.run_dir)."""
+    run.resume=never before: training.run_dir). Every record logged is shown by `progress` (when given),
+    which decides what of it reaches the console."""
 
-    def __init__(self, run_dir: Path, active: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, active: bool, resume_step: int = 0, progress: Optional[Progress] = None):
         self.active = active
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tty = sys.stdout.isatty()
+        self.progress = progress
         self.tb = None
         if not active:
             return
@@ -48,10 +52,8 @@ class MetricsLogger:
             for k in keys:
                 if isinstance(record.get(k), (int, float)):
                     self.tb.add_scalar(f"{group}/{k}", record[k], record["step"])
-        loss = "skipped" if record["loss"] is None else format(record["loss"], ".4f")
-        line = (f"step {record['step']:>6}  stage {record['stage_name']}  seq_len {record['seq_len']}  "
-                f"loss {loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        if self.progress is not None:
+            self.progress.show(record)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.active:
@@ -64,7 +66,5 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.active:
-            if self.tty:
-                print()
             self.file.close()
             self.tb.close()

@@ -42,6 +42,7 @@ from .process import (
     release_killed_runs_streaming_shm,
     uses_cuda,
 )
+from .progress import Progress, live_console
 from .retake import Retake
 from .run_dir import check_run_id, is_under, recorded_run_id, resume_mode, set_aside, start_run
 from .stage_mitigations import StageMitigations
@@ -414,7 +415,9 @@ class Trainer:
     def run(self) -> int:
         start = self.resume()
         # a pending record (stopped before its due evaluation) is logged again once evaluated
-        metrics = MetricsLogger(self.run_dir, self.rank == 0, resume_step=start - (self.pending is not None))
+        progress = Progress(self.plans, self.cfg.run.log_every, live=live_console()) if self.rank == 0 else None
+        metrics = MetricsLogger(self.run_dir, self.rank == 0, resume_step=start - (self.pending is not None),
+                                progress=progress)
         total = self.plans[-1].last_step
         every = self.cfg.checkpoint.every_steps
         current = None
