@@ -29,13 +29,31 @@ _constructing = threading.Lock()     # the recorder stands in for a module attri
 HOST_REGISTRY_LOCK = os.path.join(tempfile.gettempdir(), "longctx-streaming-registry.lock")
 
 
+_host_lock = threading.RLock()     # the thread of this process that holds the host's lock may take it again
+_host_lock_depth = 0
+
+
 @contextlib.contextmanager
 def host_registry_lock():
-    """The host's lock on streaming's registrations, held by this process (released at exit too)."""
+    """The host's lock on streaming's registrations, held by this process (released at exit too). Re-entrant
+    within a thread: a holder may open readers, which take it too."""
     import fcntl
-    with open(HOST_REGISTRY_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)         # released when the file is closed
-        yield
+    global _host_lock_depth
+    with _host_lock:
+        if _host_lock_depth:
+            _host_lock_depth += 1
+            try:
+                yield
+            finally:
+                _host_lock_depth -= 1
+            return
+        with open(HOST_REGISTRY_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file is closed
+            _host_lock_depth = 1
+            try:
+                yield
+            finally:
+                _host_lock_depth = 0
 
 
 @contextlib.contextmanager

@@ -6,6 +6,20 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# Tests kept on one worker, in turn, whichever worker pytest-xdist gives them (`--dist loadgroup`,
+# pyproject.toml), by a fixture they use. The test SLURM cluster is one per machine (tests/slurm/cluster.sh); the
+# others are long module or session set-ups (a training run, prepared data) that each worker would repeat.
+SERIAL_GROUPS = {"slurm_cluster": "slurm", "uninterrupted3": "slurm", "marked_shards": "nonfinite",
+                 "carried": "carried"}
+
+
+@pytest.hookimpl(tryfirst=True)          # before xdist reads the groups from the markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for group in sorted({SERIAL_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SERIAL_GROUPS}):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -32,17 +46,19 @@ def ray_session(s3_endpoint):  # noqa: F811  (the fixture imported above)
 
 def _reference_run(tmp_path_factory, stages):
     import glob
+    import re
     import subprocess
 
     from tests.training import records, run_cmd, write_config
     tmp = tmp_path_factory.mktemp(f"train{stages}")
     cfg = write_config(tmp, "full", stages=stages)
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are released when the run ends, and so is the readers'
-    # shared memory by the ranks themselves (not by Python's resource tracker after them, which warns)
-    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank, named by the run's master address and port) are
+    # released when the run ends, and so is the readers' shared memory by the ranks themselves (not by Python's
+    # resource tracker after them, which warns). This run's buffers: another worker's run may hold its own.
+    port = re.search(r"--master_port=(\d+)", r.stdout + r.stderr).group(1)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), port
     assert "leaked shared_memory" not in r.stderr, r.stderr[-3000:]
     return tmp, records(tmp / "full")
 

@@ -9,6 +9,7 @@ from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
 from longctx.data.prepare import prepare
 from longctx.data.splits import split_url
 from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
+from longctx.data.streaming_shm import host_registry_lock
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 EOS = 256
@@ -335,13 +336,15 @@ def test_readers_opened_one_after_another_give_their_shared_memory_back(shards):
         assert source.tokens(0).size and _registration(prefix)
         # what decompressing or downloading a shard leaves: streaming's file lock, which outlives its use
         open(os.path.join(tempfile.gettempdir(), f"{prefix:06}_cache_filelock"), "a").close()
-        del source
-        assert _registration(prefix) == []
+        with host_registry_lock():     # no other job on the host takes the number before it is looked at
+            del source
+            assert _registration(prefix) == []
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
     closed = DocumentSource(shards)
     prefix = closed.ds._shm_prefix_int
-    closed.close()
-    assert _registration(prefix) == []
+    with host_registry_lock():
+        closed.close()
+        assert _registration(prefix) == []
     assert keep.tokens(1).size and _registration(keep.ds._shm_prefix_int)
 
 
@@ -350,6 +353,7 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
     directory", when it was killed before its first download) until the registration is removed. release_stale_streaming_shm removes it and its file lock although a free
     number lies below it (where streaming's own clean-up stops), and keeps the registrations of live readers
     (which streaming's own clean-up removes)."""
+    import contextlib
     import os
     import select
     import signal
@@ -366,28 +370,32 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
               "print(ds._shm_prefix_int, flush=True)\ntime.sleep(600)\n")    # killed before it downloads
     # its own process group, killed whole (as a job is): Python's resource tracker, a child, dies with it
     proc = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert select.select([proc.stdout], [], [], 120)[0], "the reader did not open within 120 s"
-        killed = int(proc.stdout.readline())
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    leaked = _registration(killed)
-    assert leaked
-    with pytest.raises(ValueError, match="Reused local directory"):
-        open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
-    later = DocumentSource(shards)     # opened after the kill: it looked past the leaked registration
-    gap_prefix = gap.ds._shm_prefix_int
-    gap.close()
-    assert gap_prefix < killed and _registration(gap_prefix) == []
-    lock = os.path.join(tempfile.gettempdir(), f"{killed:06}_cache_filelock")
-    open(lock, "a").close()     # what a killed reader of compressed or remote shards leaves (its number stays taken)
+    with contextlib.ExitStack() as registry:
+        try:
+            assert select.select([proc.stdout], [], [], 120)[0], "the reader did not open within 120 s"
+            killed = int(proc.stdout.readline())
+            # from here on no other job on the host registers a reader or removes a killed one's registration
+            # (another run's start-up would): the numbers below are this test's to look at
+            registry.enter_context(host_registry_lock())
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        leaked = _registration(killed)
+        assert leaked
+        with pytest.raises(ValueError, match="Reused local directory"):
+            open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
+        later = DocumentSource(shards)     # opened after the kill: it looked past the leaked registration
+        gap_prefix = gap.ds._shm_prefix_int
+        gap.close()
+        assert gap_prefix < killed and _registration(gap_prefix) == []
+        lock = os.path.join(tempfile.gettempdir(), f"{killed:06}_cache_filelock")
+        open(lock, "a").close()     # what a killed reader of compressed or remote shards leaves (its number stays taken)
 
-    removed = release_stale_streaming_shm()
-    assert set(leaked) | {lock} <= set(removed)
-    assert _registration(killed) == [] and not os.path.exists(lock)
-    for reader in (live, later):
-        assert _registration(reader.ds._shm_prefix_int) and reader.tokens(0).size
+        removed = release_stale_streaming_shm()
+        assert set(leaked) | {lock} <= set(removed)
+        assert _registration(killed) == [] and not os.path.exists(lock)
+        for reader in (live, later):
+            assert _registration(reader.ds._shm_prefix_int) and reader.tokens(0).size
     again, release = open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
     assert again[0]["tokens"].size
     release()

@@ -18,7 +18,7 @@ def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
             os.unlink(path)
 
 
-def _mapped_paths() -> set:
+def mapped_paths() -> set:
     """Files under /dev/shm that some live process maps (every /proc/PID/maps we may read)."""
     mapped = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
@@ -36,7 +36,7 @@ def release_stale_shm_buffers() -> list:
     buffers = set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
     if not buffers:
         return []
-    stale = sorted(buffers - _mapped_paths())
+    stale = sorted(buffers - mapped_paths())
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -84,7 +84,7 @@ def release_stale_streaming_shm() -> list:
     if not groups:
         return []
     # read after the listing: a registration made since has its files mapped by now, and counts as live
-    live = {os.path.basename(p)[:6] for p in _mapped_paths() if _STREAMING_NAME.match(os.path.basename(p))}
+    live = {os.path.basename(p)[:6] for p in mapped_paths() if _STREAMING_NAME.match(os.path.basename(p))}
     removed = []
     for number, paths in sorted(groups.items()):
         if number in live:
