@@ -13,11 +13,19 @@ SERIAL_GROUPS = {"slurm_cluster": "slurm", "uninterrupted3": "slurm", "marked_sh
                  "carried": "carried"}
 
 
+FIRST_GROUP = "slurm"       # the longest group (~8 minutes) starts first: the last test to start is then a short one
+
+
+def _groups(item) -> set:
+    return {SERIAL_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SERIAL_GROUPS}
+
+
 @pytest.hookimpl(tryfirst=True)          # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        for group in sorted({SERIAL_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SERIAL_GROUPS}):
+        for group in sorted(_groups(item)):
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: FIRST_GROUP not in _groups(item))     # stable: the order is kept otherwise
 
 
 @pytest.fixture(autouse=True)
