@@ -25,50 +25,82 @@ _constructing = threading.Lock()     # the recorder stands in for a module attri
 # leader registers, the others attach): two jobs doing so at once on one host pick the same number, and one fails
 # (`FileExistsError: '/000000_locals'`, or a rank attaching to the other job's registration). Two runs on one
 # machine, or two SLURM jobs sharing a node, start at the same moment often enough. The jobs of a host therefore
-# register one at a time, under this file lock.
-HOST_REGISTRY_LOCK = os.path.join(tempfile.gettempdir(), "longctx-streaming-registry.lock")
-
+# register one at a time, under this file lock: beside the registrations (one per host whatever TMPDIR a job
+# has), readable and lockable by every user (they share streaming's numbers too).
+_SHM = "/dev/shm"
+HOST_REGISTRY_LOCK = os.path.join(_SHM if os.path.isdir(_SHM) else tempfile.gettempdir(),
+                                  "longctx-streaming-registry.lock")
+RETRY_S = (0.05, 0.5)     # a job that got some of its hosts' locks but not all gives them back and retries
 
 _host_lock = threading.RLock()     # the thread of this process that holds the host's lock may take it again
 _host_lock_depth = 0
 
 
+def _open_lock_file() -> int:
+    """A descriptor on the lock file (flock needs no write access: another user's file serves as well)."""
+    try:
+        return os.open(HOST_REGISTRY_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = os.open(HOST_REGISTRY_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+        with contextlib.suppress(PermissionError):    # created meanwhile by another user: theirs, and readable
+            os.fchmod(fd, 0o666)                       # whatever this process's umask
+        return fd
+
+
 @contextlib.contextmanager
-def host_registry_lock():
-    """The host's lock on streaming's registrations, held by this process (released at exit too). Re-entrant
-    within a thread: a holder may open readers, which take it too."""
+def host_registry_lock(wait: bool = True):
+    """The host's lock on streaming's registrations, held by this process (released at exit too); yields whether
+    it is held (always, when `wait`). Re-entrant within a thread: a holder may open readers, which take it too."""
     import fcntl
     global _host_lock_depth
     with _host_lock:
         if _host_lock_depth:
             _host_lock_depth += 1
             try:
-                yield
+                yield True
             finally:
                 _host_lock_depth -= 1
             return
-        with open(HOST_REGISTRY_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file is closed
+        fd = _open_lock_file()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
             _host_lock_depth = 1
             try:
-                yield
+                yield True
             finally:
                 _host_lock_depth = 0
+        finally:
+            os.close(fd)                         # releases the lock
 
 
 @contextlib.contextmanager
 def registering_alone(leader: bool):
-    """Held around a dataset's construction by every rank of a job: the host's leader takes the host's lock before
-    any rank of its job scans for a number, and gives it back once every rank has attached (two collectives when
-    torch.distributed is up; a process alone just holds the lock)."""
+    """Held around a dataset's construction by every rank of a job: the leader of each of the job's hosts holds
+    that host's lock from before any rank scans for a number until every rank has attached. A job on several hosts
+    takes its hosts' locks all or none (each leader tries, the job agrees, and on a refusal anywhere the leaders
+    that got theirs give them back and all try again a moment later): two such jobs on the same hosts would
+    otherwise each hold one host and wait for the other forever. Collectives when torch.distributed is up."""
+    import random
+    import time
+
     import torch.distributed as dist
-    distributed = dist.is_available() and dist.is_initialized()
-    with host_registry_lock() if leader else contextlib.nullcontext():
-        if distributed:
-            dist.barrier()                       # no rank scans before its leader holds the lock
-        yield
-        if distributed:
-            dist.barrier()                       # every rank has attached before another job scans
+    if not (dist.is_available() and dist.is_initialized()):
+        with host_registry_lock():
+            yield
+        return
+    while True:
+        with host_registry_lock(wait=False) if leader else contextlib.nullcontext(True) as got:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, bool(got))    # also the barrier: no rank scans before the locks are held
+            if all(every):
+                yield
+                dist.barrier()                           # every rank has attached before another job scans
+                return
+        time.sleep(random.uniform(*RETRY_S))
 
 
 class _AtexitRecorder:
@@ -112,7 +144,8 @@ def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
     from streaming.base.world import World
 
     recorder = _AtexitRecorder()
-    with _constructing, registering_alone(World.detect().is_local_leader):
+    # the host's lock before this process's: a thread holding the host's lock may open a reader
+    with registering_alone(World.detect().is_local_leader), _constructing:
         saved, memory.atexit = memory.atexit, recorder
         try:
             dataset = StreamingDataset(**kwargs)

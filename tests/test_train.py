@@ -55,6 +55,13 @@ def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupte
     assert 0 < sum(r.get("eval_seconds", 0) for r in recs)
 
 
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.timeout(1200)
 def test_sigkill_in_every_stage_then_resume_reproduces_the_uninterrupted_run(uninterrupted3):
     """A three-stage run SIGKILLed in stage 0, then (resumed) in stage 1, then in stage 2, and resumed to its
@@ -62,10 +69,12 @@ def test_sigkill_in_every_stage_then_resume_reproduces_the_uninterrupted_run(uni
     two: those were refused as if a finished stage's steps had changed) to the uninterrupted run's losses."""
     tmp, full = uninterrupted3
     cfg = write_config(tmp, "killed", stages=3)
-    registrations = lambda: set(glob.glob("/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*"))  # mosaicml-streaming's
+    # mosaicml-streaming's, by inode: a name given back may be taken again, meanwhile, by another test's reader
+    registrations = lambda: {(p, _inode(p)) for p in glob.glob("/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*")}
     # a killed run's are mapped by no process; a live reader's, of another test running meanwhile, are
-    unmapped = lambda paths: paths - mapped_paths()
-    release_stale_streaming_shm()      # earlier leftovers: the killed run might reuse their names
+    unmapped = lambda found: {(p, ino) for p, ino in found if p not in mapped_paths()}
+    with host_registry_lock():
+        release_stale_streaming_shm()      # earlier leftovers: the killed run might reuse their names
     before = registrations()
     sigkill_mid_stage(run_cmd(cfg), tmp / "killed")
     leaked = unmapped(registrations() - before)          # what the killed ranks' readers leave
@@ -79,8 +88,7 @@ def test_sigkill_in_every_stage_then_resume_reproduces_the_uninterrupted_run(uni
         leaked |= unmapped(registrations() - before)
     r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    with host_registry_lock():      # removed before the shards were opened again (a live reader may reuse a name)
-        assert not unmapped({p for p in leaked if os.path.exists(p)})
+    assert not leaked & registrations()      # those files removed before the shards were opened again
     assert re.search(r"resumed from \S+ at step 1[2-5]\b", r.stdout), r.stdout[-3000:]
     assert glob.glob(f"/dev/shm/{live.ds._shm_prefix_int:06}_locals") and live.tokens(0).size   # kept
     assert_same_run(records(tmp / "killed"), full)

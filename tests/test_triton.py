@@ -172,7 +172,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 @pytest.mark.skipif(IN_PROCESS, reason="the interpreter tests already ran in this process")
 def test_rerun_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__], env=env,
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:]
 
