@@ -306,23 +306,16 @@ def cmd_node(args) -> int:
 
 def cmd_run(args) -> int:
     from longctx.launch.local import run_local
-    from longctx.pipeline.config import load_config, model_chunk_size, model_config
+    from longctx.pipeline.config import load_config, model_chunk_size, planning_chunk_size
     from longctx.pipeline.training.curriculum import format_plan, plan
     from longctx.pipeline.training.eval_budget import budget_lines
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.local_procs
-    note = ""
-    if args.plan and cfg.model.from_pretrained and not (Path(cfg.model.from_pretrained) / "config.json").exists():
-        # planning a cluster recipe on a machine without the checkpoint: the model section describes it
-        chunk = model_config(cfg).chunk_size
-        note = (f"\nnote: {cfg.model.from_pretrained} is not here; planned with the model section's "
-                f"chunk_size {chunk} (training reads it from the checkpoint)")
-    else:
-        chunk = model_chunk_size(cfg)
+    chunk, note = planning_chunk_size(cfg) if args.plan else (model_chunk_size(cfg), "")
     plans = plan(cfg, nproc, chunk, args.config)
     text = "\n".join([format_plan(plans, nproc), *budget_lines(cfg, plans, nproc)])
     if args.plan:
-        print(text + note)
+        print(text + (f"\n{note}" if note else ""))
         return 0
     return run_local(cfg, args.config, args.overrides, nproc, text, verbose=args.verbose)
 

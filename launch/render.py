@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from longctx.launch.hostfile import read_hostfile
-from longctx.pipeline.config import Config, ConfigError, model_chunk_size
+from longctx.pipeline.config import Config, ConfigError, planning_chunk_size
 from longctx.pipeline.training.curriculum import plan
 
 HERE = Path(__file__).parent
@@ -22,7 +23,10 @@ def _check_training(cfg: Config, o: dict) -> None:
         if len(hosts) != o["nodes"] or any(s != o["gpus_per_node"] for s in hosts.values()):
             raise ConfigError(f"{o['hostfile']}: {len(hosts)} hosts with slots {list(hosts.values())}, but "
                               f"--nodes {o['nodes']} --gpus-per-node {o['gpus_per_node']} were asked for")
-    plan(cfg, o["nodes"] * o["gpus_per_node"], model_chunk_size(cfg), o["where"])   # raises naming the stage and field
+    chunk, note = planning_chunk_size(cfg)          # a login node may not hold the checkpoint the nodes will read
+    if note:
+        print(note, file=sys.stderr)
+    plan(cfg, o["nodes"] * o["gpus_per_node"], chunk, o["where"])   # raises naming the stage and field
 
 
 def _check_prepare(cfg: Config, o: dict) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -401,6 +401,17 @@ def to_yaml(cfg: Config) -> str:
 def model_config(cfg: Config) -> Mamba2Config:
     """The architecture part of the `model` section."""
     return Mamba2Config(**{f.name: getattr(cfg.model, f.name) for f in fields(Mamba2Config)})
+
+
+def planning_chunk_size(cfg: Config) -> Tuple[int, str]:
+    """The scan chunk to plan with, and a note when it is not the checkpoint's: a cluster recipe planned or
+    rendered (`run --plan`, `launch`) on a machine without its checkpoint uses the model section's (training
+    reads the checkpoint's, and its preflight refuses a checkpoint that is missing)."""
+    if cfg.model.from_pretrained and not (Path(cfg.model.from_pretrained) / "config.json").exists():
+        chunk = model_config(cfg).chunk_size
+        return chunk, (f"note: {cfg.model.from_pretrained} is not here; planned with the model section's "
+                       f"chunk_size {chunk} (training reads it from the checkpoint)")
+    return model_chunk_size(cfg), ""
 
 
 def model_chunk_size(cfg: Config) -> int:
