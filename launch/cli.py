@@ -140,6 +140,9 @@ def _add_export(sub) -> None:
     parser.add_argument("--out", default=None, help="output directory")
     parser.add_argument("--format", choices=["mamba_ssm", "hf"], default="mamba_ssm")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights before writing")
+    parser.add_argument("--safetensors", action="store_true",
+                        help="mamba_ssm layout: model.safetensors instead of mamba_ssm's pytorch_model.bin (the hf "
+                             "layout always writes safetensors)")
 
 
 def _add_bench(sub) -> None:
@@ -200,6 +203,22 @@ def _ints(text: str) -> List[int]:
         raise SystemExit(f"longctx: expected comma-separated integers, got {text!r}")
 
 
+def export_tokenizer_record(source: Path, out: Path) -> list:
+    """A training checkpoint's tokenizer record (and a Hugging Face tokenizer's file) copied beside the exported
+    weights: `longctx eval` then decodes with it, and a run continuing the export refuses another tokenizer."""
+    import shutil
+
+    from longctx.pipeline.model.load import find_checkpoint
+    from longctx.pipeline.training.checkpoint import TOKENIZER_FILE, TOKENIZER_INFO
+    found = find_checkpoint(source)
+    if found is None:
+        return []
+    names = [n for n in (TOKENIZER_INFO, TOKENIZER_FILE) if (found[0] / found[1] / n).exists()]
+    for name in names:
+        shutil.copyfile(found[0] / found[1] / name, out / name)
+    return names
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -211,8 +230,9 @@ def cmd_export(args) -> int:
     model = load_any(args.source)
     if args.dtype:
         model = model.to(dtypes[args.dtype])
-    model.save_pretrained(out, format=args.format)
-    print(f"wrote {out} ({args.format} layout)")
+    model.save_pretrained(out, format=args.format, safe_serialization=True if args.safetensors else None)
+    carried = export_tokenizer_record(Path(args.source), Path(out))
+    print(f"wrote {out} ({args.format} layout{', with ' + ' and '.join(carried) if carried else ''})")
     return 0
 
 
@@ -310,6 +330,9 @@ def cmd_run(args) -> int:
     from longctx.pipeline.training.curriculum import format_plan, plan
     from longctx.pipeline.training.eval_budget import budget_lines
     cfg = load_config(args.config, args.overrides)
+    if not args.plan:
+        from longctx.pipeline.training.preflight import check_model
+        check_model(cfg, args.config)     # a missing or damaged base is refused before any data is prepared
     nproc = args.nproc or cfg.launch.local_procs
     chunk, note = planning_chunk_size(cfg) if args.plan else (model_chunk_size(cfg), "")
     plans = plan(cfg, nproc, chunk, args.config)

@@ -5,6 +5,7 @@ errors naming the key and the file; nothing is silently ignored.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -70,6 +71,10 @@ class RunConfig:
 @dataclass
 class ModelConfig(Mamba2Config):
     from_pretrained: str = ""       # a mamba_ssm or Hugging Face Mamba2 directory; fields above must agree with it
+    # the sha256 of its weights file (model.safetensors / pytorch_model.bin), checked before any work ("": not checked)
+    from_pretrained_sha256: str = ""
+    # the command that makes (or downloads) that directory, named when it is missing or does not match
+    from_pretrained_recipe: str = ""
 
 
 @dataclass
@@ -224,6 +229,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     _validate_eval(cfg.eval, fail)
     _validate_timeouts(cfg, fail)
     _validate_checkpoint(cfg.checkpoint, fail)
+    _validate_pretrained(cfg.model, fail)
     stage_mitigations = _validate_mitigations(cfg, where)
     if not cfg.model.from_pretrained:
         _validate_model(cfg, stage_mitigations, where, fail)
@@ -270,6 +276,16 @@ def _validate_checkpoint(checkpoint: CheckpointConfig, fail) -> None:
         fail("checkpoint.every_steps", f"must be >= 0 (0: only at stage ends), got {checkpoint.every_steps}")
     if checkpoint.keep_last < 0:
         fail("checkpoint.keep_last", f"must be >= 0 (0 keeps every checkpoint), got {checkpoint.keep_last}")
+
+
+def _validate_pretrained(model: ModelConfig, fail) -> None:
+    digest = model.from_pretrained_sha256
+    if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        fail("model.from_pretrained_sha256", f"must be 64 lowercase hex digits (sha256sum's output), got {digest!r}")
+    for key in ("from_pretrained_sha256", "from_pretrained_recipe"):
+        if getattr(model, key) and not model.from_pretrained:
+            fail(f"model.{key}", "is set, but model.from_pretrained is empty: it describes the pretrained model to "
+                 "load; set model.from_pretrained or remove it")
 
 
 def _validate_mitigations(cfg: Config, where: str) -> List[MitigationsConfig]:

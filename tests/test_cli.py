@@ -44,6 +44,12 @@ def test_export_converts_between_layouts(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mamba2"
     back = Mamba2LM.from_pretrained(tmp_path / "hf")
     assert torch.equal(back.backbone.embedding.weight, model.backbone.embedding.weight)
+    # mamba_ssm's layout writes pytorch_model.bin as mamba_ssm does, model.safetensors on request
+    r = longctx("export", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--safetensors")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "ssm").iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(Mamba2LM.from_pretrained(tmp_path / "ssm").backbone.embedding.weight,
+                       model.backbone.embedding.weight)
 
 
 def test_export_of_a_missing_directory_is_a_clean_error(tmp_path):

@@ -142,6 +142,9 @@ def test_zero3_run_and_export_round_trip(uninterrupted, tmp_path):
         e = subprocess.run([sys.executable, "-m", "longctx", "export", str(tmp / run / "checkpoints"),
                             "--format", "mamba_ssm", "--out", str(out)], capture_output=True, text=True)
         assert e.returncode == 0, e.stderr[-3000:]
+        # the run's tokenizer record travels with the export: a run continuing it refuses another tokenizer
+        assert (out / "tokenizer_info.json").read_text() == (
+            tmp / run / "checkpoints" / "step_0000008" / "tokenizer_info.json").read_text()
         model = Mamba2LM.from_pretrained(out).eval()
         assert model.mitigations is not None and model.mitigations[0].decay_scale[0] == pytest.approx(0.99)
         # the exported weights give the held-out loss the trainer logged at its last checkpoint

@@ -27,14 +27,16 @@ from .states import evaluate_states
 
 
 def tokenizer_for(source: Path, choice: Optional[str], vocab_size: int):
-    """--tokenizer byte|PATH, else the one saved with our checkpoint, else bytes for a byte-vocabulary model."""
+    """--tokenizer byte|PATH, else the one saved with our checkpoint (or its export), else bytes for a
+    byte-vocabulary model."""
     if choice == "byte":
         return ByteTokenizer()
     if choice:
         return HFTokenizer(choice)
     found = find_checkpoint(source)
-    info = None if found is None else found[0] / found[1] / checkpoint.TOKENIZER_INFO
-    if info is not None and info.exists():
+    # a training checkpoint's record, or the copy `longctx export` writes beside the weights
+    info = (source if found is None else found[0] / found[1]) / checkpoint.TOKENIZER_INFO
+    if info.exists():
         meta = json.loads(info.read_text())
         if meta["kind"] == "hf":
             return HFTokenizer(str(info.parent / checkpoint.TOKENIZER_FILE), meta["eos_id"])

@@ -14,7 +14,7 @@ import os
 import pickle
 from dataclasses import fields
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -144,25 +144,44 @@ def load_tensors(path: Path, **kw):
         raise refusal([path], e) from None
 
 
-def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
-    def load_one(f: Path):
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(f))
-        return load_tensors(f)
-
+def weight_files(path: Path) -> List[Path]:
+    """The weights files of a model directory: model.safetensors or pytorch_model.bin, or the shards their
+    *.index.json names."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (path / single).exists():
-            return load_one(path / single)
+            return [path / single]
         if (path / index).exists():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(load_one(path / shard))
-            return state
+            shards = json.loads((path / index).read_text())["weight_map"].values()
+            return [path / shard for shard in sorted(set(shards))]
     raise CheckpointError(f"{path}: no weights found (expected model.safetensors, pytorch_model.bin "
                           "or a sharded *.index.json)")
+
+
+def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    state = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state.update(load_file(str(f)))
+        else:
+            state.update(load_tensors(f))
+    return state
+
+
+def weight_shapes(path: Path) -> Dict[str, tuple]:
+    """Each tensor's shape, in our key names, read without loading the weights (safetensors' header;
+    a torch.save file memory-mapped)."""
+    path = Path(path)
+    shapes = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(f), framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in load_tensors(f, mmap=True).items()})
+    return _hf_to_ours(shapes) if _read_config(path)[1] == "hf" else shapes
 
 
 def _hf_to_ours(state):

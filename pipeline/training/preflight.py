@@ -6,8 +6,9 @@ seconds; found after days of training, or never, it costs the run.
   hold at least one held-out document (every evaluation reads only those), and were tokenized by this
   run's tokenizer;
 - no token id in them reaches past the model's vocabulary (`max_token_id` of the manifest);
-- `model.from_pretrained`: the `model:` fields set in the config agree with the checkpoint, and the
-  byte tokenizer is used only with a model whose vocabulary is the byte vocabulary.
+- `model.from_pretrained`: the directory is whole and the one the config pins, trained with this run's
+  tokenizer (pretrained.py); the `model:` fields set in the config agree with it, and the byte tokenizer
+  is used only with a model whose vocabulary is the byte vocabulary.
 """
 from __future__ import annotations
 
@@ -20,18 +21,19 @@ from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
 from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_variants, model_config
 from ..model.config import Mamba2Config
-from ..model.formats import read_config
+from .pretrained import check_base
 
 
 def _describe(tok: dict) -> str:
     return f"{tok.get('name')} (sha256 {str(tok.get('sha256'))[:12]}, vocabulary {tok.get('vocab_size')})"
 
 
-def check_pretrained(cfg: Config, where: str) -> Mamba2Config:
-    """The architecture of `model.from_pretrained`; refuses `model:` fields that contradict it and the byte
-    tokenizer for a model with another vocabulary."""
+def check_pretrained(cfg: Config, where: str, tokenizer_identity: dict) -> Mamba2Config:
+    """The architecture of `model.from_pretrained` after pretrained.check_base (there, pinned sha256, shapes,
+    its tokenizer); refuses `model:` fields that contradict it and the byte tokenizer for a model with another
+    vocabulary."""
     path = cfg.model.from_pretrained
-    saved = read_config(path)
+    saved = check_base(cfg, where, tokenizer_identity)
     defaults = Mamba2Config()
     norm = lambda v: json.loads(json.dumps(v))      # tuples and lists compare alike
     for f in fields(Mamba2Config):
@@ -92,10 +94,16 @@ def reads_heldout(cfg: Config) -> bool:
     return any(m.state_norm.every and not m.state_norm.thresholds for m in sections)
 
 
+def check_model(cfg: Config, where: str) -> None:
+    """The model checks alone, which need no shards: `longctx run` makes them before it prepares data."""
+    if cfg.model.from_pretrained:
+        check_pretrained(cfg, where, identity(load_tokenizer(cfg.tokenizer)))
+
+
 def preflight(cfg: Config, where: str, tok=None) -> str:
     """Every check above, for this config (`tok`: its tokenizer, when already loaded). Returns the shards."""
-    arch = check_pretrained(cfg, where) if cfg.model.from_pretrained else model_config(cfg)
     tok = tok or load_tokenizer(cfg.tokenizer)
+    arch = check_pretrained(cfg, where, identity(tok)) if cfg.model.from_pretrained else model_config(cfg)
     shards = cfg.data.shards or cfg.data.prepare.output
     if not shards:
         raise ConfigError(f"{where}: data.shards (or data.prepare.output) is empty: where are the MDS shards?")
