@@ -181,7 +181,7 @@ def _add_bench(sub) -> None:
                         help="train: the first stage of --config in one process on its prepared shards, loss and the "
                              "loss on the passkey's digits (the key, its repeat in the needle, the answer) every 100 "
                              "steps: how soon the model learns to copy")
-    parser.add_argument("--config", dest="bench_config", default="configs/demo.yaml",
+    parser.add_argument("--config", dest="bench_config", default="configs/demo-from-scratch.yaml",
                         help="train --vs-bare / --compile / --plateau: the model, batch and data")
     parser.add_argument("--procs", default="1,2", help="train --vs-bare: comma-separated process counts")
     parser.add_argument("--steps", type=int, default=None,

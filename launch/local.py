@@ -118,7 +118,7 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
         signal.signal(signal.SIGTERM, previous)
     release_shm_buffers("127.0.0.1", str(port))     # also those of ranks that were killed
     from longctx.pipeline.training.report import write_report
-    report = write_report(Path(cfg.run.dir), plan_text)
+    report = write_report(Path(cfg.run.dir), plan_text, started_from=cfg.model.from_pretrained)
     print(f"report: {report}")
     # the same command with run.resume=never would set this run aside and start over
     again = "run it again with run.resume=auto" if cfg.run.resume == "never" else "run the same command"

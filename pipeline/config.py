@@ -6,7 +6,7 @@ errors naming the key and the file; nothing is silently ignored.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -139,6 +139,12 @@ class EvalConfig:
     # more named variants, each mitigations on top of the stage's, evaluated beside "as trained" on the same
     # prompts (passkey, loss against position): {name: {decay_scale: 0.9}, ...}
     variants: Dict[str, Any] = field(default_factory=dict)
+    # overrides of the keys above for the run's last checkpoint only (more prompts, longer lengths): the thorough
+    # evaluation once, at the end, while every other checkpoint's stays light (the plan prices it on its own line)
+    final: Dict[str, Any] = field(default_factory=dict)
+
+
+FINAL_FIXED = ("every_checkpoint", "final")     # eval.final cannot change these
 
 
 @dataclass
@@ -234,6 +240,12 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     if not cfg.model.from_pretrained:
         _validate_model(cfg, stage_mitigations, where, fail)
     _validate_curriculum(cfg.curriculum, fail)
+    if cfg.eval.final:                 # the last checkpoint's settings pass every check above too
+        try:
+            final = final_eval(cfg.eval)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        validate(replace(cfg, eval=final), f"{where} (eval.final on top of eval)")
 
 
 def _validate_precision(train: TrainConfig, fail) -> None:
@@ -399,6 +411,23 @@ def _validate_eval(ev: EvalConfig, fail) -> None:
             fail("eval.passkey_depths", f"{d} is outside [0, 1] (0: needle at the start of the filler, 1: at its end)")
     if ev.heldout_sequences < 1:
         fail("eval.heldout_sequences", f"must be >= 1, got {ev.heldout_sequences}")
+
+
+def final_eval(ev: EvalConfig) -> EvalConfig:
+    """The evaluation settings of the run's last checkpoint: eval.final merged onto the eval section."""
+    if not ev.final:
+        return ev
+    for key in ev.final:
+        if key in FINAL_FIXED:
+            raise ConfigError(f"eval.final.{key}: cannot differ at the last checkpoint; set eval.{key} itself")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ev), ev.final)
+    except OmegaConfBaseException as e:
+        key = f".{e.full_key}" if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"eval.final{key}: {getattr(e, 'msg', e)}".splitlines()[0]) from None
+    out = OmegaConf.to_object(merged)
+    out.final = {}
+    return out
 
 
 def evaluation_variants(ev: EvalConfig) -> Dict[str, Any]:

@@ -14,12 +14,12 @@ from longctx.pipeline.training.curriculum import plan
 def test_the_bare_loop_carries_state_where_the_stage_does(monkeypatch, carry):
     """A stage with carry_state: each bare micro-batch starts from the previous one's final state (the trainer's
     work, timed on both sides); without it, from zeros."""
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("configs/demo-from-scratch.yaml")
     stage = dict(dataclasses.asdict(cfg.curriculum.stages[1]), seq_parallel=1, seq_len=128,
                  global_batch_tokens=256, carry_state=carry)
     stage = {k: v for k, v in stage.items() if v is not None and v != {}}
     steps = WARMUP_STEPS + 2
-    cfg = load_config("configs/demo.yaml", [stage_override(stage, steps), "train.micro_batch_size=1"])
+    cfg = load_config("configs/demo-from-scratch.yaml", [stage_override(stage, steps), "train.micro_batch_size=1"])
     p = plan(cfg, 1, cfg.model.chunk_size, "demo")[0]
     assert p.grad_accum == 2
     entered = []

@@ -123,6 +123,13 @@ STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_to
     ("launch: {master_port: 0}\n", r"launch.master_port: must be >= 1"),
     ("launch: {master_port: 70000}\n", r"launch.master_port: must be a TCP port"),
     ("run: {log_every: 0}\n", r"run.log_every: must be >= 1 \(steps between step lines in a log\), got 0"),
+    # the last checkpoint's settings: named under eval.final, and checked as the eval section is
+    ("eval: {final: {passkey_sample: 40}}\n", r"eval.final.passkey_sample: Key 'passkey_sample' not in 'EvalConfig'"),
+    ("eval: {final: {passkey_samples: many}}\n", r"eval.final.passkey_samples: Value 'many' .* Integer"),
+    ("eval: {final: {every_checkpoint: false}}\n", r"eval.final.every_checkpoint: cannot differ at the last"),
+    ("eval: {final: {passkey_depths: [2.0]}}\n", r"\(eval.final on top of eval\): eval.passkey_depths: 2.0 is outside"),
+    ("eval: {final: {compare_mitigations: {decay_scale: 3}}}\n",
+     r"\(eval.final on top of eval\): eval.compare_mitigations.decay_scale: 3 is outside"),
 ])
 def test_values_that_mean_nothing_are_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

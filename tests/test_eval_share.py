@@ -1,6 +1,7 @@
 """Evaluation split over ranks (evaluate/share.py): 2 gloo ranks give exactly one process's results, and
 `longctx run --plan` prices each checkpoint's evaluation against the training between checkpoints."""
 import json
+import re
 import subprocess
 import sys
 
@@ -99,8 +100,8 @@ def test_prompt_batches_put_long_prompts_alone_and_keep_short_ones_together():
     assert [len(b) for b in prompt_batches(cases, batch_size=2, batch_tokens=65536)] == [2, 2, 1, 1]
 
 
-def _plan(*overrides):
-    r = subprocess.run([sys.executable, "-m", "longctx", "run", "configs/demo.yaml", "--plan", *overrides],
+def _plan(*overrides, config="configs/demo-from-scratch.yaml"):
+    r = subprocess.run([sys.executable, "-m", "longctx", "run", config, "--plan", *overrides],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -109,10 +110,23 @@ def _plan(*overrides):
 def test_plan_prices_the_evaluation_and_warns_above_ten_percent():
     quiet = _plan("eval.passkey_lengths=[256,1024]", "eval.length_max=1024")
     assert "evaluation per checkpoint" in quiet and "warning" not in quiet
-    # the demo evaluates to 8x its length at each stage's end: its point, and priced as such
+    # the demo from scratch evaluates to 8x its length at each stage's end: its point, and priced as such
     assert "warning: stage 'short'" in _plan()
     loud = _plan("checkpoint.every_steps=10", "eval.passkey_lengths=[4096]", "eval.passkey_samples=8")
     assert "warning: stage 'short'" in loud and "checkpoint.every_steps" in loud
+
+
+def test_the_runs_last_evaluation_is_priced_once_against_the_whole_run():
+    """The demo glances at each stage's end and evaluates thoroughly once, at the end (eval.final)."""
+    demo = _plan(config="configs/demo.yaml")
+    assert "warning" not in demo, demo
+    assert "stage long: its only checkpoint is the run's last (below)" in demo
+    final = re.search(r"the run's last checkpoint \(eval.final\): evaluation ([\d,]+) tokens per rank, once: "
+                      r"[\d.]+% of the run's ([\d,]+) training tokens per rank", demo)
+    assert final, demo
+    # stage mid's checkpoint is priced with the light settings, the last with eval.final's
+    light = int(re.search(r"stage mid: evaluation ([\d,]+) tokens", demo).group(1).replace(",", ""))
+    assert int(final.group(1).replace(",", "")) > 20 * light
 
 
 @pytest.mark.parametrize("recipe,nproc", [("configs/mamba2-370m-256k.yaml", 64), ("configs/mamba2-130m-256k.yaml", 32)])

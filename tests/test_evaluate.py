@@ -239,5 +239,7 @@ def test_report_opens_with_a_table_per_length_for_each_variant(tmp_path):
     assert "| 1,024 (trained) | 0.95 | 0.40 | 0.200 | 0.200 |" in first
     assert "| 8,192 (8×) | 0.10 | 0.30 | 0.900 | - |" in first
     assert "| 256 | 1.00 | 0.50 | 0.500 | 0.500 |" in first
+    assert "Continued from" not in first
+    assert "Continued from `models/base` (model.from_pretrained)" in write_report(run, "plan", "models/base").read_text()
     passkey_heatmaps(variants, tmp_path / "p.png", train_length=1024)
     assert (tmp_path / "p.png").stat().st_size > 0

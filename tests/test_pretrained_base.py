@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,15 @@ def test_a_base_trained_with_another_tokenizer_is_refused(tmp_path, base):
 def test_the_pin_itself_is_checked(tmp_path, base, overrides, match):
     with pytest.raises(ConfigError, match=match):
         config(tmp_path, *base, *overrides)
+
+
+def test_the_committed_demo_base_is_the_one_configs_demo_pins(monkeypatch):
+    """models/demo-base is whole, of its config's shapes and the byte tokenizer, and byte for byte the file
+    configs/demo.yaml pins and its README names."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / "demo.yaml"))
+    assert cfg.model.from_pretrained == "models/demo-base"
+    monkeypatch.chdir(root)                 # the config names the base relative to the checkout
+    check_model(cfg, "configs/demo.yaml")
+    assert cfg.model.from_pretrained_sha256 in (root / "models" / "demo-base" / "README.md").read_text()
+    assert (root / "models" / "demo-base" / "model.safetensors").stat().st_size < 2 * 2**20

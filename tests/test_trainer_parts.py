@@ -109,6 +109,21 @@ def test_evaluator_runs_the_configured_kinds_and_writes_them(tmp_path):
     assert model.training and model.sequence_parallel is None
 
 
+def test_the_runs_last_checkpoint_is_evaluated_with_eval_final(tmp_path):
+    cfg = _config(tmp_path, "eval: {kinds: [passkey], passkey_lengths: [256], passkey_samples: 1, passkey_depths: [0.5], "
+                            "final: {passkey_lengths: [256, 512], passkey_samples: 3}}")
+    model = Mamba2LM(MODEL).train()
+    mit = StageMitigations(cfg, model, lambda n: torch.randint(0, 256, (1, n)))
+    ev = Evaluator(cfg, model, ByteTokenizer(), None, mit, lambda batch: None, torch.device("cpu"), write=True)
+    p = plan(cfg, 1, MODEL.chunk_size)[0]
+    for step, final in ((5, False), (6, True), (7, False)):
+        ev.evaluate(p, step, {}, MetricsLogger(tmp_path / "run", active=False), final=final)
+    prompts = {step: json.loads((tmp_path / "run" / "eval" / f"step_000000{step}" / "passkey.json").read_text())
+               for step in (5, 6, 7)}
+    assert [(r["lengths"], r["samples"], len(r["outputs"])) for r in prompts.values()] == [
+        ([256], 1, 1), ([256, 512], 3, 6), ([256], 1, 1)]
+
+
 def test_registries_agree_with_the_config_and_the_command_line():
     """Each name the config or the CLI accepts is defined once, where it is looked up."""
     from longctx.launch.cli import build_parser

@@ -1,23 +1,26 @@
 """What a checkpoint's evaluation costs next to the training between two checkpoints, per stage, in tokens
 read by the busiest rank (`longctx run --plan`). Evaluation tokens are forward-only (a third of a
 training token's work or less), so the ratio is an upper bound on the time share; above
-`WARN_ABOVE` the plan warns: on a large run the evaluation would cost about as much as training."""
+`WARN_ABOVE` the plan warns: on a large run the evaluation would cost about as much as training.
+The run's last checkpoint, evaluated with `eval.final` when set, is priced on a line of its own against
+the whole run's training: it runs once, however many checkpoints there are."""
 from __future__ import annotations
 
 from typing import List
 
-from ..config import Config
+from ..config import Config, EvalConfig, final_eval
 from ..evaluate.passkey import NEW_TOKENS, PROMPTS_PER_BATCH, prompt_batches
 from .curriculum import StagePlan
 
 WARN_ABOVE = 0.10
 
 
-def eval_tokens(cfg: Config, p: StagePlan, world: int) -> int:
-    """Tokens the busiest rank reads in one checkpoint's evaluation: every rank reads the held-out
-    sequences; passkey batches, loss-vs-position variants and the state norms go round-robin over the
-    ranks in that order, as evaluate/share.py hands them out (all on every rank under ZeRO-3)."""
-    ev = cfg.eval
+def eval_tokens(cfg: Config, p: StagePlan, world: int, ev: EvalConfig = None) -> int:
+    """Tokens the busiest rank reads in one checkpoint's evaluation (with `ev`, by default the eval section):
+    every rank reads the held-out sequences; passkey batches, loss-vs-position variants and the state norms go
+    round-robin over the ranks in that order, as evaluate/share.py hands them out (all on every rank under
+    ZeRO-3)."""
+    ev = ev or cfg.eval
     if not ev.every_checkpoint:
         return 0
     split = world if cfg.train.zero_stage < 3 else 1
@@ -45,9 +48,14 @@ def training_tokens_between(cfg: Config, p: StagePlan, world: int) -> int:
 
 
 def budget_lines(cfg: Config, plans: List[StagePlan], world: int) -> List[str]:
-    """One line per stage, and a warning line for each stage above WARN_ABOVE."""
+    """One line per stage and one for the final evaluation, and a warning line for each stage above
+    WARN_ABOVE."""
     lines, warnings = [], []
+    every = cfg.checkpoint.every_steps
     for p in plans:
+        if p is plans[-1] and not (every and every < p.steps):
+            lines.append(f"  stage {p.name}: its only checkpoint is the run's last (below)")
+            continue
         ev, tr = eval_tokens(cfg, p, world), training_tokens_between(cfg, p, world)
         ratio = ev / max(tr, 1)
         lines.append(f"  stage {p.name}: evaluation {ev:,} tokens per rank per checkpoint, training {tr:,} tokens "
@@ -56,4 +64,8 @@ def budget_lines(cfg: Config, plans: List[StagePlan], world: int) -> List[str]:
             warnings.append(f"warning: stage {p.name!r}: each checkpoint's evaluation reads {ratio:.0%} of the "
                             f"tokens trained between checkpoints (above {WARN_ABOVE:.0%}): shrink eval.passkey_* / "
                             "eval.length_max, or checkpoint less often (checkpoint.every_steps)")
+    final = eval_tokens(cfg, plans[-1], world, final_eval(cfg.eval))
+    run = sum(p.steps * p.global_batch_tokens for p in plans) // world
+    lines.append(f"  the run's last checkpoint{' (eval.final)' if cfg.eval.final else ''}: evaluation {final:,} "
+                 f"tokens per rank, once: {final / max(run, 1):.1%} of the run's {run:,} training tokens per rank")
     return ["evaluation per checkpoint (busiest rank):"] + lines + warnings

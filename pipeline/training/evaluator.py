@@ -22,7 +22,7 @@ import torch
 
 from longctx.data.stream import rank_share
 
-from ..config import evaluation_variants
+from ..config import evaluation_variants, final_eval
 from ..evaluate.run import run_eval
 from ..evaluate.share import EVERYTHING, RankShare
 from ..mitigations import merge_overrides
@@ -41,13 +41,14 @@ class Evaluator:
         self.share = share                    # passkey batches and comparison variants split over ranks
         self.mitigations, self.documents, self.device, self.write = stage_mitigations, documents, device, write
         self.should_stop = should_stop        # collective: every rank calls it at the same points
+        self.ev = getattr(cfg, "eval", None)  # this checkpoint's settings (eval.final's at the run's last)
         # name -> (method, reads whole sequences). Whole-sequence evaluations decode recurrently (memory
         # independent of length) on every rank, with sequence parallelism off.
         self.kinds = {"heldout": (self.heldout, False), "passkey": (self.passkey, True),
                       "length": (self.length, True), "states": (self.states, True)}
 
-    def evaluate(self, stage, step: int, record: dict, metrics) -> None:
-        ev = self.cfg.eval
+    def evaluate(self, stage, step: int, record: dict, metrics, final: bool = False) -> None:
+        ev = self.ev = final_eval(self.cfg.eval) if final else self.cfg.eval
         if not ev.every_checkpoint:
             return
         t0 = time.perf_counter()
@@ -76,7 +77,7 @@ class Evaluator:
     def heldout_loss(self, stage) -> float:
         """Loss on sequences of the held-out stream at the stage's length; under sequence
         parallelism each rank reads its segment (the group sums)."""
-        n = self.cfg.eval.heldout_sequences
+        n = self.ev.heldout_sequences
         sp = self.model.sequence_parallel
         batch = self.stream.next_batch(n, stage.seq_len)
         if sp is not None:
@@ -98,7 +99,7 @@ class Evaluator:
                                                           "heldout_loss": record["eval_loss"]}))
 
     def _common(self, stage) -> dict:
-        ev = self.cfg.eval
+        ev = self.ev
         return dict(prefill_chunk=ev.prefill_chunk, train_length=stage.seq_len, write=self.write,
                     seed=self.cfg.run.seed, should_stop=self._check_stop, share=self.share)
 
@@ -109,7 +110,7 @@ class Evaluator:
     def _variants(self, stage):
         """With eval.compare_mitigations ("with mitigations") or eval.variants (named): the model as trained (with
         the stage's mitigations) and with each on top, all on the same prompts; else None (the model as it is)."""
-        extra = evaluation_variants(self.cfg.eval)
+        extra = evaluation_variants(self.ev)
         if not extra:
             return None
         as_trained = self.mitigations.stage_config(stage)
@@ -121,10 +122,10 @@ class Evaluator:
 
     def _named(self, results: dict, field: str) -> dict:
         """eval.variants' results of one field, by name (for the metrics record)."""
-        return {name: results[name][field] for name in self.cfg.eval.variants}
+        return {name: results[name][field] for name in self.ev.variants}
 
     def passkey(self, stage, step, record, metrics, out) -> None:
-        ev = self.cfg.eval
+        ev = self.ev
         variants = self._variants(stage)
         results = run_eval("passkey", self.model, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
                            samples=ev.passkey_samples, variants=variants, **self._common(stage))
@@ -136,15 +137,15 @@ class Evaluator:
             record["passkey_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
             for length, acc in results["with mitigations"]["per_length"].items():
                 metrics.scalar(f"eval/passkey_accuracy_mitigated_{length}", acc, step)
-        if self.cfg.eval.variants:
+        if self.ev.variants:
             record["passkey_accuracy_variants"] = self._named(results, "mean_accuracy")
-            for name in self.cfg.eval.variants:
+            for name in self.ev.variants:
                 for length, acc in results[name]["per_length"].items():
                     metrics.scalar(f"eval/passkey_accuracy_{name}_{length}", acc, step)
         metrics.image("eval/passkey", out / "passkey.png", step)
 
     def length(self, stage, step, record, metrics, out) -> None:
-        ev = self.cfg.eval
+        ev = self.ev
         variants = self._variants(stage)
         results = run_eval("length", self.model, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
                            margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(stage))
@@ -152,11 +153,11 @@ class Evaluator:
         record["collapse_point"] = res["collapse_point"]
         if "with mitigations" in results:
             record["collapse_point_mitigated"] = results["with mitigations"]["collapse_point"]
-        if self.cfg.eval.variants:
+        if self.ev.variants:
             record["collapse_point_variants"] = self._named(results, "collapse_point")
         metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
 
     def states(self, stage, step, record, metrics, out) -> None:
-        res = run_eval("states", self.model, self.tok, out, lengths=[self.cfg.eval.length_max], stream=self.stream,
+        res = run_eval("states", self.model, self.tok, out, lengths=[self.ev.length_max], stream=self.stream,
                        **self._common(stage))["model"]
         record["max_state_norm"] = float(np.max(res["norms"][-1]))

@@ -19,7 +19,7 @@ from longctx.data import storage
 from longctx.data.splits import DONE, FORMAT_VERSION, MANIFEST
 from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
-from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_variants, model_config
+from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_variants, final_eval, model_config
 from ..model.config import Mamba2Config
 from .pretrained import check_base
 
@@ -78,19 +78,19 @@ def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: 
 
 
 def reads_heldout(cfg: Config) -> bool:
-    """Whether the run reads held-out documents: evaluations at checkpoints that read documents, or a
-    state norm calibrated on them (in any stage, or in a variant the checkpoints' evaluations compare:
-    eval.compare_mitigations, eval.variants)."""
+    """Whether the run reads held-out documents: evaluations at checkpoints that read documents (the last one's
+    with eval.final), or a state norm calibrated on them (in any stage, or in a variant the checkpoints'
+    evaluations compare: eval.compare_mitigations, eval.variants)."""
     from ..mitigations import merge_overrides
-    ev = cfg.eval
-    if ev.every_checkpoint and {"heldout", "length", "states"} & set(ev.kinds):
-        return True
     stages = [merge_overrides(cfg.mitigations, s.mitigations, f"curriculum.stages[{i}]")
               for i, s in enumerate(cfg.curriculum.stages)]
     sections = [cfg.mitigations] + stages
-    if ev.every_checkpoint and set(VARIANT_KINDS) & set(ev.kinds):
-        sections += [merge_overrides(stage, overrides, f"eval.variants.{name}")
-                     for stage in stages for name, overrides in evaluation_variants(ev).items()]
+    for ev in (cfg.eval, final_eval(cfg.eval)):
+        if ev.every_checkpoint and {"heldout", "length", "states"} & set(ev.kinds):
+            return True
+        if ev.every_checkpoint and set(VARIANT_KINDS) & set(ev.kinds):
+            sections += [merge_overrides(stage, overrides, f"eval.variants.{name}")
+                         for stage in stages for name, overrides in evaluation_variants(ev).items()]
     return any(m.state_norm.every and not m.state_norm.thresholds for m in sections)
 
 

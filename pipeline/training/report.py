@@ -85,10 +85,13 @@ def length_table(run_dir: Path, record: dict) -> List[str]:
                if len(names) > 1 else ""), ""]
 
 
-def write_report(run_dir: Path, plan_text: str) -> Path:
+def write_report(run_dir: Path, plan_text: str, started_from: str = "") -> Path:
+    """`started_from`: the pretrained model the run continued (model.from_pretrained), named under the title."""
     run_dir = Path(run_dir)
     records = _records(run_dir)
     lines = [f"# Run report: {run_dir.name}", ""]
+    if started_from:
+        lines += [f"Continued from `{started_from}` (model.from_pretrained).", ""]
     evaluated = [r for r in records if "eval_seconds" in r]
     if evaluated:
         lines += length_table(run_dir, evaluated[-1])

@@ -20,7 +20,7 @@ import torch
 from longctx.data.stream import PackedStream, open_splits, rank_share
 from longctx.data.tokenizer import identity, load_tokenizer
 
-from ..config import Config, ConfigError, model_config
+from ..config import Config, ConfigError, final_eval, model_config
 from ..evaluate.passkey import build_prompt
 from ..evaluate.share import from_distributed
 from ..model import Mamba2LM
@@ -75,13 +75,14 @@ def check_vocabulary(model: Mamba2LM, tok, where: str) -> None:
 def check_passkey_prompts(cfg: Config, tok, where: str) -> None:
     """Builds a passkey prompt of each eval.passkey_lengths with this tokenizer: fails now, not at the
     first checkpoint."""
-    if not (cfg.eval.every_checkpoint and "passkey" in cfg.eval.kinds):
-        return
-    for length in cfg.eval.passkey_lengths:
-        try:
-            build_prompt(tok, length, 0.5, "12345")
-        except ValueError as e:
-            raise ConfigError(f"{where}: eval.passkey_lengths: {e}") from None
+    for key, ev in (("eval", cfg.eval), ("eval.final", final_eval(cfg.eval))):
+        if not (ev.every_checkpoint and "passkey" in ev.kinds):
+            continue
+        for length in ev.passkey_lengths:
+            try:
+                build_prompt(tok, length, 0.5, "12345")
+            except ValueError as e:
+                raise ConfigError(f"{where}: {key}.passkey_lengths: {e}") from None
 
 
 def deepspeed_config(cfg: Config, micro: int, accum: int) -> dict:
@@ -432,7 +433,7 @@ class Trainer:
                 stage = stage_at(self.plans, start - 1)
                 self.enter_stage(stage)
                 current = stage.index
-                if not self.evaluate(stage, start, self.pending, metrics):
+                if not self.evaluate(stage, start, self.pending, metrics, final=start == total):
                     return self.stop(stage, self.pending, metrics, evaluation_due=True)
                 metrics.log(self.pending)
             while self.state["step"] < total:
@@ -447,7 +448,7 @@ class Trainer:
                 due = step == stage.last_step or bool(every and step % every == 0)
                 if stop:
                     return self.stop(stage, record, metrics, evaluation_due=due and self.cfg.eval.every_checkpoint)
-                if due and not self.evaluate(stage, step, record, metrics):
+                if due and not self.evaluate(stage, step, record, metrics, final=step == total):
                     return self.stop(stage, record, metrics, evaluation_due=True)
                 metrics.log(record)          # before the checkpoint: a kill in between resumes from the previous one
                 if due:
@@ -461,13 +462,14 @@ class Trainer:
             metrics.close()
         return 0
 
-    def evaluate(self, stage, step: int, record: dict, metrics) -> bool:
-        """The checkpoint's evaluation into `record`; False when a stop interrupted it, with the held-out
-        stream and RNG put back as they were before it (the evaluation reruns from there after resuming)."""
+    def evaluate(self, stage, step: int, record: dict, metrics, final: bool = False) -> bool:
+        """The checkpoint's evaluation into `record` (`final`: the run's last, with eval.final); False when a
+        stop interrupted it, with the held-out stream and RNG put back as they were before it (the evaluation
+        reruns from there after resuming)."""
         before = None if self.eval_stream is None else self.eval_stream.state_dict(), rng_state()
         evaluated = dict(record)
         try:
-            self.evaluator.evaluate(stage, step, evaluated, metrics)
+            self.evaluator.evaluate(stage, step, evaluated, metrics, final=final)
         except EvaluationInterrupted:
             if self.eval_stream is not None:
                 self.eval_stream.load_state_dict(before[0])
