@@ -1,0 +1,84 @@
+"""A study file: variants x seeds over a base config; every mistake named by its key before any cell trains."""
+from pathlib import Path
+
+import pytest
+
+from longctx.pipeline.config import ConfigError
+from longctx.pipeline.study.spec import folder, load_study
+
+pytestmark = pytest.mark.timeout(120)
+
+BASE = """
+model: {d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}
+data: {shards: /nowhere/mds}
+curriculum: {stages: [{name: a, seq_len: 64, steps: 2, global_batch_tokens: 128},
+                      {name: b, seq_len: 128, steps: 2, global_batch_tokens: 256}]}
+"""
+
+STUDY = """
+study: carry
+base: {base}
+overrides: [eval.passkey_samples=3]
+seeds: [0, 1, 2]
+variants:
+  none: []
+  state passing: [curriculum.stages.1.carry_state=batch]
+baseline: none
+evaluate:
+  passkey: {{lengths: [64, 256], depths: [0, 1], samples: 8}}
+  length: {{lengths: [1024]}}
+  variants: {{decay 0.9: {{decay_scale: 0.9}}}}
+out: {out}
+"""
+
+
+def write(tmp_path, text=STUDY, **fields):
+    (tmp_path / "base.yaml").write_text(BASE)
+    values = {"base": tmp_path / "base.yaml", "out": tmp_path / "out", **fields}
+    path = tmp_path / "study.yaml"
+    path.write_text(text.format(**values))
+    return str(path)
+
+
+def test_a_study_is_every_variant_at_every_seed_each_its_own_run_directory(tmp_path):
+    study = load_study(write(tmp_path))
+    assert (study.name, study.seeds, study.baseline) == ("carry", [0, 1, 2], "none")
+    assert [(c.variant, c.seed) for c in study.cells] == [(v, s) for v in ("none", "state passing") for s in (0, 1, 2)]
+    cell = study.cells[4]
+    assert cell.run_dir == tmp_path / "out" / "cells" / "state-passing" / "seed-1"
+    assert cell.config.run.seed == 1 and Path(cell.config.run.dir) == cell.run_dir
+    assert cell.config.curriculum.stages[1].carry_state == "batch" and cell.config.eval.passkey_samples == 3
+    assert study.cells[0].config.curriculum.stages[1].carry_state == "none"
+    assert study.evaluate["passkey"]["samples"] == 8
+
+
+@pytest.mark.parametrize("change,match", [
+    (("seeds: [0, 1, 2]", "seeds: [0, 1, 2]\nsamples: 4"), r"study.yaml: samples: unknown key; a study file has"),
+    (("baseline: none", "baseline: nothing"), r"baseline: 'nothing' is not one of the variants \(none, state passing\)"),
+    (("seeds: [0, 1, 2]", "seeds: [0, 0]"), r"seeds: repeats a seed"),
+    (("seeds: [0, 1, 2]", "seeds: []"), r"seeds: must be a non-empty list of integers"),
+    (("  none: []", "  none: [no_equals_sign]"), r"variants.none: must be a list of key=value overrides"),
+    (("  none: []", "  none: []\n  state-passing: []"), r"would share the folder 'state-passing': rename one"),
+    (("  length: {{lengths: [1024]}}", "  length: {{lenghts: [1024]}}"), r"evaluate.length.lenghts: unknown key; length takes"),
+    (("  length: {{lengths: [1024]}}", "  perplexity: {{lengths: [1024]}}"), r"evaluate.perplexity: unknown evaluation"),
+    (("out: ", "output: "), r"output: unknown key"),
+    (("  none: []", "  none: [curriculum.stages.1.lr=fast]"), r"variant 'none', seed 0: .*lr"),
+    (("  none: []", "  none: [curriculum.stages.1.carry_state=sideways]"),
+     r"variant 'none', seed 0: .*carry_state: must be one of none, batch, document"),
+])
+def test_mistakes_are_named_by_their_key_before_any_cell_runs(tmp_path, change, match):
+    with pytest.raises(ConfigError, match=match):
+        load_study(write(tmp_path, STUDY.replace(*change)))
+
+
+def test_a_missing_key_or_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"baseline: is missing"):
+        load_study(write(tmp_path, STUDY.replace("baseline: none\n", "")))
+    with pytest.raises(ConfigError, match=r"no such study file"):
+        load_study(str(tmp_path / "absent.yaml"))
+
+
+def test_variant_names_become_safe_folder_names():
+    assert folder("(b) state passing") == "b-state-passing"
+    assert folder("decay 0.9") == "decay-0.9"
+    assert folder("../../etc") == "..-..-etc"
