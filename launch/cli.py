@@ -63,12 +63,18 @@ def _add_run(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    parser = sub.add_parser("eval", help="passkey retrieval, loss past the training length, state statistics")
-    parser.add_argument("kind", choices=["passkey", "length", "states"])
+    parser = sub.add_parser("eval", help="passkey retrieval, RULER-style needles in a haystack (niah), loss past the "
+                                         "training length, state statistics")
+    parser.add_argument("kind", choices=["passkey", "niah", "length", "states"])
     parser.add_argument("checkpoint", help="our checkpoint directory or a mamba_ssm / Hugging Face model directory")
     parser.add_argument("--lengths", default="", help="comma-separated context lengths, e.g. 4096,65536")
-    parser.add_argument("--depths", default="", help="comma-separated depths in [0, 1]")
-    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--depths", default="", help="passkey: comma-separated depths in [0, 1]")
+    parser.add_argument("--tasks", default="",
+                        help="niah: comma-separated tasks, e.g. single_1,multikey_1,vt (default: every task; "
+                             "docs/guides/research.md lists them)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="passkey: keys per length and depth; niah: prompts per task and length, their needle "
+                             "depths spread evenly over [0, 1] (default 2)")
     parser.add_argument("--out", default=None, help="output directory")
     parser.add_argument("--tokenizer", default=None, help="'byte' or the path of a tokenizer.json")
     parser.add_argument("--mitigations", nargs="*", default=[], metavar="KEY=VAL",
@@ -192,8 +198,15 @@ def _add_bench(sub) -> None:
                         help="train --plateau: config overrides, e.g. train.betas=[0.9,0.999] run.seed=1")
 
 
+def _add_study(sub) -> None:
+    parser = sub.add_parser("study", help="a grid of variants x seeds over a base config: train every cell, "
+                                          "evaluate each final checkpoint, summarize with confidence intervals")
+    parser.add_argument("study", help="the study file (pipeline/study/spec.py, docs/guides/research.md)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells, their commands and how far each got")
+
+
 SUBCOMMANDS = (_add_prepare, _add_train, _add_node, _add_run, _add_eval, _add_calibrate, _add_launch,
-               _add_export, _add_bench)
+               _add_export, _add_bench, _add_study)
 
 
 def _ints(text: str) -> List[int]:
@@ -272,8 +285,16 @@ def cmd_eval(args) -> int:
                         samples=args.samples or 2, out=args.out, tokenizer=args.tokenizer,
                         mitigations=args.mitigations, compare=args.compare, data=args.data, buckets=args.buckets,
                         margin=args.margin, min_position=args.min_position, prefill_chunk=args.prefill_chunk,
-                        calibration_length=args.calibration_length, seed=args.seed, variant_specs=args.variants)
+                        calibration_length=args.calibration_length, seed=args.seed, variant_specs=args.variants,
+                        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()])
     return 0
+
+
+def cmd_study(args) -> int:
+    from longctx.launch.noise import quiet_in_process
+    from longctx.pipeline.study.runner import main
+    quiet_in_process()          # the evaluations' third-party log lines (each cell's run keeps its own log)
+    return main(args.study, dry_run=args.dry_run)
 
 
 def cmd_calibrate(args) -> int:
@@ -439,7 +460,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"export": cmd_export, "bench": cmd_bench, "prepare": cmd_prepare, "train": cmd_train,
             "node": cmd_node, "run": cmd_run, "eval": cmd_eval, "calibrate": cmd_calibrate,
-            "launch": cmd_launch}
+            "launch": cmd_launch, "study": cmd_study}
 
 
 ARGV_B64 = "--argv-b64"

@@ -21,7 +21,12 @@ from .model.config import Mamba2Config
 from .schedule import DECAYS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-EVAL_KINDS = ("heldout", "passkey", "length", "states")   # training.evaluator runs them, in this order
+EVAL_KINDS = ("heldout", "passkey", "niah", "length", "states")   # training.evaluator runs them, in this order
+# eval.kinds' default: what every run evaluated before niah existed (runs that do not ask for niah are unchanged)
+DEFAULT_EVAL_KINDS = ("heldout", "passkey", "length", "states")
+# RULER's needle-in-a-haystack tasks (evaluate/niah.py defines them, in this order)
+NIAH_TASKS = ("single_1", "single_2", "single_3", "multikey_1", "multikey_2", "multikey_3", "multivalue",
+              "multiquery", "vt")
 
 # DeepSpeed keys the run plans itself (from the stage plan and `train`): setting them under
 # train.deepspeed would silently change what the plan says, or be ignored. Each names the key to set
@@ -125,19 +130,25 @@ class CurriculumConfig:
 @dataclass
 class EvalConfig:
     every_checkpoint: bool = True   # evaluate at every checkpoint during training
-    kinds: List[str] = field(default_factory=lambda: list(EVAL_KINDS))   # any of heldout passkey length states
+    # any of heldout passkey niah length states (niah is not in the default: docs/guides/research.md, Evaluation)
+    kinds: List[str] = field(default_factory=lambda: list(DEFAULT_EVAL_KINDS))
     collapse_margin: float = 0.5    # nats above the running minimum that mark the collapse point
     heldout_sequences: int = 4      # sequences of the stage's length for the held-out loss
     passkey_lengths: List[int] = field(default_factory=lambda: [1024, 4096])   # prompt lengths in tokens
     passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])   # needle depth in the filler
     passkey_samples: int = 2        # keys per (length, depth)
+    # RULER-style tasks for kind niah: one of each kind of difficulty (noise, distractors, several values, several
+    # keys asked, a chain of assignments); any of single_1-3, multikey_1-3, multivalue, multiquery, vt
+    niah_tasks: List[str] = field(default_factory=lambda: ["single_1", "multikey_1", "multivalue", "multiquery", "vt"])
+    niah_lengths: List[int] = field(default_factory=lambda: [1024, 4096])   # niah prompt lengths in tokens
+    niah_samples: int = 2           # prompts per (task, length), their needle depths spread evenly over [0, 1]
     length_max: int = 16384         # loss-vs-position and state norms read this many tokens
     length_buckets: int = 16        # log-spaced position buckets
     prefill_chunk: int = 4096       # tokens per forward when reading prompts recurrently
     # mitigations put on top of the stage's for a second loss-vs-position curve (with vs without)
     compare_mitigations: Dict[str, Any] = field(default_factory=dict)
     # more named variants, each mitigations on top of the stage's, evaluated beside "as trained" on the same
-    # prompts (passkey, loss against position): {name: {decay_scale: 0.9}, ...}
+    # prompts (passkey, niah, loss against position): {name: {decay_scale: 0.9}, ...}
     variants: Dict[str, Any] = field(default_factory=dict)
     # overrides of the keys above for the run's last checkpoint only (more prompts, longer lengths): the thorough
     # evaluation once, at the end, while every other checkpoint's stays light (the plan prices it on its own line)
@@ -370,6 +381,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 RANGES = (
     ("run.log_every", 1, "steps between step lines in a log"),
     ("eval.prefill_chunk", 1, "tokens per forward"), ("eval.passkey_samples", 1, "keys per length and depth"),
+    ("eval.niah_samples", 1, "prompts per task and length"),
     ("eval.length_buckets", 1, "position buckets"), ("eval.length_max", 2, "tokens read"),
     ("eval.collapse_margin", 0, "nats above the running minimum"),
     ("train.max_bad_steps", 1, "1: stop at the first bad step"), ("train.grad_clip", 0, "0: no clipping"),
@@ -397,15 +409,24 @@ def _validate_ranges(cfg: Config, fail) -> None:
                                          "passkey out of eval.kinds")
         if not cfg.eval.passkey_depths:
             fail("eval.passkey_depths", "is empty while eval.kinds has passkey: give at least one depth in [0, 1]")
-    for length in cfg.eval.passkey_lengths:
-        if length < 1:
-            fail("eval.passkey_lengths", f"{length} is not a prompt length (>= 1 token)")
+    if cfg.eval.every_checkpoint and "niah" in cfg.eval.kinds:
+        for key in ("niah_tasks", "niah_lengths"):
+            if not getattr(cfg.eval, key):
+                fail(f"eval.{key}", "is empty while eval.kinds has niah: give at least one, or leave niah out of "
+                                    "eval.kinds")
+    for key in ("passkey_lengths", "niah_lengths"):
+        for length in getattr(cfg.eval, key):
+            if length < 1:
+                fail(f"eval.{key}", f"{length} is not a prompt length (>= 1 token)")
 
 
 def _validate_eval(ev: EvalConfig, fail) -> None:
     unknown = [k for k in ev.kinds if k not in EVAL_KINDS]
     if unknown:
         fail("eval.kinds", f"unknown evaluation {unknown[0]!r}: choose from {', '.join(EVAL_KINDS)}")
+    unknown = [t for t in ev.niah_tasks if t not in NIAH_TASKS]
+    if unknown:
+        fail("eval.niah_tasks", f"unknown task {unknown[0]!r}: choose from {', '.join(NIAH_TASKS)}")
     for d in ev.passkey_depths:
         if not 0 <= d <= 1:
             fail("eval.passkey_depths", f"{d} is outside [0, 1] (0: needle at the start of the filler, 1: at its end)")
@@ -432,11 +453,11 @@ def final_eval(ev: EvalConfig) -> EvalConfig:
 
 def evaluation_variants(ev: EvalConfig) -> Dict[str, Any]:
     """The mitigation overrides evaluated beside the model as trained, by name: eval.compare_mitigations
-    ("with mitigations") and eval.variants. The passkey and loss-against-position evaluations run them."""
+    ("with mitigations") and eval.variants. The passkey, niah and loss-against-position evaluations run them."""
     return dict({"with mitigations": ev.compare_mitigations} if ev.compare_mitigations else {}, **ev.variants)
 
 
-VARIANT_KINDS = ("passkey", "length")       # the evaluations that run evaluation_variants
+VARIANT_KINDS = ("passkey", "niah", "length")       # the evaluations that run evaluation_variants
 
 
 def to_yaml(cfg: Config) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
 
-SUBCOMMANDS = ["prepare", "train", "run", "eval", "launch", "export", "bench"]
+SUBCOMMANDS = ["prepare", "train", "run", "eval", "launch", "export", "bench", "study"]
 
 
 def longctx(*args, cwd=None):
@@ -120,19 +120,26 @@ def test_paper_scale_recipes_plan_to_256k_with_sequence_parallelism(recipe, npro
     assert bad.returncode != 0 and "curriculum.stages[0] (ctx8k).global_batch_tokens" in bad.stderr
 
 
-def test_every_shipped_config_loads_and_plans():
-    """configs/*.yaml and configs/collapse/*.yaml: strict schema, a valid plan for their process count."""
+def test_every_shipped_config_loads_and_plans(monkeypatch):
+    """configs/**/*.yaml: strict schema, a valid plan for their process count (a cluster recipe's nodes x GPUs,
+    else its local processes); configs/studies/*.yaml: study files whose every cell loads and plans."""
     from pathlib import Path
 
-    from longctx.pipeline.config import load_config, model_config
+    from longctx.pipeline.config import load_config, planning_chunk_size
+    from longctx.pipeline.study.spec import load_study
     from longctx.pipeline.training.curriculum import plan
     root = Path(__file__).resolve().parents[1]
-    paths = sorted(root.glob("configs/**/*.yaml"))
-    assert len(paths) >= 6
+    monkeypatch.chdir(root)           # configs name models/ and other configs relative to the checkout
+    studies = sorted(root.glob("configs/studies/*.yaml"))
+    paths = sorted(set(root.glob("configs/**/*.yaml")) - set(studies))
+    assert len(paths) >= 6 and studies
     for path in paths:
         cfg = load_config(path)
-        world = cfg.launch.nodes * cfg.launch.gpus_per_node if cfg.model.from_pretrained else cfg.launch.local_procs
-        assert plan(cfg, world, model_config(cfg).chunk_size, str(path)), path
+        cluster = cfg.launch.nodes * cfg.launch.gpus_per_node
+        world = cluster if cluster > 1 else cfg.launch.local_procs
+        assert plan(cfg, world, planning_chunk_size(cfg)[0], str(path)), path
+    for path in studies:
+        assert load_study(str(path)).cells, path
 
 
 class _RunsCode:

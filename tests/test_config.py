@@ -91,7 +91,7 @@ STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_to
 
 
 @pytest.mark.parametrize("text,match", [
-    ("eval: {kinds: [heldout, passkeys]}\n", r"eval.kinds: unknown evaluation 'passkeys'.*heldout, passkey, length, states"),
+    ("eval: {kinds: [heldout, passkeys]}\n", r"eval.kinds: unknown evaluation 'passkeys'.*heldout, passkey, niah, length, states"),
     ("eval: {passkey_depths: [0.0, 1.5]}\n", r"eval.passkey_depths: 1.5 is outside \[0, 1\]"),
     ("eval: {passkey_depths: [-0.1]}\n", r"eval.passkey_depths: -0.1 is outside \[0, 1\]"),
     ("mitigations: {decay_scale: 1.5}\n", r"mitigations.decay_scale: 1.5 is outside \(0, 1\]"),

@@ -133,7 +133,7 @@ def _config(args):
 
 def test_the_docs_show_longctx_commands():
     commands = {argv[0] for _, argv in COMMANDS if argv}
-    assert {"prepare", "run", "launch", "eval", "calibrate", "export", "bench"} <= commands, commands
+    assert {"prepare", "run", "launch", "eval", "calibrate", "export", "bench", "study"} <= commands, commands
     assert any(where.startswith("README.md:") for where, _ in COMMANDS)
 
 
@@ -153,13 +153,19 @@ def test_documented_command_parses_and_loads_its_config(where, argv, capsys):
 
 
 def _runnable():
-    """(where, argv to run) for each distinct `run` / `launch` command whose config and hostfile exist."""
+    """(where, argv to run) for each distinct `run` / `launch` / `study` command whose config (study file) and
+    hostfile exist: `run --plan`, `launch --dry-run`, `study --dry-run`."""
     out, seen = [], set()
     for where, argv in COMMANDS:
         try:
             args = _parse(argv)
         except SystemExit:
             continue                                     # reported by the parse test
+        if args.command == "study":
+            if (ROOT / args.study).is_file() and ("study", args.study) not in seen:
+                seen.add(("study", args.study))
+                out.append((where, ["study", args.study, "--dry-run"]))
+            continue
         if args.command not in ("run", "launch") or not (ROOT / args.config).is_file():
             continue
         if getattr(args, "hostfile", None) and not (ROOT / args.hostfile).exists():
@@ -178,7 +184,7 @@ RUNNABLE = _runnable()
 
 
 def test_some_documented_commands_are_run():
-    assert {argv[0] for _, argv in RUNNABLE} == {"run", "launch"}
+    assert {argv[0] for _, argv in RUNNABLE} == {"run", "launch", "study"}
 
 
 @pytest.mark.timeout(180)

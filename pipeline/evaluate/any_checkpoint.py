@@ -1,4 +1,5 @@
-"""Evaluate any checkpoint (ours, mamba_ssm or Hugging Face): what `longctx eval passkey|length|states CKPT` runs."""
+"""Evaluate any checkpoint (ours, mamba_ssm or Hugging Face): what `longctx eval passkey|niah|length|states CKPT`
+runs."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,13 @@ from longctx.data.stream import DocumentSource, PackedStream
 from ..mitigations import MitigationsConfig, merge_overrides, on_top, resolve
 from ..model.load import find_checkpoint, load_any
 from ..model.mitigations import calibrate_state_norm
+from .niah import TASKS as NIAH_TASKS
+from .niah import check_tasks
 from .passkey import build_prompt
-from .run import comparison_table, run_eval, tokenizer_for
+from .run import KINDS, comparison_table, run_eval, tokenizer_for
 from .variants import parse_variants
 
-DEFAULT_LENGTHS = {"passkey": [1024, 4096], "length": [16384], "states": [16384]}
+DEFAULT_LENGTHS = {"passkey": [1024, 4096], "niah": [1024, 4096], "length": [16384], "states": [16384]}
 
 
 def training_length(source: Path):
@@ -35,13 +38,21 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
                         tokenizer: Optional[str] = None, mitigations: Sequence[str] = (), compare: bool = False,
                         data: Optional[str] = None, buckets: int = 16, margin: float = 0.5, min_position: int = 64,
                         prefill_chunk: int = 4096, calibration_length: Optional[int] = None, seed: int = 0,
-                        variant_specs: Sequence[str] = ()) -> dict:
-    """One evaluation (passkey | length | states) of any checkpoint; with `mitigations` (KEY=VAL, the
+                        variant_specs: Sequence[str] = (), tasks: Sequence[str] = ()) -> dict:
+    """One evaluation (passkey | niah | length | states) of any checkpoint (niah: `tasks`, by default every
+    one; its depths spread evenly over the samples); with `mitigations` (KEY=VAL, the
     mitigations section's keys) the model runs with them, with `compare` also as loaded; `variant_specs`
     (NAME=KEY=VAL[,...], variants.py) name any number of variants side by side instead. Mitigations go on top
     of the model's own (saved with it, or its training stage's): a key given replaces the model's value for
     that key, the others keep theirs. Writes its files into `out` (default eval-KIND/), prints the comparison
     table, returns the results."""
+    if tasks and kind != "niah":
+        raise ValueError(f"--tasks names niah's tasks; {kind} has none")
+    if kind == "niah" and depths:
+        raise ValueError("niah spreads its needle depths evenly over --samples (0, 1/(n-1), ..., 1): give "
+                         "--samples, not --depths")
+    tasks = list(tasks) or list(NIAH_TASKS)
+    check_tasks(tasks)                # before the model loads
     source = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any(source).to(device).eval()
@@ -85,13 +96,13 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
             variants[spec.name] = (with_mitigations(m, spec.mitigations, f"--variants {spec.name}")
                                    if spec.mitigations else "as is")
     stream = None
-    if data and kind != "passkey":
+    if data and KINDS[kind].reads_text:
         stream = PackedStream(DocumentSource(heldout_of(data), str(Path(out or ".") / ".cache")), tok.eos_id,
                               seed=seed)
     out = Path(out or f"eval-{kind}")
     results = run_eval(kind, model, tok, out, lengths=lengths, depths=depths, samples=samples, seed=seed,
                        prefill_chunk=prefill_chunk, buckets=buckets, margin=margin, min_position=min_position,
-                       train_length=train_length, variants=variants, models=models, stream=stream)
+                       train_length=train_length, variants=variants, models=models, stream=stream, tasks=tasks)
     print(comparison_table(kind, results))
     print(f"wrote {out}")
     return results

@@ -14,6 +14,7 @@ from longctx.data.synthetic import PASSKEY_PREFIX as PREFIX
 from longctx.data.synthetic import PASSKEY_QUESTION as QUESTION
 from longctx.data.synthetic import passkey_needle as needle
 
+from .decoding import BATCH_TOKENS, decode_shared, generate_stacked, prompt_batches
 from .share import EVERYTHING, RankShare
 
 
@@ -38,34 +39,19 @@ def build_prompt(tok, length: int, depth: float, key: str) -> np.ndarray:
     return ids
 
 
-BATCH_TOKENS = 65536     # prompt tokens per batch: long prompts go alone, so ranks can share them evenly
-
-
-def prompt_batches(cases: List[tuple], batch_size: int, batch_tokens: int = BATCH_TOKENS) -> List[List[tuple]]:
-    """Consecutive (length, depth, key) cases in batches of at most `batch_size` prompts and `batch_tokens`
-    prompt tokens (at least one prompt each). The same on every rank, whatever the number of ranks."""
-    batches: List[List[tuple]] = []
-    for c in cases:
-        last = batches[-1] if batches else None
-        if last is not None and len(last) < batch_size and sum(x[0] for x in last) + c[0] <= batch_tokens:
-            last.append(c)
-        else:
-            batches.append([c])
-    return batches
-
-
 def _decode_batch(model, tok, group, device, prefill_chunk: int, max_new_tokens: int) -> List[dict]:
-    """Greedy outputs of one batch of (length, depth, key) cases, decoded length by length."""
-    by_len, outputs = {}, []
+    """Greedy outputs of one batch of (length, depth, key) cases, length by length (in order of first
+    appearance: the order the outputs have always had, also when `lengths` repeats one)."""
+    first: dict = {}
     for c in group:
-        by_len.setdefault(c[0], []).append(c)
-    for L, cs in by_len.items():
-        ids = torch.as_tensor(np.stack([build_prompt(tok, L, d, k) for _, d, k in cs]), device=device)
-        new = model.generate(ids, max_new_tokens=max_new_tokens, chunk_len=prefill_chunk)
-        for (L_, d, key), row in zip(cs, new.tolist()):
-            text = tok.decode(row)
-            outputs.append({"length": L_, "depth": d, "key": key, "output": text,
-                            "correct": extract_key(text) == key})
+        first.setdefault(c[0], len(first))
+    group = sorted(group, key=lambda c: first[c[0]])
+    prompts = [build_prompt(tok, L, d, k) for L, d, k in group]
+    rows = generate_stacked(model, prompts, [max_new_tokens] * len(group), device, prefill_chunk)
+    outputs = []
+    for (L, d, key), row in zip(group, rows):
+        text = tok.decode(row)
+        outputs.append({"length": L, "depth": d, "key": key, "output": text, "correct": extract_key(text) == key})
     return outputs
 
 
@@ -88,19 +74,9 @@ def evaluate_passkey(model, tok, lengths: Sequence[int], depths: Sequence[float]
     rng = random.Random(seed)
     cases = [(L, d, str(rng.randint(10000, 99999))) for L in lengths for d in depths for _ in range(samples)]
     batches = prompt_batches(cases, batch_size, batch_tokens)
-    decoded = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for round_ in range(share.rounds(len(batches))):
-            if between_batches is not None:
-                between_batches()
-            i = share.item(round_)
-            if 0 <= i < len(batches):
-                decoded[i] = _decode_batch(model, tok, batches[i], device, prefill_chunk, max_new_tokens)
-    finally:
-        model.train(was_training)
-    outputs: List[dict] = [o for batch in share.gather(decoded, len(batches)) for o in batch]
+    # _decode_batch looked up at each call: tests count the batches each rank decodes by replacing it
+    outputs = decode_shared(model, batches, lambda b: _decode_batch(model, tok, b, device, prefill_chunk,
+                                                                    max_new_tokens), share, between_batches)
     acc = {str(L): {str(d): float(np.mean([o["correct"] for o in outputs if o["length"] == L and o["depth"] == d]))
                     for d in depths} for L in lengths}
     return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed,

@@ -1,7 +1,8 @@
 """Evaluation runs: on any checkpoint (`longctx eval`) and at every training checkpoint (the trainer's hook).
 
-Each writes into an output directory: passkey.json + passkey.png, loss_vs_position.json + .png,
-state_stats.json + state_stats.png; with `compare`, the same prompts with and without mitigations.
+Each writes into an output directory: passkey.json + passkey.png, niah.json + table.md + niah_<task>.png,
+loss_vs_position.json + .png, state_stats.json + state_stats.png; with `compare`, the same prompts with and
+without mitigations.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 from ..model.load import find_checkpoint
 from ..training import checkpoint
 from .length import MIN_POSITION, evaluate_length
+from .niah import TASKS as NIAH_TASKS
+from .niah import evaluate_niah
 from .passkey import evaluate_passkey
 from .plots import curves, passkey_heatmaps
 from .share import EVERYTHING, RankShare
@@ -66,6 +69,11 @@ def _passkey(model, tok, row, o) -> dict:
                             between_batches=o["should_stop"], share=o["share"])
 
 
+def _niah(model, tok, row, o) -> dict:
+    return evaluate_niah(model, tok, o["tasks"], o["lengths"], o["samples"], o["seed"], o["prefill_chunk"],
+                         between_batches=o["should_stop"], share=o["share"])
+
+
 def _length(model, tok, row, o) -> dict:
     return evaluate_length(model, *row, o["buckets"], o["margin"], o["prefill_chunk"], o["train_length"],
                            o["min_position"])
@@ -78,6 +86,16 @@ def _states(model, tok, row, o) -> dict:
 def _write_passkey(results: Dict[str, dict], payload, out: Path, marks) -> None:
     (out / "passkey.json").write_text(json.dumps(payload, indent=1))
     passkey_heatmaps(results, out / "passkey.png", train_length=next((x for x, _ in marks), None))
+
+
+def _write_niah(results: Dict[str, dict], payload, out: Path, marks) -> None:
+    """niah.json, and per task a heatmap of length x depth (one panel per variant): niah_<task>.png."""
+    (out / "niah.json").write_text(json.dumps(payload, indent=1))
+    for task in next(iter(results.values()))["tasks"]:
+        panels = {(task if len(results) == 1 else f"{task}, {name}"): {
+            "lengths": r["lengths"], "depths": r["depths"], "accuracy": r["per_depth"][task],
+            "mean_accuracy": float(np.mean(list(r["per_task"][task].values())))} for name, r in results.items()}
+        passkey_heatmaps(panels, out / f"niah_{task}.png", train_length=next((x for x, _ in marks), None))
 
 
 def _write_length(results: Dict[str, dict], payload, out: Path, marks) -> None:
@@ -111,30 +129,32 @@ class Kind:
     reads_text: bool       # runs on one long row of text, the same for every variant
     # how ranks share the work: within a variant (its own items), else whole variants over ranks
     splits_within: bool = False
+    always_table: bool = False   # table.md also for one variant (niah: task x length), else only to compare
 
 
 KINDS = {"passkey": Kind(_passkey, _write_passkey, reads_text=False, splits_within=True),
+         "niah": Kind(_niah, _write_niah, reads_text=False, splits_within=True, always_table=True),
          "length": Kind(_length, _write_length, reads_text=True),
          "states": Kind(_states, _write_states, reads_text=True)}
 
 
 def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0),
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
-             min_position: int = MIN_POSITION,
+             min_position: int = MIN_POSITION, tasks: Sequence[str] = tuple(NIAH_TASKS),
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
              models: Optional[Dict[str, object]] = None,
              write: bool = True, should_stop: Optional[Callable[[], None]] = None,
              share: RankShare = EVERYTHING) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list, None, or "as is") and write its
     files. Without variants the model runs as it is; `models` names another model for a variant (a second
-    checkpoint), evaluated on the same prompts and text. `should_stop` is called between passkey batches (it may
-    raise to end the evaluation). With a `share` over ranks, each computes its part (passkey batches, or
-    whole variants of the long-text kinds) and every rank returns all results."""
+    checkpoint), evaluated on the same prompts and text. `tasks`: niah's. `should_stop` is called between passkey
+    and niah batches (it may raise to end the evaluation). With a `share` over ranks, each computes its part
+    (passkey and niah batches, or whole variants of the long-text kinds) and every rank returns all results."""
     if kind not in KINDS:
         raise ValueError(f"unknown evaluation {kind!r}: one of {', '.join(KINDS)}")
     spec = KINDS[kind]
     options = dict(lengths=lengths, depths=depths, samples=samples, seed=seed, prefill_chunk=prefill_chunk,
-                   buckets=buckets, margin=margin, min_position=min_position, train_length=train_length,
+                   tasks=tasks, buckets=buckets, margin=margin, min_position=min_position, train_length=train_length,
                    should_stop=should_stop, share=share if spec.splits_within else EVERYTHING)
     out = Path(out)
     if write:
@@ -160,7 +180,7 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
     if write:
         payload = next(iter(results.values())) if len(results) == 1 else {"variants": results}
         spec.write(results, payload, out, [(train_length, "training length")] if train_length else [])
-        if len(results) > 1:
+        if len(results) > 1 or spec.always_table:
             (out / "table.md").write_text(comparison_table(kind, results) + "\n")
     return results
 
@@ -172,6 +192,20 @@ def comparison_table(kind: str, results: Dict[str, dict]) -> str:
         head = "| length | " + " | ".join(names) + " |"
         rows = [f"| {L:,} | " + " | ".join(f"{results[n]['per_length'][str(L)]:.2f}" for n in names) + " |"
                 for L in lengths]
+    elif kind == "niah" and len(names) == 1:      # task x length
+        r = results[names[0]]
+        head = "| task | " + " | ".join(f"{L:,}" for L in r["lengths"]) + " |"
+        rows = [f"| {t} | " + " | ".join(f"{r['per_task'][t][str(L)]:.2f}" for L in r["lengths"]) + " |"
+                for t in r["tasks"]]
+        rows.append("| mean | " + " | ".join(f"{r['per_length'][str(L)]:.2f}" for L in r["lengths"]) + " |")
+        return "\n".join([head, "|" + "---|" * (len(r["lengths"]) + 1)] + rows)
+    elif kind == "niah":                           # a row per task and length, a column per variant
+        r = results[names[0]]
+        head = "| task | length | " + " | ".join(names) + " |"
+        rows = [f"| {t} | {L:,} | " + " | ".join(f"{results[n]['per_task'][t][str(L)]:.2f}" for n in names) + " |"
+                for t in r["tasks"] for L in r["lengths"]]
+        rows.append("| mean | | " + " | ".join(f"{results[n]['mean_accuracy']:.2f}" for n in names) + " |")
+        return "\n".join([head, "|" + "---|" * (len(names) + 2)] + rows)
     elif kind == "length":
         head = "| bucket | " + " | ".join(names) + " |"
         buckets = results[names[0]]["buckets"]

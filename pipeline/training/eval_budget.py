@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import List
 
 from ..config import Config, EvalConfig, final_eval
-from ..evaluate.passkey import NEW_TOKENS, PROMPTS_PER_BATCH, prompt_batches
+from ..evaluate import niah
+from ..evaluate.decoding import prompt_batches
+from ..evaluate.passkey import NEW_TOKENS, PROMPTS_PER_BATCH
 from .curriculum import StagePlan
 
 WARN_ABOVE = 0.10
@@ -17,9 +19,9 @@ WARN_ABOVE = 0.10
 
 def eval_tokens(cfg: Config, p: StagePlan, world: int, ev: EvalConfig = None) -> int:
     """Tokens the busiest rank reads in one checkpoint's evaluation (with `ev`, by default the eval section):
-    every rank reads the held-out sequences; passkey batches, loss-vs-position variants and the state norms go
-    round-robin over the ranks in that order, as evaluate/share.py hands them out (all on every rank under
-    ZeRO-3)."""
+    every rank reads the held-out sequences; passkey batches, niah batches, loss-vs-position variants and the state
+    norms go round-robin over the ranks in that order, as evaluate/share.py hands them out (all on every rank under
+    ZeRO-3). A niah prompt's new tokens are priced at its answer's characters (its most for any tokenizer)."""
     ev = ev or cfg.eval
     if not ev.every_checkpoint:
         return 0
@@ -32,6 +34,10 @@ def eval_tokens(cfg: Config, p: StagePlan, world: int, ev: EvalConfig = None) ->
                  for _ in range(ev.passkey_samples)]
         batches = [sum(L + NEW_TOKENS for L, _, _ in b) for b in prompt_batches(cases, PROMPTS_PER_BATCH)]
         items += batches * variants
+    if "niah" in ev.kinds:
+        cases = niah.cases(ev.niah_tasks, ev.niah_lengths, ev.niah_samples)
+        items += [sum(c.length + niah.new_tokens(c.task) for c in b)
+                  for b in prompt_batches(cases, niah.PROMPTS_PER_BATCH)] * variants
     if "length" in ev.kinds:
         items += [ev.length_max] * variants
     if "states" in ev.kinds:
@@ -63,7 +69,7 @@ def budget_lines(cfg: Config, plans: List[StagePlan], world: int) -> List[str]:
         if ratio > WARN_ABOVE:
             warnings.append(f"warning: stage {p.name!r}: each checkpoint's evaluation reads {ratio:.0%} of the "
                             f"tokens trained between checkpoints (above {WARN_ABOVE:.0%}): shrink eval.passkey_* / "
-                            "eval.length_max, or checkpoint less often (checkpoint.every_steps)")
+                            "eval.niah_* / eval.length_max, or checkpoint less often (checkpoint.every_steps)")
     final = eval_tokens(cfg, plans[-1], world, final_eval(cfg.eval))
     run = sum(p.steps * p.global_batch_tokens for p in plans) // world
     lines.append(f"  the run's last checkpoint{' (eval.final)' if cfg.eval.final else ''}: evaluation {final:,} "

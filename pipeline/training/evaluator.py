@@ -1,12 +1,12 @@
 """The evaluation at each training checkpoint: held-out loss at the stage's length, passkey
-retrieval, loss against position and state norms, into eval/step_XXXXXXX/, the step's
-metrics record and TensorBoard.
+retrieval, RULER-style needles in a haystack (niah), loss against position and state norms, into
+eval/step_XXXXXXX/, the step's metrics record and TensorBoard.
 
-Ranks share the passkey batches and the comparison's variants and gather the results (equal to
+Ranks share the passkey and niah batches and the comparison's variants and gather the results (equal to
 one process's); under ZeRO-3, which needs all ranks in each forward, every rank runs everything. Rank 0
 writes. Evaluations run in a fixed order, since several read the held-out stream one
 after another. A stop request (SIGTERM) is checked, on every rank together, before each kind
-and between passkey batches: the evaluation then ends with `EvaluationInterrupted`, so that the
+and between passkey and niah batches: the evaluation then ends with `EvaluationInterrupted`, so that the
 checkpoint is written within the launcher's grace and the evaluation runs after resuming."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Evaluator:
         self.ev = getattr(cfg, "eval", None)  # this checkpoint's settings (eval.final's at the run's last)
         # name -> (method, reads whole sequences). Whole-sequence evaluations decode recurrently (memory
         # independent of length) on every rank, with sequence parallelism off.
-        self.kinds = {"heldout": (self.heldout, False), "passkey": (self.passkey, True),
+        self.kinds = {"heldout": (self.heldout, False), "passkey": (self.passkey, True), "niah": (self.niah, True),
                       "length": (self.length, True), "states": (self.states, True)}
 
     def evaluate(self, stage, step: int, record: dict, metrics, final: bool = False) -> None:
@@ -105,7 +105,7 @@ class Evaluator:
 
     def _check_stop(self) -> None:
         if self.should_stop():
-            raise EvaluationInterrupted("passkey")
+            raise EvaluationInterrupted("between prompt batches")
 
     def _variants(self, stage):
         """With eval.compare_mitigations ("with mitigations") or eval.variants (named): the model as trained (with
@@ -143,6 +143,27 @@ class Evaluator:
                 for length, acc in results[name]["per_length"].items():
                     metrics.scalar(f"eval/passkey_accuracy_{name}_{length}", acc, step)
         metrics.image("eval/passkey", out / "passkey.png", step)
+
+    def niah(self, stage, step, record, metrics, out) -> None:
+        """Records niah_accuracy (the mean string_match_all score over every prompt), with variants
+        niah_accuracy_mitigated / niah_accuracy_variants as passkey does; scalars eval/niah_<task>_<length>."""
+        ev = self.ev
+        variants = self._variants(stage)
+        results = run_eval("niah", self.model, self.tok, out, tasks=ev.niah_tasks, lengths=ev.niah_lengths,
+                           samples=ev.niah_samples, variants=variants, **self._common(stage))
+        res = results["as trained" if variants else "model"]
+        record["niah_accuracy"] = res["mean_accuracy"]
+        for name, r in results.items():
+            tag = {"model": "", "as trained": "", "with mitigations": "mitigated_"}.get(name, f"{name}_")
+            for task, per_length in r["per_task"].items():
+                for length, acc in per_length.items():
+                    metrics.scalar(f"eval/niah_{tag}{task}_{length}", acc, step)
+        if "with mitigations" in results:
+            record["niah_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
+        if self.ev.variants:
+            record["niah_accuracy_variants"] = self._named(results, "mean_accuracy")
+        for task in res["tasks"]:
+            metrics.image(f"eval/niah_{task}", out / f"niah_{task}.png", step)
 
     def length(self, stage, step, record, metrics, out) -> None:
         ev = self.ev

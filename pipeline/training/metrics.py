@@ -9,8 +9,8 @@ from typing import Optional
 from .progress import Progress
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "stage")
-EVAL_KEYS = ("eval_loss", "passkey_accuracy", "passkey_accuracy_mitigated", "collapse_point",
-             "collapse_point_mitigated", "max_state_norm")
+EVAL_KEYS = ("eval_loss", "passkey_accuracy", "passkey_accuracy_mitigated", "niah_accuracy", "niah_accuracy_mitigated",
+             "collapse_point", "collapse_point_mitigated", "max_state_norm")
 
 
 class MetricsLogger:

@@ -128,8 +128,8 @@ def write_report(run_dir: Path, plan_text: str, started_from: str = "") -> Path:
             lines.append("")
             for r in ev:
                 d = run_dir / "eval" / f"step_{r['step']:07d}"
-                pics = [f"![{name}](eval/{d.name}/{name}.png)"
-                        for name in ("passkey", "loss_vs_position", "state_stats") if (d / f"{name}.png").exists()]
+                names = ["passkey", *sorted(f.stem for f in d.glob("niah_*.png")), "loss_vs_position", "state_stats"]
+                pics = [f"![{name}](eval/{d.name}/{name}.png)" for name in names if (d / f"{name}.png").exists()]
                 if pics:
                     lines += [f"### step {r['step']} ({r['stage_name']}, seq_len {r['seq_len']})", "", *pics, ""]
     else:

@@ -21,6 +21,7 @@ from longctx.data.stream import PackedStream, open_splits, rank_share
 from longctx.data.tokenizer import identity, load_tokenizer
 
 from ..config import Config, ConfigError, final_eval, model_config
+from ..evaluate import niah
 from ..evaluate.passkey import build_prompt
 from ..evaluate.share import from_distributed
 from ..model import Mamba2LM
@@ -73,16 +74,21 @@ def check_vocabulary(model: Mamba2LM, tok, where: str) -> None:
 
 
 def check_passkey_prompts(cfg: Config, tok, where: str) -> None:
-    """Builds a passkey prompt of each eval.passkey_lengths with this tokenizer: fails now, not at the
-    first checkpoint."""
+    """Builds a passkey prompt of each eval.passkey_lengths with this tokenizer, and checks that every niah
+    prompt's fixed parts (instruction, needles, question) fit in its length: fails now, not at the first
+    checkpoint."""
     for key, ev in (("eval", cfg.eval), ("eval.final", final_eval(cfg.eval))):
-        if not (ev.every_checkpoint and "passkey" in ev.kinds):
-            continue
-        for length in ev.passkey_lengths:
+        if ev.every_checkpoint and "passkey" in ev.kinds:
+            for length in ev.passkey_lengths:
+                try:
+                    build_prompt(tok, length, 0.5, "12345")
+                except ValueError as e:
+                    raise ConfigError(f"{where}: {key}.passkey_lengths: {e}") from None
+        if ev.every_checkpoint and "niah" in ev.kinds:
             try:
-                build_prompt(tok, length, 0.5, "12345")
+                niah.check_prompts(tok, ev.niah_tasks, ev.niah_lengths, ev.niah_samples, cfg.run.seed)
             except ValueError as e:
-                raise ConfigError(f"{where}: {key}.passkey_lengths: {e}") from None
+                raise ConfigError(f"{where}: {key}.niah_lengths: {e}") from None
 
 
 def deepspeed_config(cfg: Config, micro: int, accum: int) -> dict:

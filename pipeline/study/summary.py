@@ -1,0 +1,147 @@
+"""A study's results: every variant's metrics per length over its seeds, with 95% intervals, and its paired
+difference from the baseline (OUT/results.json, OUT/results.md, OUT/<metric>.png with error bars).
+
+Labels: a training variant evaluated as trained is its own name; with an evaluation-time variant,
+"<variant> + <evaluation variant>". Metrics: `passkey` (the fraction of keys retrieved; one value per prompt),
+`loss` (the mean loss of the loss-vs-position bucket ending at that position; one value per seed), `niah <task>`
+(RULER's string_match_all per prompt). The baseline is the study's `baseline` variant as trained; a difference
+uses the seeds both have (a failed cell drops out, and `n_seeds` shows it)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from .runner import AS_TRAINED, Failure, failure_lines
+from .spec import Study
+from .stats import estimate, paired_difference
+
+METHOD = ("95% percentile bootstrap, 2000 replicates: seeds drawn with replacement, then each drawn seed's prompts; "
+          "paired differences draw the same seeds and prompts for both sides")
+
+
+def scores(kind: str, result: dict) -> Dict[str, Dict[int, List[float]]]:
+    """metric -> length -> one score per prompt (or per seed, for the loss), in a fixed order."""
+    if kind == "passkey":
+        by_length: Dict[int, List[float]] = {}
+        for o in result["outputs"]:
+            by_length.setdefault(int(o["length"]), []).append(float(o["correct"]))
+        return {"passkey": by_length}
+    if kind == "length":
+        return {"loss": {int(b["end"]): [float(b["mean_loss"])] for b in result["buckets"]}}
+    if kind == "niah":
+        out: Dict[str, Dict[int, List[float]]] = {}
+        for p in result["prompts"]:
+            score = float(p.get("score", p["correct"]))
+            out.setdefault(f"niah {p['task']}", {}).setdefault(int(p["length"]), []).append(score)
+        return out
+    raise ValueError(f"a study cannot summarize the evaluation {kind!r}")
+
+
+def label(variant: str, evaluated_as: str) -> str:
+    return variant if evaluated_as == AS_TRAINED else f"{variant} + {evaluated_as}"
+
+
+def collect(results: Dict[tuple, Dict[str, dict]]) -> Dict[str, Dict[str, Dict[int, Dict[int, List[float]]]]]:
+    """label -> metric -> length -> seed -> scores."""
+    table: Dict[str, Dict[str, Dict[int, Dict[int, List[float]]]]] = {}
+    for (variant, seed), kinds in results.items():
+        for kind, by_variant in kinds.items():
+            for evaluated_as, result in by_variant.items():
+                for metric, by_length in scores(kind, result).items():
+                    for length, values in by_length.items():
+                        (table.setdefault(label(variant, evaluated_as), {}).setdefault(metric, {})
+                         .setdefault(length, {})[seed]) = values
+    return table
+
+
+def summarize(study: Study, results: Dict[tuple, Dict[str, dict]]) -> dict:
+    table = collect(results)
+    summary = {lab: {metric: {str(L): estimate(by_seed, what=f"{lab} {metric} at {L}").as_dict()
+                              for L, by_seed in sorted(lengths.items())}
+                     for metric, lengths in metrics.items()}
+               for lab, metrics in table.items()}
+    base = table.get(study.baseline, {})
+    differences: Dict[str, dict] = {}
+    for lab, metrics in table.items():
+        if lab == study.baseline:
+            continue
+        for metric, lengths in metrics.items():
+            for L, by_seed in sorted(lengths.items()):
+                against = base.get(metric, {}).get(L, {})
+                seeds = sorted(set(by_seed) & set(against))
+                if not seeds:
+                    continue
+                d = paired_difference({s: by_seed[s] for s in seeds}, {s: against[s] for s in seeds},
+                                      what=f"{lab} - {study.baseline}, {metric} at {L}")
+                differences.setdefault(lab, {}).setdefault(metric, {})[str(L)] = d.as_dict()
+    for block in (summary, differences):
+        for metrics in block.values():
+            for lengths in metrics.values():
+                for e in lengths.values():
+                    e.pop("method", None)
+    return {"study": study.name, "baseline": study.baseline, "seeds": study.seeds, "method": METHOD,
+            "summary": summary, "differences": differences}
+
+
+def _cell(e: dict) -> str:
+    return f"{e['mean']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+
+def markdown(payload: dict, failures: List[Failure]) -> str:
+    lines = [f"# Study {payload['study']}", "", f"Seeds {payload['seeds']}; baseline `{payload['baseline']}`. "
+             f"Each cell: mean [95% interval] ({payload['method']}).", ""]
+    metrics = sorted({m for by in payload["summary"].values() for m in by})
+    for metric in metrics:
+        lengths = sorted({int(L) for by in payload["summary"].values() for L in by.get(metric, {})})
+        for title, block in ((metric, payload["summary"]),
+                             (f"{metric}: difference from `{payload['baseline']}`", payload["differences"])):
+            rows = [lab for lab in block if metric in block[lab]]
+            if not rows:
+                continue
+            lines += [f"## {title}", "", "| | " + " | ".join(f"{L:,}" for L in lengths) + " |",
+                      "|---|" + "---|" * len(lengths)]
+            lines += [f"| {lab} | " + " | ".join(_cell(block[lab][metric][str(L)]) if str(L) in block[lab][metric]
+                                                 else "-" for L in lengths) + " |" for lab in rows]
+            lines.append("")
+    if failures:
+        lines += ["## Failed cells", "", *failure_lines(failures), ""]
+    return "\n".join(lines)
+
+
+def plot(payload: dict, out: Path) -> List[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    metrics = sorted({m for by in payload["summary"].values() for m in by})
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for lab, by in payload["summary"].items():
+            if metric not in by:
+                continue
+            points = sorted((int(L), e) for L, e in by[metric].items())
+            xs = [L for L, _ in points]
+            ys = [e["mean"] for _, e in points]
+            err = [[e["mean"] - e["ci_low"] for _, e in points], [e["ci_high"] - e["mean"] for _, e in points]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=lab)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("length (tokens)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{payload['study']}: {metric} (mean and 95% interval over seeds and prompts)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{metric.replace(' ', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_summary(study: Study, results: Dict[tuple, Dict[str, dict]], failures: List[Failure]) -> List[Path]:
+    study.out.mkdir(parents=True, exist_ok=True)
+    payload = summarize(study, results)
+    payload["failed"] = [f.__dict__ for f in failures]
+    (study.out / "results.json").write_text(json.dumps(payload, indent=1))
+    (study.out / "results.md").write_text(markdown(payload, failures))
+    return [study.out / "results.json", study.out / "results.md", *plot(payload, study.out)]
