@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
-from longctx.pipeline.config import DEFAULT_EVAL_KINDS, EVAL_KINDS, NIAH_TASKS, ConfigError, final_eval, load_config
+from longctx.pipeline.config import DEFAULT_EVAL_KINDS, EVAL_KINDS, NIAH_TASKS, ConfigError, final_eval
 from longctx.pipeline.evaluate import haystack as hs
 from longctx.pipeline.evaluate import niah
 from longctx.pipeline.evaluate.niah import (
@@ -303,17 +303,13 @@ def test_eval_niah_refuses_what_it_cannot_do_before_loading(argv, message, capsy
     assert message in capsys.readouterr().err
 
 
+ONE_STAGE = """
+    - {name: a, seq_len: 64, steps: 2, global_batch_tokens: 128}"""
+
+
 def _config(tmp_path, extra):
-    path = tmp_path / "c.yaml"
-    path.write_text(f"""
-run: {{dir: {tmp_path / 'run'}}}
-model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chunk_size: 16}}
-data: {{shards: {tmp_path / 'mds'}}}
-curriculum:
-  stages:
-    - {{name: a, seq_len: 64, steps: 2, global_batch_tokens: 128}}
-{extra}""")
-    return load_config(str(path))
+    from tests.test_trainer_parts import _config as config  # the same small model and shards
+    return config(tmp_path, extra, stages=ONE_STAGE)
 
 
 def test_config_niah_keys_their_checks_and_eval_final(tmp_path):

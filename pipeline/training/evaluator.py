@@ -124,21 +124,29 @@ class Evaluator:
         """eval.variants' results of one field, by name (for the metrics record)."""
         return {name: results[name][field] for name in self.ev.variants}
 
+    def _accuracies(self, kind: str, results: dict, record: dict) -> dict:
+        """KIND_accuracy of the model as trained (or alone), KIND_accuracy_mitigated (eval.compare_mitigations),
+        KIND_accuracy_variants (eval.variants) into the record; returns the as-trained results."""
+        res = results["as trained" if "as trained" in results else "model"]
+        record[f"{kind}_accuracy"] = res["mean_accuracy"]
+        if "with mitigations" in results:
+            record[f"{kind}_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
+        if self.ev.variants:
+            record[f"{kind}_accuracy_variants"] = self._named(results, "mean_accuracy")
+        return res
+
     def passkey(self, stage, step, record, metrics, out) -> None:
         ev = self.ev
         variants = self._variants(stage)
         results = run_eval("passkey", self.model, self.tok, out, lengths=ev.passkey_lengths, depths=ev.passkey_depths,
                            samples=ev.passkey_samples, variants=variants, **self._common(stage))
-        res = results["as trained" if variants else "model"]
-        record["passkey_accuracy"] = res["mean_accuracy"]
+        res = self._accuracies("passkey", results, record)
         for length, acc in res["per_length"].items():
             metrics.scalar(f"eval/passkey_accuracy_{length}", acc, step)
         if "with mitigations" in results:
-            record["passkey_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
             for length, acc in results["with mitigations"]["per_length"].items():
                 metrics.scalar(f"eval/passkey_accuracy_mitigated_{length}", acc, step)
         if self.ev.variants:
-            record["passkey_accuracy_variants"] = self._named(results, "mean_accuracy")
             for name in self.ev.variants:
                 for length, acc in results[name]["per_length"].items():
                     metrics.scalar(f"eval/passkey_accuracy_{name}_{length}", acc, step)
@@ -151,17 +159,12 @@ class Evaluator:
         variants = self._variants(stage)
         results = run_eval("niah", self.model, self.tok, out, tasks=ev.niah_tasks, lengths=ev.niah_lengths,
                            samples=ev.niah_samples, variants=variants, **self._common(stage))
-        res = results["as trained" if variants else "model"]
-        record["niah_accuracy"] = res["mean_accuracy"]
+        res = self._accuracies("niah", results, record)
         for name, r in results.items():
             tag = {"model": "", "as trained": "", "with mitigations": "mitigated_"}.get(name, f"{name}_")
             for task, per_length in r["per_task"].items():
                 for length, acc in per_length.items():
                     metrics.scalar(f"eval/niah_{tag}{task}_{length}", acc, step)
-        if "with mitigations" in results:
-            record["niah_accuracy_mitigated"] = results["with mitigations"]["mean_accuracy"]
-        if self.ev.variants:
-            record["niah_accuracy_variants"] = self._named(results, "mean_accuracy")
         for task in res["tasks"]:
             metrics.image(f"eval/niah_{task}", out / f"niah_{task}.png", step)
 
