@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 from pathlib import Path
@@ -218,17 +219,22 @@ def _ints(text: str) -> List[int]:
 
 def export_tokenizer_record(source: Path, out: Path) -> list:
     """A training checkpoint's tokenizer record (and a Hugging Face tokenizer's file) copied beside the exported
-    weights: `longctx eval` then decodes with it, and a run continuing the export refuses another tokenizer."""
+    weights: `longctx eval` then decodes with it, and a run continuing the export refuses another tokenizer; and
+    the tokenizer as transformers loads it (data/hf_tokenizer.py), so AutoTokenizer takes the directory."""
     import shutil
 
     from longctx.pipeline.model.load import find_checkpoint
     from longctx.pipeline.training.checkpoint import TOKENIZER_FILE, TOKENIZER_INFO
     found = find_checkpoint(source)
-    if found is None:
-        return []
-    names = [n for n in (TOKENIZER_INFO, TOKENIZER_FILE) if (found[0] / found[1] / n).exists()]
+    where = source if found is None else found[0] / found[1]       # a checkpoint, or an earlier export
+    names = [n for n in (TOKENIZER_INFO, TOKENIZER_FILE) if (where / n).exists()]
     for name in names:
-        shutil.copyfile(found[0] / found[1] / name, out / name)
+        if (where / name).resolve() != (out / name).resolve():
+            shutil.copyfile(where / name, out / name)
+    if TOKENIZER_INFO in names:       # and as a transformers tokenizer, for the tools that take a model directory
+        from longctx.data.hf_tokenizer import write_hf_tokenizer
+        names += [n for n in write_hf_tokenizer(out, json.loads((out / TOKENIZER_INFO).read_text()))
+                  if n not in names]
     return names
 
 
