@@ -451,6 +451,12 @@ def final_eval(ev: EvalConfig) -> EvalConfig:
     return out
 
 
+def evaluation_settings(ev: EvalConfig) -> List[Tuple[str, EvalConfig]]:
+    """Every distinct evaluation a run makes, by the key that sets it: the checkpoints' (eval), and the last
+    one's when eval.final changes it."""
+    return [("eval", ev)] + ([("eval.final", final_eval(ev))] if ev.final else [])
+
+
 def evaluation_variants(ev: EvalConfig) -> Dict[str, Any]:
     """The mitigation overrides evaluated beside the model as trained, by name: eval.compare_mitigations
     ("with mitigations") and eval.variants. The passkey, niah and loss-against-position evaluations run them."""

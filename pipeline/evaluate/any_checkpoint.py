@@ -51,8 +51,9 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
     if kind == "niah" and depths:
         raise ValueError("niah spreads its needle depths evenly over --samples (0, 1/(n-1), ..., 1): give "
                          "--samples, not --depths")
-    tasks = list(tasks) or list(NIAH_TASKS)
-    check_tasks(tasks)                # before the model loads
+    if kind == "niah":
+        tasks = list(tasks) or list(NIAH_TASKS)
+        check_tasks(tasks)            # before the model loads
     source = Path(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any(source).to(device).eval()

@@ -74,12 +74,10 @@ def evaluate_cell(study: Study, cell: Cell, kind: str) -> dict:
     out = cell.run_dir / EVAL_DIR / kind
     done = out / RESULT_FILES[kind]
     if not done.exists():
-        settings = dict(study.evaluate[kind])
         data = cell.config.data.shards or cell.config.data.prepare.output
         evaluate_checkpoint(kind, cell.run_dir / "checkpoints", out=out, seed=cell.seed,
                             variant_specs=eval_variants(study), data=data if kind != "passkey" else None,
-                            **{k: v for k, v in settings.items() if k != "tasks"},
-                            **({"tasks": settings["tasks"]} if "tasks" in settings else {}))
+                            **study.evaluate[kind])
     payload = json.loads(done.read_text())
     return payload["variants"] if "variants" in payload else {AS_TRAINED: payload}
 

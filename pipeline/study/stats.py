@@ -16,6 +16,8 @@ import numpy as np
 
 REPLICATES = 2000
 LEVEL = 0.95
+METHOD = (f"{LEVEL:.0%} percentile bootstrap, {REPLICATES} replicates: seeds drawn with replacement, then each drawn "
+          "seed's prompts; paired differences draw the same seeds and prompts for both sides")
 
 
 @dataclass
@@ -25,7 +27,6 @@ class Estimate:
     ci_high: float
     n: int                  # prompts (or sequences) in all
     n_seeds: int
-    method: str = "bootstrap over seeds, then prompts within each seed (95%, percentile)"
 
     def as_dict(self) -> dict:
         return asdict(self)

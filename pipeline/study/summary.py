@@ -14,10 +14,7 @@ from typing import Dict, List
 
 from .runner import AS_TRAINED, Failure, failure_lines
 from .spec import Study
-from .stats import estimate, paired_difference
-
-METHOD = ("95% percentile bootstrap, 2000 replicates: seeds drawn with replacement, then each drawn seed's prompts; "
-          "paired differences draw the same seeds and prompts for both sides")
+from .stats import METHOD, estimate, paired_difference
 
 
 def scores(kind: str, result: dict) -> Dict[str, Dict[int, List[float]]]:
@@ -75,11 +72,6 @@ def summarize(study: Study, results: Dict[tuple, Dict[str, dict]]) -> dict:
                 d = paired_difference({s: by_seed[s] for s in seeds}, {s: against[s] for s in seeds},
                                       what=f"{lab} - {study.baseline}, {metric} at {L}")
                 differences.setdefault(lab, {}).setdefault(metric, {})[str(L)] = d.as_dict()
-    for block in (summary, differences):
-        for metrics in block.values():
-            for lengths in metrics.values():
-                for e in lengths.values():
-                    e.pop("method", None)
     return {"study": study.name, "baseline": study.baseline, "seeds": study.seeds, "method": METHOD,
             "summary": summary, "differences": differences}
 

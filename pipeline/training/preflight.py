@@ -19,13 +19,9 @@ from longctx.data import storage
 from longctx.data.splits import DONE, FORMAT_VERSION, MANIFEST
 from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
-from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_variants, final_eval, model_config
+from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_settings, evaluation_variants, model_config
 from ..model.config import Mamba2Config
-from .pretrained import check_base
-
-
-def _describe(tok: dict) -> str:
-    return f"{tok.get('name')} (sha256 {str(tok.get('sha256'))[:12]}, vocabulary {tok.get('vocab_size')})"
+from .pretrained import check_base, describe_tokenizer
 
 
 def check_pretrained(cfg: Config, where: str, tokenizer_identity: dict) -> Mamba2Config:
@@ -64,9 +60,9 @@ def check_shards(shards: str, tokenizer_identity: dict, vocab_size: int, where: 
                           "into a new output (`longctx prepare CONFIG data.prepare.output=NEW`, then data.shards=NEW)")
     made_by = manifest.get("tokenizer")
     if made_by != tokenizer_identity:
-        raise ConfigError(f"{where}: data.shards {shards} were tokenized with {_describe(made_by or {})}, this run's "
-                          f"tokenizer is {_describe(tokenizer_identity)}: set the tokenizer section to the one the "
-                          "shards were made with, or prepare them again with this one")
+        raise ConfigError(f"{where}: data.shards {shards} were tokenized with {describe_tokenizer(made_by or {})}, "
+                          f"this run's tokenizer is {describe_tokenizer(tokenizer_identity)}: set the tokenizer "
+                          "section to the one the shards were made with, or prepare them again with this one")
     max_id = manifest.get("max_token_id")
     if max_id is None:
         raise ConfigError(f"{where}: data.shards {shards}: {MANIFEST} records no max_token_id (an older longctx "
@@ -85,7 +81,7 @@ def reads_heldout(cfg: Config) -> bool:
     stages = [merge_overrides(cfg.mitigations, s.mitigations, f"curriculum.stages[{i}]")
               for i, s in enumerate(cfg.curriculum.stages)]
     sections = [cfg.mitigations] + stages
-    for ev in (cfg.eval, final_eval(cfg.eval)):
+    for _, ev in evaluation_settings(cfg.eval):
         if ev.every_checkpoint and {"heldout", "length", "states"} & set(ev.kinds):
             return True
         if ev.every_checkpoint and set(VARIANT_KINDS) & set(ev.kinds):

@@ -6,8 +6,10 @@ run's. A refusal names the file and `model.from_pretrained_recipe`, the command 
 a damaged base found after the data is prepared costs minutes; one found never costs every result."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Dict
 
@@ -20,7 +22,20 @@ from ..model.mamba2 import Mamba2LM
 from .checkpoint import TOKENIZER_INFO
 
 
+def describe_tokenizer(tok: dict) -> str:
+    """A tokenizer identity (data.tokenizer.identity) as one names it in an error."""
+    return f"{tok.get('name')} (sha256 {str(tok.get('sha256'))[:12]}, vocabulary {tok.get('vocab_size')})"
+
+
 def file_sha256(path: Path) -> str:
+    """The file's sha256; computed once per process for a file of this size and modification time (`longctx run`
+    checks the base before preparing data and again in its preflight: a 370M base is 1.5 GB to read)."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -70,10 +85,8 @@ def check_tokenizer(path: Path, tokenizer_identity: dict, refuse: Refusal) -> No
         return                              # a model from elsewhere: the vocabulary checks in preflight apply
     trained_with = json.loads(info.read_text())
     if trained_with != tokenizer_identity:
-        def describe(t):
-            return f"{t.get('name')} (sha256 {str(t.get('sha256'))[:12]}, vocabulary {t.get('vocab_size')})"
-        raise refuse(f"{path} was trained with the tokenizer {describe(trained_with)} ({info}), this run's is "
-                     f"{describe(tokenizer_identity)}: set the tokenizer section to the model's")
+        raise refuse(f"{path} was trained with the tokenizer {describe_tokenizer(trained_with)} ({info}), this "
+                     f"run's is {describe_tokenizer(tokenizer_identity)}: set the tokenizer section to the model's")
 
 
 def check_base(cfg: Config, where: str, tokenizer_identity: dict) -> Mamba2Config:

@@ -20,7 +20,7 @@ import torch
 from longctx.data.stream import PackedStream, open_splits, rank_share
 from longctx.data.tokenizer import identity, load_tokenizer
 
-from ..config import Config, ConfigError, final_eval, model_config
+from ..config import Config, ConfigError, evaluation_settings, model_config
 from ..evaluate import niah
 from ..evaluate.passkey import build_prompt
 from ..evaluate.share import from_distributed
@@ -77,7 +77,7 @@ def check_passkey_prompts(cfg: Config, tok, where: str) -> None:
     """Builds a passkey prompt of each eval.passkey_lengths with this tokenizer, and checks that every niah
     prompt's fixed parts (instruction, needles, question) fit in its length: fails now, not at the first
     checkpoint."""
-    for key, ev in (("eval", cfg.eval), ("eval.final", final_eval(cfg.eval))):
+    for key, ev in evaluation_settings(cfg.eval):
         if ev.every_checkpoint and "passkey" in ev.kinds:
             for length in ev.passkey_lengths:
                 try:
