@@ -353,17 +353,18 @@ def cmd_node(args) -> int:
 
 def cmd_run(args) -> int:
     from longctx.launch.local import run_local
-    from longctx.pipeline.config import load_config, model_chunk_size, planning_chunk_size
-    from longctx.pipeline.training.curriculum import format_plan, plan
+    from longctx.pipeline.config import load_config, model_chunk_size, planning_architecture
+    from longctx.pipeline.training.curriculum import format_model, format_plan, plan
     from longctx.pipeline.training.eval_budget import budget_lines
     cfg = load_config(args.config, args.overrides)
     if not args.plan:
         from longctx.pipeline.training.preflight import check_model
         check_model(cfg, args.config)     # a missing or damaged base is refused before any data is prepared
     nproc = args.nproc or cfg.launch.local_procs
-    chunk, note = planning_chunk_size(cfg) if args.plan else (model_chunk_size(cfg), "")
+    arch, note = planning_architecture(cfg)
+    chunk, note = (arch.chunk_size, note) if args.plan else (model_chunk_size(cfg), "")
     plans = plan(cfg, nproc, chunk, args.config)
-    text = "\n".join([format_plan(plans, nproc), *budget_lines(cfg, plans, nproc)])
+    text = "\n".join([format_model(arch), format_plan(plans, nproc), *budget_lines(cfg, plans, nproc)])
     if args.plan:
         print(text + (f"\n{note}" if note else ""))
         return 0

@@ -335,19 +335,58 @@ def _validate_mitigations(cfg: Config, where: str) -> List[MitigationsConfig]:
 
 
 def _validate_model(cfg: Config, stage_mitigations: List[MitigationsConfig], where: str, fail) -> None:
-    """The architecture of the model section, and the run's and each stage's mitigations against its shapes
-    (thresholds may be calibrated later). Not for `model.from_pretrained`: the architecture is then the
-    checkpoint's, read when the model loads."""
+    """The architecture of the model section, and the run against it (`validate_architecture`). Not for
+    `model.from_pretrained`: the architecture is then the checkpoint's, checked by the preflight."""
     try:
         arch = model_config(cfg).validate()
     except ValueError as e:
         fail("model", str(e))
+    validate_architecture(cfg, arch, where, stage_mitigations)
+
+
+# What the Mamba layers alone implement (their state passes between ranks and rows); an attention layer would need
+# its keys and values gathered or carried, which is not built yet.
+ATTENTION_UNSUPPORTED = {
+    "seq_parallel": "sequence parallelism for attention layers is not supported yet (state passing is the Mamba "
+                    "layers'); use seq_parallel: 1",
+    "carry_state": "an attention layer has no state to carry (its keys and values would have to be): carry_state "
+                   "for models with attention layers is not supported yet; use carry_state: none",
+}
+
+
+def validate_architecture(cfg: Config, arch: Mamba2Config, where: str,
+                          stage_mitigations: Optional[List[MitigationsConfig]] = None) -> None:
+    """The run against the architecture it trains (the model section's, or `model.from_pretrained`'s): the
+    run's, each stage's and each of eval's variants' mitigations fit its shapes and name no attention layer
+    (thresholds may be calibrated later), and no stage asks the attention layers for what only the Mamba layers
+    do (ATTENTION_UNSUPPORTED). eval.final's variants: call it again with that eval section."""
     import torch
-    for mitigations in [cfg.mitigations] + stage_mitigations:
+    stages = [f"curriculum.stages[{i}] ({st.name}).mitigations" for i, st in enumerate(cfg.curriculum.stages)]
+    try:
+        if stage_mitigations is None:
+            stage_mitigations = [merge_overrides(cfg.mitigations, st.mitigations, key)
+                                 for key, st in zip(stages, cfg.curriculum.stages)]
+        bases = [("mitigations", cfg.mitigations)] + list(zip(stages, stage_mitigations))
+        sections = bases + [(f"eval.variants.{name} (on top of {key})",
+                             merge_overrides(base, overrides, f"eval.variants.{name}"))
+                            for key, base in bases for name, overrides in evaluation_variants(cfg.eval).items()]
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    for key, mitigations in sections:
         try:
-            resolve(mitigations, arch.n_layer, arch.nheads, calibrated=torch.ones(arch.n_layer, arch.nheads))
+            resolve(mitigations, arch.n_layer, arch.nheads, calibrated=torch.ones(arch.n_layer, arch.nheads),
+                    attention=arch.attn_layer_idx)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{where}: {key}: {e}") from None
+    if not arch.attn_layer_idx:
+        return
+    for i, stage in enumerate(cfg.curriculum.stages):
+        asked = {"seq_parallel": stage.seq_parallel > 1, "carry_state": stage.carry_state != "none"}
+        for key, unsupported in asked.items():
+            if unsupported:
+                raise ConfigError(f"{where}: curriculum.stages[{i}] ({stage.name}).{key}: {getattr(stage, key)} with "
+                                  f"attention layers (model.attn_layer_idx {list(arch.attn_layer_idx)}): "
+                                  f"{ATTENTION_UNSUPPORTED[key]}")
 
 
 def _validate_curriculum(curriculum: CurriculumConfig, fail) -> None:
@@ -475,15 +514,24 @@ def model_config(cfg: Config) -> Mamba2Config:
     return Mamba2Config(**{f.name: getattr(cfg.model, f.name) for f in fields(Mamba2Config)})
 
 
-def planning_chunk_size(cfg: Config) -> Tuple[int, str]:
-    """The scan chunk to plan with, and a note when it is not the checkpoint's: a cluster recipe planned or
+def planning_architecture(cfg: Config) -> Tuple[Mamba2Config, str]:
+    """The architecture to plan with, and a note when it is not the checkpoint's: a cluster recipe planned or
     rendered (`run --plan`, `launch`) on a machine without its checkpoint uses the model section's (training
     reads the checkpoint's, and its preflight refuses a checkpoint that is missing)."""
     if cfg.model.from_pretrained and not (Path(cfg.model.from_pretrained) / "config.json").exists():
-        chunk = model_config(cfg).chunk_size
-        return chunk, (f"note: {cfg.model.from_pretrained} is not here; planned with the model section's "
-                       f"chunk_size {chunk} (training reads it from the checkpoint)")
-    return model_chunk_size(cfg), ""
+        arch = model_config(cfg)
+        return arch, (f"note: {cfg.model.from_pretrained} is not here; planned with the model section's "
+                      f"architecture, chunk_size {arch.chunk_size} (training reads it from the checkpoint)")
+    if cfg.model.from_pretrained:
+        from .model.formats import read_config
+        return read_config(cfg.model.from_pretrained), ""
+    return model_config(cfg), ""
+
+
+def planning_chunk_size(cfg: Config) -> Tuple[int, str]:
+    """The scan chunk to plan with (`planning_architecture`'s), and its note."""
+    arch, note = planning_architecture(cfg)
+    return arch.chunk_size, note
 
 
 def model_chunk_size(cfg: Config) -> int:

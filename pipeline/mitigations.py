@@ -14,11 +14,16 @@ The paper's training-free fixes for state collapse:
 `MitigationsConfig` is the YAML section; `resolve` turns it into one `LayerMitigations`
 per layer, which `Mamba2LM.set_mitigations` hands to the mixers. The scan kernels
 (longctx.kernels.ssd) do the math.
+
+They act on the Mamba layers' scans only: an attention layer (model.attn_layer_idx) takes none. A scalar applies
+to every Mamba layer; a per-layer list keeps one entry per layer, attention layers included (so its indices are
+the model's), and an attention layer's entry must be null (or 1 for a scale, which changes nothing): any other
+value names an attention layer and is refused.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, FrozenSet, Iterable, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -42,18 +47,33 @@ class MitigationsConfig:
     window: int = 0                # 0: off; else sliding window of this many tokens
 
 
-def _per_layer_head(value, n_layer: int, nheads: int, key: str) -> Optional[List[List[float]]]:
-    """scalar | [n_layer scalars] | [n_layer x nheads] -> n_layer lists of nheads floats."""
+def _attention_entry(value, i: int, key: str, neutral: Optional[float]) -> None:
+    """A per-layer list's entry at attention layer i: null, or the value that changes nothing (`neutral`)."""
+    entries = value if isinstance(value, Sequence) else [value]
+    if value is None or (neutral is not None and all(e == neutral for e in entries)):
+        return
+    raise ValueError(f"mitigations.{key}[{i}]: layer {i} is an attention layer (model.attn_layer_idx), and the "
+                     "mitigations apply to the Mamba layers only: give null there"
+                     + (f" (or {neutral:g})" if neutral is not None else ""))
+
+
+def _per_layer_head(value, n_layer: int, nheads: int, key: str, attention: FrozenSet[int] = frozenset(),
+                    neutral: Optional[float] = None) -> Optional[List[Optional[List[float]]]]:
+    """scalar | [n_layer scalars] | [n_layer x nheads] -> n_layer lists of nheads floats; None for each layer in
+    `attention` (whose entry in a list must be null or `neutral`)."""
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value)
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        return [[float(value)] * nheads for _ in range(n_layer)]
+        return [None if i in attention else [float(value)] * nheads for i in range(n_layer)]
     if isinstance(value, Sequence) and len(value) == n_layer:
         rows = []
         for i, v in enumerate(value):
-            if isinstance(v, (int, float)):
+            if i in attention:
+                _attention_entry(v, i, key, neutral)
+                rows.append(None)
+            elif isinstance(v, (int, float)):
                 rows.append([float(v)] * nheads)
             elif isinstance(v, Sequence) and len(v) == nheads and all(isinstance(e, (int, float)) for e in v):
                 rows.append([float(e) for e in v])
@@ -68,7 +88,8 @@ def _per_layer_head(value, n_layer: int, nheads: int, key: str) -> Optional[List
 def _check_scale(value, key: str, at_most_one: bool = True) -> None:
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_scale(v, f"{key}[{i}]", at_most_one)
+            if v is not None:           # null: an attention layer's entry (resolve checks which layers those are)
+                _check_scale(v, f"{key}[{i}]", at_most_one)
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):     # YAML's yes/true is not a scale
         raise ValueError(f"{key}: {value!r} is not a number")
@@ -87,14 +108,16 @@ def check_scales(cfg: MitigationsConfig, where: str) -> None:
                      at_most_one=name != "a_scale")
 
 
-def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
-            calibrated: Optional[torch.Tensor] = None) -> List[LayerMitigations]:
+def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int, calibrated: Optional[torch.Tensor] = None,
+            attention: Iterable[int] = ()) -> List[LayerMitigations]:
     """One LayerMitigations per layer. `calibrated` (n_layer, nheads) thresholds are used when the
-    config gives none."""
+    config gives none. The layers in `attention` (model.attn_layer_idx) get none (an inactive LayerMitigations);
+    a per-layer value that names one is refused."""
     check_scales(cfg, "mitigations")
-    decay = _per_layer_head(cfg.decay_scale, n_layer, nheads, "decay_scale")
-    inp = _per_layer_head(cfg.input_scale, n_layer, nheads, "input_scale")
-    a_sc = _per_layer_head(cfg.a_scale, n_layer, nheads, "a_scale")
+    attention = frozenset(attention)
+    decay = _per_layer_head(cfg.decay_scale, n_layer, nheads, "decay_scale", attention, neutral=1.0)
+    inp = _per_layer_head(cfg.input_scale, n_layer, nheads, "input_scale", attention, neutral=1.0)
+    a_sc = _per_layer_head(cfg.a_scale, n_layer, nheads, "a_scale", attention, neutral=1.0)
     sn = cfg.state_norm
     if sn.every < 0:
         raise ValueError(f"mitigations.state_norm.every must be >= 0, got {sn.every}")
@@ -103,16 +126,19 @@ def resolve(cfg: MitigationsConfig, n_layer: int, nheads: int,
     thresholds = None
     if sn.every:
         if sn.thresholds:
-            thresholds = _per_layer_head(list(sn.thresholds), n_layer, nheads, "state_norm.thresholds")
+            thresholds = _per_layer_head(list(sn.thresholds), n_layer, nheads, "state_norm.thresholds", attention)
         elif calibrated is not None:
             thresholds = calibrated.tolist()
         else:
             raise ValueError("mitigations.state_norm.every is set but there are no thresholds: give "
                              "mitigations.state_norm.thresholds or calibrate them (calibrate_state_norm)")
-        if any(v <= 0 for row in thresholds for v in row):
+        if any(v <= 0 for i, row in enumerate(thresholds) if i not in attention for v in row):
             raise ValueError("mitigations.state_norm.thresholds must be positive")
     layers = []
     for i in range(n_layer):
+        if i in attention:
+            layers.append(LayerMitigations())
+            continue
         layers.append(LayerMitigations(
             decay_scale=None if all(v == 1.0 for v in decay[i]) else decay[i],
             input_scale=None if all(v == 1.0 for v in inp[i]) else inp[i],

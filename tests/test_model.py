@@ -107,7 +107,7 @@ def test_hf_layout_refuses_what_it_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("bad,match", [
     ({"ssm_cfg": {}}, "Mamba-2 checkpoints only"),
-    ({"attn_layer_idx": [1]}, "attention"),
+    ({"attn_layer_idx": [1]}, r"attention layers \[1\] but attn_cfg has no num_heads"),   # hybrids: test_attention
     ({"bogus_key": 1}, "bogus_key"),
 ])
 def test_unsupported_checkpoints_are_named_errors(tmp_path, bad, match):
@@ -145,9 +145,11 @@ def test_decode_step_by_step_equals_parallel_forward():
     assert rel_err(steps, full) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["mamba2", "hybrid", "transformer"])   # the latter two: tests/test_attention.py
 @pytest.mark.parametrize("chunk_len", [1, 7, 16, 100])
-def test_chunked_prefill_then_decode_equals_full_forward(chunk_len):
-    model = small_model()
+def test_chunked_prefill_then_decode_equals_full_forward(chunk_len, kind):
+    from tests.test_attention import MODELS
+    model = small_model() if kind == "mamba2" else MODELS[kind]()
     ids = torch.randint(0, 61, (2, 45))
     with torch.no_grad():
         full = model(ids).logits

@@ -120,7 +120,7 @@ def test_shards_without_heldout_documents_are_refused_only_when_the_run_reads_th
     for variant in ("eval.compare_mitigations.state_norm.every=64", "eval.variants={sn: {state_norm: {every: 64}}}"):
         with pytest.raises(ConfigError, match="hold no held-out document"):
             preflight(config(tmp_path, copy, *passkey_only, variant)[1], "c.yaml")
-    preflight(config(tmp_path, copy, *passkey_only, "eval.variants={sn: {state_norm: {every: 64, thresholds: [9.0]}}}"
+    preflight(config(tmp_path, copy, *passkey_only, "eval.variants={sn: {state_norm: {every: 64, thresholds: [9.0, 9.0]}}}"
                      )[1], "c.yaml")                                                    # given thresholds: none read
     manifest["splits"]["train"]["documents"] = 0
     (copy / "mds" / "manifest.json").write_text(json.dumps(manifest))

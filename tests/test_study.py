@@ -25,6 +25,8 @@ curriculum: {{stages: [{{name: a, seq_len: 64, steps: 3, global_batch_tokens: 12
 eval: {{every_checkpoint: false}}
 launch: {{local_procs: 1}}
 """
+# the same first stage, then one more: what a variant continuing `plain` trains
+LONGER = BASE.replace("lr: 0.003}}]}}", "lr: 0.003}}, {{name: b, seq_len: 64, steps: 2, global_batch_tokens: 128}}]}}")
 
 STUDY = """
 study: tiny
@@ -33,11 +35,13 @@ seeds: [0, 1]
 variants:
   plain: []
   no data: [data.shards={tmp}/nowhere]
+  continued: {{base: {tmp}/longer.yaml, from: plain}}
 baseline: plain
 evaluate:
   passkey: {{lengths: [256, 512], depths: [0, 1], samples: 2}}
   length: {{lengths: [256], buckets: 4}}
   variants: {{decay 0.9: {{decay_scale: 0.9}}}}
+  calibrate: {{cal: {{param: decay, length: 128, samples: 2, batch: 2, steps: 2, variants: [continued]}}}}
 out: {tmp}/study
 """
 
@@ -50,15 +54,17 @@ def study_cmd(tmp, *flags):
 @pytest.mark.timeout(900)
 def test_a_study_trains_evaluates_and_summarizes_each_cell_and_reports_the_failed_ones(tmp_path):
     (tmp_path / "base.yaml").write_text(BASE.format(tmp=tmp_path))
+    (tmp_path / "longer.yaml").write_text(LONGER.format(tmp=tmp_path))
     (tmp_path / "study.yaml").write_text(STUDY.format(tmp=tmp_path))
     dry = study_cmd(tmp_path, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "2 variants x 2 seeds = 4 cells" in dry.stdout and dry.stdout.count("[to run]") == 4
+    assert "3 variants x 2 seeds = 6 cells" in dry.stdout and dry.stdout.count("[to run]") == 6
+    assert dry.stdout.count("(continues 'plain')") == 2
 
     r = study_cmd(tmp_path)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "study"
-    assert "2 of 4 cells failed" in r.stdout
+    assert "2 of 6 cells failed" in r.stdout
     for seed in (0, 1):        # the failing variant names its log, which holds the run's own error
         log = out / "logs" / f"no-data-seed-{seed}.log"
         assert f"'no data' seed {seed}: train failed" in r.stdout and str(log) in r.stdout
@@ -68,8 +74,11 @@ def test_a_study_trains_evaluates_and_summarizes_each_cell_and_reports_the_faile
     assert set(passkey) == {"256", "512"}
     for e in passkey.values():        # 2 seeds x 2 depths x 2 keys per length
         assert e["n"] == 8 and e["n_seeds"] == 2 and e["ci_low"] <= e["mean"] <= e["ci_high"]
-    assert set(results["summary"]) == {"plain", "plain + decay 0.9"}
-    assert set(results["summary"]["plain"]) == {"passkey", "loss"}
+    # the calibration is an evaluation variant of the cells it names only
+    assert set(results["summary"]) == {"plain", "plain + decay 0.9", "continued", "continued + decay 0.9",
+                                       "continued + cal"}
+    assert set(results["summary"]["plain"]) == {"passkey", "loss", "collapsed"}
+    assert set(results["collapse_points"]["plain"]) == {"0", "1"}
     diff = results["differences"]["plain + decay 0.9"]["passkey"]["256"]
     assert diff["n_seeds"] == 2 and diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
     assert [f["variant"] for f in results["failed"]] == ["no data", "no data"]
@@ -80,6 +89,13 @@ def test_a_study_trains_evaluates_and_summarizes_each_cell_and_reports_the_faile
         cell = out / "cells" / "plain" / f"seed-{seed}"
         assert (cell / "study_trained.json").exists() and (cell / "study-eval" / "passkey" / "passkey.json").exists()
         assert json.loads((cell / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+        # `continued` resumed from plain's last checkpoint: it trained stage b's two steps only
+        continued = out / "cells" / "continued" / f"seed-{seed}"
+        steps = [json.loads(line)["step"] for line in (continued / "metrics.jsonl").read_text().splitlines()
+                 if '"step"' in line]
+        assert steps and min(steps) == 4 and max(steps) == 5, steps
+        assert f"run.resume={cell / 'checkpoints'}/" in (out / "logs" / f"continued-seed-{seed}.log").read_text()
+        assert json.loads((continued / "study-calibrate" / "cal" / "calibration.json").read_text())
 
     # again: the finished cells are neither trained nor evaluated again; the failed ones are retried
     before = {p: p.stat().st_mtime_ns for p in (out / "cells" / "plain").rglob("passkey.json")}
@@ -101,7 +117,9 @@ def test_the_summary_pairs_each_variant_with_the_baseline_on_the_same_seeds(tmp_
     (tmp_path / "base.yaml").write_text(BASE.format(tmp=tmp_path))
     (tmp_path / "study.yaml").write_text(STUDY.format(tmp=tmp_path).replace("no data: [data.shards=", "other: [data.shards=")
                                          .replace("  length: {lengths: [256], buckets: 4}\n", "")
-                                         .replace("  variants: {decay 0.9: {decay_scale: 0.9}}\n", ""))
+                                         .replace("  variants: {decay 0.9: {decay_scale: 0.9}}\n", "")
+                                         .replace(f"  continued: {{base: {tmp_path}/longer.yaml, from: plain}}\n", "")
+                                         .split("  calibrate:")[0] + f"out: {tmp_path}/study\n")
     study = load_study(str(tmp_path / "study.yaml"))
     scores = {("plain", 0): [1, 0, 1, 1], ("plain", 1): [0, 0, 1, 1], ("other", 0): [1, 1, 1, 1]}
 

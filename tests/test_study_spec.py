@@ -71,6 +71,42 @@ def test_mistakes_are_named_by_their_key_before_any_cell_runs(tmp_path, change, 
         load_study(write(tmp_path, STUDY.replace(*change)))
 
 
+@pytest.mark.parametrize("change,match", [
+    (("  none: []", "  none: {{overrides: [], start: x}}"), r"variants.none.start: unknown key; a variant has base, from, overrides"),
+    (("  none: []", "  none: {{from: state passing}}"),
+     r"variants.none.from: 'state passing' is not a variant listed before 'none' \(none is\)"),
+    (("  state passing: [curriculum.stages.1.carry_state=batch]", "  state passing: {{from: none}}"),
+     r"variants.state passing.from: 'none' trains 4 steps and 'state passing' 4 in all: continuing it would train "
+     r"nothing"),
+    (("  none: []", "  none: {{base: 3}}"), r"variants.none.base: must be the path of a run config"),
+    (("  variants: {{decay", "  calibrate: {{cal: {{length: 512}}}}\n  variants: {{decay"),
+     r"evaluate.calibrate.cal.param: is missing"),
+    (("  variants: {{decay", "  calibrate: {{cal: {{param: A, length: 512, epochs: 3}}}}\n  variants: {{decay"),
+     r"evaluate.calibrate.cal.epochs: unknown key; a calibration takes param, length"),
+    (("  variants: {{decay", "  calibrate: {{cal: {{param: A, length: 512, variants: [nobody]}}}}\n  variants: {{decay"),
+     r"evaluate.calibrate.cal.variants: 'nobody' is not one of the variants"),
+    (("  variants: {{decay", "  calibrate: {{decay 0.9: {{param: A, length: 512}}}}\n  variants: {{decay"),
+     r"evaluate.calibrate.decay 0.9: is also the name of an evaluation variant"),
+])
+def test_variants_with_their_own_base_or_start_and_calibrations_are_checked(tmp_path, change, match):
+    with pytest.raises(ConfigError, match=match):
+        load_study(write(tmp_path, STUDY.replace(*change)))
+
+
+def test_a_variant_can_continue_an_earlier_one_from_another_base(tmp_path):
+    (tmp_path / "longer.yaml").write_text(BASE.replace("steps: 2, global_batch_tokens: 256}]",
+                                                       "steps: 2, global_batch_tokens: 256}, "
+                                                       "{name: c, seq_len: 128, steps: 3, global_batch_tokens: 256}]"))
+    text = STUDY.replace("  state passing: [curriculum.stages.1.carry_state=batch]",
+                         f"  longer: {{{{base: {tmp_path / 'longer.yaml'}, from: none}}}}").replace("base: {base}\n", "")
+    study = load_study(write(tmp_path, text.replace("seeds: [0, 1, 2]", "seeds: [0, 1, 2]\nbase: {base}")))
+    cells = {(c.variant, c.seed): c for c in study.cells}
+    assert cells["longer", 1].start is cells["none", 1] and cells["none", 1].start is None
+    assert cells["longer", 1].base == str(tmp_path / "longer.yaml") and len(cells["longer", 1].config.curriculum.stages) == 3
+    with pytest.raises(ConfigError, match=r"base: is missing, and variant 'none' names no base of its own"):
+        load_study(write(tmp_path, text))
+
+
 def test_a_missing_key_or_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"baseline: is missing"):
         load_study(write(tmp_path, STUDY.replace("baseline: none\n", "")))

@@ -69,8 +69,8 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
             L = calibration_length or train_length or 2048
             prompt = torch.as_tensor(build_prompt(tok, L, 0.5, "12345")[None], device=device)
             calibrated = calibrate_state_norm(m, prompt, mit.state_norm.multiplier, chunk_len=prefill_chunk)
-        return on_top(m.mitigations, resolve(mit, m.config.n_layer, m.config.nheads, calibrated=calibrated),
-                      overrides)
+        return on_top(m.mitigations, resolve(mit, m.config.n_layer, m.config.nheads, calibrated=calibrated,
+                                             attention=m.config.attn_layer_idx), overrides)
 
     variants, models = None, {}
     if variant_specs and (mitigations or compare):

@@ -59,9 +59,11 @@ def _with_scale(base, i: int, param: str, scale: torch.Tensor) -> LayerMitigatio
 
 
 def _install(model, base, param: str, scales: torch.Tensor) -> None:
-    """Each layer's scan gets its scales (tensors: the loss is differentiable in them) on top of `base`."""
+    """Each Mamba layer's scan gets its scales (tensors: the loss is differentiable in them) on top of `base`;
+    an attention layer has no scan (its row of scales gets no gradient and stays the identity)."""
     for i, layer in enumerate(model.backbone.layers):
-        layer.mixer.mitigation = _with_scale(base, i, param, scales[i].expand(model.config.nheads))
+        if i not in model.config.attention_layers:
+            layer.mixer.mitigation = _with_scale(base, i, param, scales[i].expand(model.config.nheads))
 
 
 def _fit_and_test_rows(stream, samples: int, length: int, device):
@@ -88,6 +90,9 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
     source, out = Path(checkpoint), Path(out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any(source).to(device).float().eval()
+    if not model.mamba_mixers():
+        raise ValueError(f"{source}: every layer is attention (model.attn_layer_idx), and the scales calibrate fits "
+                         "act on the Mamba layers' scans only")
     for p in model.parameters():
         p.requires_grad_(False)
     tok = tokenizer_for(source, tokenizer, model.config.vocab_size)
@@ -122,9 +127,10 @@ def calibrate(checkpoint, *, length: int, data: str, out, param: str = "decay", 
             log(f"calibrate: step {step + 1}/{steps}  fit loss {history[-1]:.4f}  {PARAMS[param]} x "
                 f"{[round(v, 4) for v in _scales(param, w).detach().mean(1).tolist()]}")
     scales = _scales(param, w).detach()
-    fitted = [_with_scale(base, i, param, scales[i].expand(model.config.nheads))
-              for i in range(model.config.n_layer)]
-    fitted = [replace(m, **{PARAMS[param]: getattr(m, PARAMS[param]).tolist()}) for m in fitted]
+    fitted = [LayerMitigations() if i in model.config.attention_layers else
+              _with_scale(base, i, param, scales[i].expand(model.config.nheads)) for i in range(model.config.n_layer)]
+    key = PARAMS[param]
+    fitted = [m if getattr(m, key) is None else replace(m, **{key: getattr(m, key).tolist()}) for m in fitted]
     model.set_mitigations(fitted)
     after = test_loss()                             # the model as saved
     out.mkdir(parents=True, exist_ok=True)

@@ -117,8 +117,9 @@ def _write_states(results: Dict[str, dict], payload, out: Path, marks) -> None:
     single, series = len(results) == 1, {}
     for n, r in results.items():
         per_layer = np.asarray(r["max_norm_per_layer"])
-        for layer in range(per_layer.shape[1]):
-            series[f"{n} layer {layer}" if not single else f"layer {layer}"] = (r["positions"], per_layer[:, layer])
+        layers = r.get("layers", range(per_layer.shape[1] if per_layer.size else 0))   # the Mamba layers
+        for column, layer in enumerate(layers):
+            series[f"{n} layer {layer}" if not single else f"layer {layer}"] = (r["positions"], per_layer[:, column])
     curves(series, out / "state_stats.png", "position (tokens)", "max ||h|| over heads", logy=True, marks=marks)
 
 
@@ -215,5 +216,7 @@ def comparison_table(kind: str, results: Dict[str, dict]) -> str:
         rows.append("| collapse point | " + " | ".join(str(results[n]["collapse_point"]) for n in names) + " |")
     else:
         head = "| | " + " | ".join(names) + " |"
-        rows = ["| max final ||h|| | " + " | ".join(f"{np.max(results[n]['norms'][-1]):.3g}" for n in names) + " |"]
+        # a model without Mamba layers (a transformer) has no state: "-"
+        rows = ["| max final ||h|| | " + " | ".join(f"{np.max(results[n]['norms'][-1]):.3g}" if results[n]["norms"]
+                                                    else "-" for n in names) + " |"]
     return "\n".join([head, "|" + "---|" * (len(names) + 1)] + rows)

@@ -1,7 +1,10 @@
 """Pretrained-model directories: the mamba_ssm layout and the Hugging Face Mamba2 layout.
 
-mamba_ssm (state-spaces/mamba2-*): config.json = MambaConfig (d_model, n_layer, vocab_size,
-ssm_cfg={"layer": "Mamba2", ...}, ...) and pytorch_model.bin (or model.safetensors).
+mamba_ssm (state-spaces/mamba2-*, and the hybrids mamba2attn-*): config.json = MambaConfig (d_model,
+n_layer, vocab_size, ssm_cfg={"layer": "Mamba2", ...}, attn_layer_idx, attn_cfg, ...) and
+pytorch_model.bin (or model.safetensors). An attention layer's keys are its MHA's (mixer.in_proj,
+mixer.conv1d, mixer.out_proj). The Hugging Face Mamba2 layout has no attention layers: a hybrid
+exports only in the mamba_ssm layout.
 Hugging Face (Mamba2ForCausalLM): config.json with model_type "mamba2" (hidden_size,
 state_size, num_heads, ...) and model.safetensors (possibly sharded); the only key that
 differs is backbone.embeddings.weight (ours, like mamba_ssm: backbone.embedding.weight).
@@ -12,23 +15,27 @@ import json
 import math
 import os
 import pickle
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from .config import Mamba2Config
+from .config import AttnConfig, Mamba2Config
 from .mitigations import MITIGATIONS_FILE, load_layers, save_layers
 
 FORMATS = ("mamba_ssm", "hf")
 
 # mamba_ssm MambaConfig keys that do not change what the model computes.
-_MAMBA_SSM_IGNORED = {"fused_add_norm", "attn_cfg", "attn_layer_idx"}
+_MAMBA_SSM_IGNORED = {"fused_add_norm"}
 _MAMBA2_SSM_IGNORED = {"layer", "use_mem_eff_path", "conv_init", "process_group", "sequence_parallel"}
 _TOP_LEVEL = {"d_model", "d_intermediate", "n_layer", "vocab_size", "rms_norm", "residual_in_fp32",
               "pad_vocab_size_multiple", "tie_embeddings"}
-_SSM_FIELDS = {f.name for f in fields(Mamba2Config)} - _TOP_LEVEL - {"norm_epsilon"}
+_ATTENTION = {"attn_layer_idx", "attn_cfg"}
+_SSM_FIELDS = {f.name for f in fields(Mamba2Config)} - _TOP_LEVEL - _ATTENTION - {"norm_epsilon"}
+# mamba_ssm's MHA defaults where ours differ (AttnConfig keeps a language model's): a config.json that leaves
+# `causal` out means what mamba_ssm builds from it, a non-causal layer (which validate() then refuses)
+_MHA_DEFAULTS = {"causal": False}
 
 # Hugging Face Mamba2Config key -> ours.
 _HF_KEYS = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
@@ -50,12 +57,9 @@ def _tuple(v):
 
 
 def config_from_mamba_ssm(d: dict, source: str) -> Mamba2Config:
-    unknown = set(d) - _TOP_LEVEL - _MAMBA_SSM_IGNORED - {"ssm_cfg"}
+    unknown = set(d) - _TOP_LEVEL - _ATTENTION - _MAMBA_SSM_IGNORED - {"ssm_cfg"}
     if unknown:
         raise CheckpointError(f"{source}: unknown mamba_ssm config keys {sorted(unknown)}")
-    if d.get("attn_layer_idx"):
-        raise CheckpointError(f"{source}: hybrid attention layers (attn_layer_idx={d['attn_layer_idx']}) "
-                              "are not supported; longctx trains pure Mamba-2 models")
     ssm = dict(d.get("ssm_cfg") or {})
     layer = ssm.get("layer", "Mamba1")  # mamba_ssm's own default when ssm_cfg has no "layer"
     if layer != "Mamba2":
@@ -68,7 +72,26 @@ def config_from_mamba_ssm(d: dict, source: str) -> Mamba2Config:
     for k in ("A_init_range", "dt_limit"):
         if k in kw:
             kw[k] = _tuple(kw[k])
-    return Mamba2Config(**kw).validate()
+    kw.update(_attention_from_mamba_ssm(d, source))
+    try:
+        return Mamba2Config(**kw).validate()
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _attention_from_mamba_ssm(d: dict, source: str) -> dict:
+    """attn_layer_idx and attn_cfg (mamba_ssm ignores attn_cfg when no layer is attention, and so do we)."""
+    layers = list(d.get("attn_layer_idx") or [])
+    if not layers:
+        return {}
+    cfg = dict(d.get("attn_cfg") or {})
+    unknown = set(cfg) - {f.name for f in fields(AttnConfig)}
+    if unknown:
+        raise CheckpointError(f"{source}: unknown attn_cfg keys {sorted(unknown)} (mamba_ssm's MHA arguments: "
+                              f"{sorted(f.name for f in fields(AttnConfig))})")
+    if "num_heads" not in cfg:
+        raise CheckpointError(f"{source}: attention layers {layers} but attn_cfg has no num_heads")
+    return {"attn_layer_idx": [int(i) for i in layers], "attn_cfg": AttnConfig(**{**_MHA_DEFAULTS, **cfg})}
 
 
 def config_to_mamba_ssm(c: Mamba2Config) -> dict:
@@ -82,7 +105,9 @@ def config_to_mamba_ssm(c: Mamba2Config) -> dict:
             continue  # the default; keeps config.json strict JSON
         ssm[name] = list(value) if isinstance(value, tuple) else value
     d = {k: getattr(c, k) for k in sorted(_TOP_LEVEL)}
-    d.update(ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={}, fused_add_norm=True)
+    # every attn_cfg key written, so mamba_ssm's own defaults (causal: false) never apply
+    d.update(ssm_cfg=ssm, attn_layer_idx=list(c.attn_layer_idx),
+             attn_cfg=asdict(c.attn_cfg) if c.attn_layer_idx else {}, fused_add_norm=True)
     return d
 
 
@@ -101,6 +126,10 @@ def config_from_hf(d: dict, source: str) -> Mamba2Config:
 
 
 def config_to_hf(c: Mamba2Config) -> dict:
+    if c.attn_layer_idx:
+        raise CheckpointError(f"the Hugging Face Mamba2 layout has no attention layers (transformers' "
+                              f"Mamba2ForCausalLM builds a Mamba-2 mixer in every layer), and this model has "
+                              f"attention at layers {list(c.attn_layer_idx)}; export with format='mamba_ssm'")
     unsupported = {"d_intermediate": c.d_intermediate != 0, "d_ssm": c.ssm_dim != c.d_inner,
                    "rms_norm": not c.rms_norm, "rmsnorm": not c.rmsnorm, "D_has_hdim": c.D_has_hdim}
     bad = [k for k, v in unsupported.items() if v]

@@ -1,16 +1,18 @@
-"""Recurrent inference: the per-layer decoding state (conv tail, SSM state, sliding-window
-ring buffer) that continues a sequence call after call with memory independent of its length.
+"""Decoding: the per-layer state that continues a sequence call after call. A Mamba layer's (conv tail, SSM
+state, sliding-window ring buffer) has a memory independent of the sequence's length; an attention layer's
+(`AttentionCache`: every key and value read so far) grows with it.
 
 A `LayerCache` is one of the mixer's sequence-wide operation providers (see `ops.py`): the
 mixer hands it the conv and the scan, and it advances itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from longctx import kernels
+from longctx.kernels.common import document_ids
 
 from .ops import SSDArguments
 
@@ -30,9 +32,7 @@ class LayerCache:
                    ssm=torch.zeros(batch, *state_shape, device=device, dtype=torch.float32))
 
     def conv(self, xBC, weight, bias, seq_idx):
-        out, tail = kernels.causal_conv1d(xBC, weight, bias, tail=self.conv_tail, seq_idx=seq_idx)
-        self.conv_tail = tail.detach()
-        return out
+        return _conv_continuing(self, xBC, weight, bias, seq_idx)
 
     def scan(self, x, dt, A, B, C, z, seq_idx, arguments: SSDArguments):
         """kernels.ssd continuing from this cache, which it advances.
@@ -70,9 +70,77 @@ class LayerCache:
         return y[:, m:]
 
 
+def _conv_continuing(cache, x, weight, bias, seq_idx):
+    """The causal conv continuing from `cache.conv_tail` (the call's first document continues the tail's), which
+    it advances: the new tail keeps only rows of the call's last document (a zero row adds nothing), so a
+    document that starts within d_conv-1 rows of the call's end does not read the one before it next call."""
+    out, tail = kernels.causal_conv1d(x, weight, bias, tail=cache.conv_tail, seq_idx=seq_idx)
+    width = tail.shape[1]
+    if seq_idx is not None and width > 0:
+        doc = document_ids(seq_idx)
+        docs = torch.cat([doc[:, :1].expand(-1, width), doc], dim=1)[:, -width:]    # the tail's rows' documents
+        tail = tail * (docs == docs[:, -1:]).unsqueeze(-1).to(tail.dtype)
+    cache.conv_tail = tail.detach()
+    return out
+
+
+@dataclass
+class AttentionCache:
+    """An attention layer's decoding state: the (rotated) keys and values of every token read so far, each one's
+    document, and the conv tail when the layer has a conv. The buffers grow by doubling, so appending a token
+    does not copy them all.
+
+    Documents continue across calls as the Mamba layers' state does: a call's first document (of its seq_idx)
+    is the one the previous call ended in; each later one starts afresh."""
+
+    keys: torch.Tensor                        # (b, capacity, kv_heads, head_dim); the first `seqlen` are read
+    values: torch.Tensor
+    docs: torch.Tensor                        # (b, capacity) int64 document ids
+    conv_tail: Optional[torch.Tensor] = None  # (b, d_conv-1, qkv_dim): last pre-conv q, k, v rows
+    seqlen: int = 0                           # tokens read so far
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, conv: Optional[Tuple[int, int]], device,
+              dtype) -> "AttentionCache":
+        """`conv`: (d_conv, channels) of the layer's conv, or None."""
+        kv = torch.zeros(batch, 0, kv_heads, head_dim, device=device, dtype=dtype)
+        tail = None if conv is None else torch.zeros(batch, conv[0] - 1, conv[1], device=device, dtype=dtype)
+        return cls(keys=kv, values=kv.clone(), docs=torch.zeros(batch, 0, dtype=torch.int64, device=device),
+                   conv_tail=tail)
+
+    def conv(self, x, weight, bias, seq_idx):
+        return _conv_continuing(self, x, weight, bias, seq_idx)
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        """Sequence positions of the next `length` tokens."""
+        return torch.arange(self.seqlen, self.seqlen + length, device=device)
+
+    def documents(self, seq_idx: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
+        """(b, length) document ids of the next tokens: the last one read continues into the call's first."""
+        last = self.docs[:, self.seqlen - 1] if self.seqlen else torch.zeros(batch, dtype=torch.int64, device=device)
+        if seq_idx is None:
+            return last[:, None].expand(batch, length)
+        return last[:, None] + document_ids(seq_idx).to(device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor):
+        """Adds this call's keys, values (b, l, kv_heads, head_dim) and documents; returns all read so far."""
+        end = self.seqlen + k.shape[1]
+        if end > self.keys.shape[1]:
+            grown = max(end, 2 * self.keys.shape[1])
+            self.keys, self.values, self.docs = (
+                torch.cat([t[:, :self.seqlen], t.new_zeros(t.shape[0], grown - self.seqlen, *t.shape[2:])], dim=1)
+                for t in (self.keys, self.values, self.docs))
+        start, self.seqlen = self.seqlen, end
+        self.keys[:, start:end], self.values[:, start:end], self.docs[:, start:end] = k.detach(), v.detach(), docs
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):    # this call's keys stay differentiable
+            return (torch.cat([self.keys[:, :start], k], 1), torch.cat([self.values[:, :start], v], 1),
+                    self.docs[:, :end])
+        return self.keys[:, :end], self.values[:, :end], self.docs[:, :end]
+
+
 @dataclass
 class Mamba2Cache:
-    """Recurrent state of every layer: memory independent of how many tokens were read."""
+    """Decoding state of every layer (LayerCache for a Mamba layer, AttentionCache for an attention layer)."""
 
-    layers: List[LayerCache]
+    layers: List[Union[LayerCache, AttentionCache]]
     seqlen: int = 0

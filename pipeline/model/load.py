@@ -68,8 +68,7 @@ def _deepspeed_weights_only(d: Path):
 
 def load_training_checkpoint(root: Path, tag: str) -> Mamba2LM:
     d = root / tag
-    config = Mamba2Config(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in json.loads((d / "model_config.json").read_text()).items()})
+    config = Mamba2Config.from_dict(json.loads((d / "model_config.json").read_text()))
     model = Mamba2LM(config)
     if list(d.glob("*zero_pp_rank_*optim_states.pt")):       # ZeRO 1-3: gather the fp32 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

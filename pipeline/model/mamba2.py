@@ -3,6 +3,8 @@
 Reads top to bottom like the paper:
   embedding -> n_layer x [RMSNorm -> Mamba-2 mixer (+ RMSNorm -> gated MLP)] residual
   -> norm_f -> tied lm_head.
+The layers `config.attn_layer_idx` names take an attention mixer instead (`attention.py`, mamba_ssm's MHA):
+a hybrid, or with every layer a transformer.
 
 The mixer: in_proj -> [z0, x0 (MLP branch), z, xBC, dt]; causal depthwise conv1d +
 SiLU on xBC; split into x, B, C; SSD (kernels.ssd); gated RMSNorm norm(y * silu(z))
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from longctx import kernels
 
 from . import formats
+from .attention import AttentionMixer
 from .carry import CarriedOps, CarriedStates, LayerCarry
 from .config import Mamba2Config
 from .inference import LayerCache, Mamba2Cache
@@ -193,7 +196,8 @@ class Block(nn.Module):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = block_norm(config)
-        self.mixer = Mamba2Mixer(config, layer_idx)
+        mixer = AttentionMixer if layer_idx in config.attention_layers else Mamba2Mixer
+        self.mixer = mixer(config, layer_idx)
         self.compiled_forward = None          # train.compile: set by compile_training_forward
         if config.d_intermediate > 0:
             self.norm2 = block_norm(config)
@@ -229,6 +233,18 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- language model
+
+def parameter_count(config: Mamba2Config) -> Dict[str, int]:
+    """Parameters of the model `config` describes, counted on the meta device (no memory, no initialisation):
+    `total` (a tied head once), and the `mamba` and `attention` mixers' (each kind's layers together)."""
+    with torch.device("meta"):
+        model = Mamba2LM(config)
+    by_kind = {"mamba": 0, "attention": 0}
+    for i, layer in enumerate(model.backbone.layers):
+        kind = "attention" if i in config.attention_layers else "mamba"
+        by_kind[kind] += sum(p.numel() for p in layer.mixer.parameters())
+    return {"total": sum(p.numel() for p in model.parameters()), **by_kind}
+
 
 class Mamba2Backbone(nn.Module):
     def __init__(self, config: Mamba2Config):
@@ -270,8 +286,8 @@ class Mamba2LM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.apply(self._init_weights)
         self._rescale_residual_outputs()
-        for layer in self.backbone.layers:
-            layer.mixer.reset_ssm_parameters()
+        for mixer in self.mamba_mixers():
+            mixer.reset_ssm_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
@@ -293,6 +309,15 @@ class Mamba2LM(nn.Module):
                     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
                     linear.weight /= math.sqrt(per_layer * self.config.n_layer)
 
+    def mamba_mixers(self) -> List[Mamba2Mixer]:
+        """The Mamba layers' mixers (not the attention layers'), in layer order."""
+        return [layer.mixer for layer in self.backbone.layers if isinstance(layer.mixer, Mamba2Mixer)]
+
+    def _refuse_for_attention(self, what: str) -> None:
+        if self.config.attn_layer_idx:
+            raise ValueError(f"{what} is not supported yet for models with attention layers (model.attn_layer_idx "
+                             f"{list(self.config.attn_layer_idx)}): only the Mamba layers implement it")
+
     # -- state-collapse mitigations (mitigations.py) ----------------------------
     @property
     def mitigations(self) -> Optional[List[LayerMitigations]]:
@@ -305,6 +330,11 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"mitigations for {len(layers)} layers given, the model has {len(self.backbone.layers)}")
         for i, layer in enumerate(self.backbone.layers):
             m = None if layers is None else layers[i]
+            if i in self.config.attention_layers:
+                if m is not None and m.active:
+                    raise ValueError(f"layer {i} is an attention layer: mitigations apply to the Mamba layers only "
+                                     "(decay_scale, input_scale, a_scale, state_norm and window act on the scan)")
+                continue
             if m is not None and m.state_norm_every and len(m.state_norm_threshold or []) != self.config.nheads:
                 raise ValueError(f"layer {i}: state norm needs {self.config.nheads} thresholds (one per head)")
             layer.mixer.mitigation = m if (m is not None and m.active) else None
@@ -314,16 +344,20 @@ class Mamba2LM(nn.Module):
         """A pipeline.parallel.SequenceParallel: forward then takes this rank's contiguous segment
         of each sequence and returns its logits; None: whole sequences (decoding, evaluation).
         Under compiled blocks (compile_blocks, before or after this) its collectives run eagerly."""
+        if sp is not None:
+            self._refuse_for_attention("sequence parallelism")
         self.sequence_parallel = sp
         if sp is not None and any(layer.compiled_forward is not None for layer in self.backbone.layers):
             sp.keep_collectives_eager()
-        for layer in self.backbone.layers:
-            layer.mixer.ops = LOCAL if sp is None else sp
+        for mixer in self.mamba_mixers():
+            mixer.ops = LOCAL if sp is None else sp
 
     # -- carried state (carry.py) ------------------------------------------------------------------
     def set_carried(self, layers: Optional[List[LayerCarry]]):
         """One LayerCarry per layer (CarriedStates.entering): each forward then starts from it and records
         the final state (`carried_final`); None: every forward starts from zeros."""
+        if layers is not None:
+            self._refuse_for_attention("a carried state (an attention layer would need its keys and values carried)")
         if layers is not None and len(layers) != len(self.backbone.layers):
             raise ValueError(f"carried states for {len(layers)} layers given, "
                              f"the model has {len(self.backbone.layers)}")
@@ -383,6 +417,8 @@ class Mamba2LM(nn.Module):
 
     # -- recurrent inference --------------------------------------------------------------
     def init_cache(self, batch: int, device=None, dtype=None) -> Mamba2Cache:
+        """Every layer's empty decoding state: a Mamba layer's fixed-size state, an attention layer's key/value
+        cache (which grows with the tokens read)."""
         return Mamba2Cache(layers=[layer.mixer.init_cache(batch, device, dtype) for layer in self.backbone.layers])
 
     @torch.no_grad()
@@ -405,7 +441,8 @@ class Mamba2LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, chunk_len: int = 4096, eos_id: Optional[int] = None):
-        """Greedy decoding with the recurrent state. Returns the new tokens (b, <= max_new_tokens)."""
+        """Greedy decoding with the recurrent state (and the attention layers' key/value caches). Returns the new
+        tokens (b, <= max_new_tokens)."""
         cache = self.init_cache(input_ids.shape[0])
         logits = self.prefill(input_ids, cache, chunk_len=chunk_len)
         out, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

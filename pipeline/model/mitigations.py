@@ -6,6 +6,7 @@ only what is here (no omegaconf)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -39,34 +40,40 @@ class LayerMitigations:
 def calibrate_state_norm(model, prompt_ids: torch.Tensor, multiplier: float = 1.0,
                          every: Optional[int] = None, chunk_len: int = 4096) -> torch.Tensor:
     """Thresholds (n_layer, nheads) = multiplier x ||h||_F at the end of `prompt_ids` (a prompt of
-    the training length), averaged over its batch rows. Measured with state norm off and the
-    other mitigations on; installed on the model (and saved with it) when `every` is given."""
+    the training length), averaged over its batch rows; NaN in an attention layer's row (it has no state).
+    Measured with state norm off and the other mitigations on; installed on the model's Mamba layers (and
+    saved with it) when `every` is given."""
     layers = model.mitigations
     if layers is not None:
-        model.set_mitigations([LayerMitigations(**{**asdict(m), "state_norm_every": 0,
+        # a layer without mitigations is None in the list: every attention layer, for one
+        model.set_mitigations([LayerMitigations(**{**asdict(m or LayerMitigations()), "state_norm_every": 0,
                                                     "state_norm_threshold": None}) for m in layers])
     try:
         cache = model.init_cache(prompt_ids.shape[0])
         model.prefill(prompt_ids, cache, chunk_len=chunk_len)
-        norms = torch.stack([lc.ssm.float().square().sum((-2, -1)).sqrt().mean(0) for lc in cache.layers])
     finally:
         model.set_mitigations(layers)
+    attention, nheads = model.config.attention_layers, model.config.nheads
+    norms = torch.stack([torch.full((nheads,), math.nan, device=prompt_ids.device) if i in attention else
+                         lc.ssm.float().square().sum((-2, -1)).sqrt().mean(0) for i, lc in enumerate(cache.layers)])
     thresholds = multiplier * norms.clamp_min(1e-6)
     if every:
         base = layers or [LayerMitigations() for _ in range(len(cache.layers))]
-        model.set_mitigations([LayerMitigations(**{**asdict(m), "state_norm_every": int(every),
-                                                    "state_norm_threshold": thresholds[i].tolist()})
+        model.set_mitigations([m if i in attention else
+                               LayerMitigations(**{**asdict(m or LayerMitigations()), "state_norm_every": int(every),
+                                                   "state_norm_threshold": thresholds[i].tolist()})
                                for i, m in enumerate(base)])
     return thresholds
 
 
 def save_layers(layers: Optional[List[LayerMitigations]], directory) -> None:
     path = Path(directory) / MITIGATIONS_FILE
-    if layers is None or not any(m.active for m in layers):
+    if layers is None or not any(m is not None and m.active for m in layers):
         if path.exists():
             path.unlink()
         return
-    path.write_text(json.dumps({"layers": [asdict(m) for m in layers]}, indent=1))
+    # a layer without mitigations (None: an attention layer, or one whose values are all neutral) is written empty
+    path.write_text(json.dumps({"layers": [asdict(m or LayerMitigations()) for m in layers]}, indent=1))
 
 
 def load_layers(directory) -> Optional[List[LayerMitigations]]:

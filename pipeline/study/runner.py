@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from .spec import Cell, Study, folder
+from .spec import Cell, Study, calibrations_for, folder
 
 TRAINED = "study_trained.json"
 EVAL_DIR = "study-eval"
+CALIBRATE_DIR = "study-calibrate"
+# A calibration reads the held-out stream in another order than the cell's evaluations (seed = the cell's): the
+# scales are not fitted on the very sequences the loss-vs-position evaluation then reads first.
+CALIBRATION_SEED_OFFSET = 1000
 RESULT_FILES = {"passkey": "passkey.json", "length": "loss_vs_position.json", "niah": "niah.json"}
 AS_TRAINED = "as trained"
 
@@ -37,13 +41,26 @@ def log_path(study: Study, cell: Cell) -> Path:
     return study.out / "logs" / f"{folder(cell.variant)}-seed-{cell.seed}.log"
 
 
+def starting_checkpoint(cell: Cell) -> List[str]:
+    """For a cell that continues another (`from`): resume from that cell's last checkpoint until it has one of
+    its own (then its own run's resume takes over)."""
+    if cell.start is None or (cell.run_dir / "checkpoints" / "latest").exists():
+        return []
+    start = cell.start
+    latest = start.run_dir / "checkpoints" / "latest"
+    if not (start.run_dir / TRAINED).exists() or not latest.exists():
+        raise RuntimeError(f"it continues {start.variant!r} seed {start.seed}, whose training did not finish "
+                           f"({start.run_dir})")
+    return [f"run.resume={start.run_dir / 'checkpoints' / latest.read_text().strip()}"]
+
+
 def train_cell(study: Study, cell: Cell) -> None:
     """`longctx run BASE OVERRIDES` for the cell, its output appended to the cell's log; skipped when done."""
     if (cell.run_dir / TRAINED).exists():
         return
     log = log_path(study, cell)
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "longctx", "run", study.base, *cell.overrides]
+    cmd = [sys.executable, "-m", "longctx", "run", cell.base, *cell.overrides, *starting_checkpoint(cell)]
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
@@ -54,9 +71,24 @@ def train_cell(study: Study, cell: Cell) -> None:
     (cell.run_dir / TRAINED).write_text(json.dumps({"command": cmd, "seconds": round(time.time() - t0, 1)}))
 
 
-def eval_variants(study: Study) -> List[str]:
-    """The evaluation-time variants as `longctx eval --variants` specs: the model as trained, then each of
-    `evaluate.variants` (mitigations keys, nested ones dotted)."""
+def calibrated_dir(cell: Cell, name: str) -> Path:
+    return cell.run_dir / CALIBRATE_DIR / folder(name)
+
+
+def calibrate_cell(study: Study, cell: Cell, name: str) -> None:
+    """`longctx calibrate` on the cell's final checkpoint (evaluate.calibrate.NAME); kept when done."""
+    from ..evaluate.calibrate import calibrate
+    out = calibrated_dir(cell, name)
+    if (out / "calibration.json").exists():
+        return
+    options = calibrations_for(study, cell.variant)[name]
+    calibrate(str(cell.run_dir / "checkpoints"), data=cell.config.data.shards or cell.config.data.prepare.output,
+              out=str(out), seed=cell.seed + CALIBRATION_SEED_OFFSET, **options)
+
+
+def eval_variants(study: Study, cell: Cell) -> List[str]:
+    """The evaluation-time variants as `longctx eval --variants` specs: the model as trained, each of
+    `evaluate.variants` (mitigations keys, nested ones dotted), then the cell's calibrated models."""
     def flat(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):
@@ -64,7 +96,8 @@ def eval_variants(study: Study) -> List[str]:
             else:
                 yield f"{prefix}{k}={json.dumps(v) if isinstance(v, list) else v}"
     extra = study.evaluate.get("variants") or {}
-    return [f"{AS_TRAINED}="] + [f"{name}={','.join(flat(keys))}" for name, keys in extra.items()]
+    return ([f"{AS_TRAINED}="] + [f"{name}={','.join(flat(keys))}" for name, keys in extra.items()]
+            + [f"{name}=checkpoint={calibrated_dir(cell, name)}" for name in calibrations_for(study, cell.variant)])
 
 
 def evaluate_cell(study: Study, cell: Cell, kind: str) -> dict:
@@ -76,7 +109,7 @@ def evaluate_cell(study: Study, cell: Cell, kind: str) -> dict:
     if not done.exists():
         data = cell.config.data.shards or cell.config.data.prepare.output
         evaluate_checkpoint(kind, cell.run_dir / "checkpoints", out=out, seed=cell.seed,
-                            variant_specs=eval_variants(study), data=data if kind != "passkey" else None,
+                            variant_specs=eval_variants(study, cell), data=data if kind != "passkey" else None,
                             **study.evaluate[kind])
     payload = json.loads(done.read_text())
     return payload["variants"] if "variants" in payload else {AS_TRAINED: payload}
@@ -86,7 +119,7 @@ def run_study(study: Study, train: Callable[[Study, Cell], None] = train_cell,
               evaluate: Callable[[Study, Cell, str], dict] = evaluate_cell,
               say: Callable[[str], None] = print) -> tuple:
     """Every cell trained and evaluated (what can be); returns ({(variant, seed): {kind: results}}, failures)."""
-    kinds = [k for k in study.evaluate if k != "variants"]
+    kinds = [k for k in study.evaluate if k not in ("variants", "calibrate")]
     results: Dict[tuple, Dict[str, dict]] = {}
     failures: List[Failure] = []
     for i, cell in enumerate(study.cells, 1):
@@ -94,6 +127,9 @@ def run_study(study: Study, train: Callable[[Study, Cell], None] = train_cell,
         step = "train"
         try:
             train(study, cell)
+            for name in calibrations_for(study, cell.variant):
+                step = f"calibrate {name!r}"
+                calibrate_cell(study, cell, name)
             got = {}
             for kind in kinds:
                 step = f"evaluate {kind}"
@@ -120,7 +156,8 @@ def describe(study: Study) -> str:
     for cell in study.cells:
         state = ("trained" if (cell.run_dir / TRAINED).exists() else
                  "started (resumes)" if (cell.run_dir / "checkpoints").exists() else "to run")
-        lines.append(f"  {cell.variant!r} seed {cell.seed} [{state}]: longctx run {study.base} "
+        start = f" (continues {cell.start.variant!r})" if cell.start else ""
+        lines.append(f"  {cell.variant!r} seed {cell.seed} [{state}]{start}: longctx run {cell.base} "
                      + " ".join(cell.overrides))
     return "\n".join(lines)
 

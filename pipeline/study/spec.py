@@ -5,34 +5,44 @@
     overrides: [eval.every_checkpoint=false]         # for every cell
     seeds: [0, 1, 2]                      # run.seed of each cell
     variants:                             # name -> overrides on top of the base's and `overrides`
-      continued: []
-      state passing: [curriculum.stages.1.carry_state=batch]
+      trained at 256: {base: configs/collapse/short-state128.yaml}      # or a mapping: its own base,
+      continued: {from: trained at 256}   # starting from an earlier variant's final checkpoint at the same seed,
+      state passing: {from: trained at 256, overrides: [curriculum.stages.1.carry_state=batch]}
     baseline: continued                   # paired differences are taken against it
     evaluate:                             # on each cell's final checkpoint; per kind
       passkey: {lengths: [256, 1024, 4096], depths: [0, 0.5, 1], samples: 8}
-      length: {lengths: [16384]}
+      length: {lengths: [16384], margin: 0.2, min_position: 256}
       variants: {decay 0.9: {decay_scale: 0.9}}      # evaluation-time mitigations beside "as trained"
+      calibrate:                          # `longctx calibrate` on the final checkpoints of `variants`, evaluated
+        calibrated decay: {param: decay, length: 4096, variants: [continued]}    # as another evaluation variant
     out: runs/studies/lengthgen
 
-Each cell is an ordinary run directory, `OUT/cells/<variant as a folder name>/seed-<seed>`. Unknown keys are
-errors naming the key (and the file); every cell's config is loaded and validated when the study is read, so a
-bad override fails before any cell trains."""
+Each cell is an ordinary run directory, `OUT/cells/<variant as a folder name>/seed-<seed>`. A variant with `from`
+continues the named (earlier) variant's cell of the same seed: its first run resumes from that cell's last
+checkpoint, so its base must run past that checkpoint's step (a curriculum with more stages, typically). Unknown
+keys are errors naming the key (and the file); every cell's config is loaded and validated when the study is
+read, so a bad override fails before any cell trains."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import yaml
 
 from ..config import Config, ConfigError, load_config, planning_chunk_size
 from ..training.curriculum import plan
 
-KEYS = ("study", "base", "overrides", "seeds", "variants", "baseline", "evaluate", "out")
-REQUIRED = ("study", "base", "seeds", "variants", "baseline", "out")
-EVALUATE_KEYS = {"passkey": ("lengths", "depths", "samples"), "length": ("lengths", "buckets"),
-                 "niah": ("tasks", "lengths", "samples"), "variants": None}
+KEYS = ("study", "base", "overrides", "seeds", "variants", "baseline", "evaluate", "laws", "out")
+LAWS_KEYS = ("horizon", "passkey_threshold")     # laws.py's settings
+REQUIRED = ("study", "seeds", "variants", "baseline", "out")
+VARIANT_KEYS = ("base", "from", "overrides")
+EVALUATE_KEYS = {"passkey": ("lengths", "depths", "samples", "calibration_length"),
+                 "length": ("lengths", "buckets", "margin", "min_position", "calibration_length"),
+                 "niah": ("tasks", "lengths", "samples"), "variants": None, "calibrate": None}
+# `longctx calibrate`'s options (launch/cli.py), and which variants' cells to calibrate
+CALIBRATE_KEYS = ("param", "length", "samples", "batch", "steps", "lr", "per_head", "variants")
 NAME = re.compile(r"^\S(.*\S)?$")          # a variant's or study's name: no surrounding blanks
 
 
@@ -42,24 +52,34 @@ def folder(name: str) -> str:
 
 
 @dataclass
+class Variant:
+    overrides: List[str]
+    base: Optional[str] = None          # None: the study's base
+    start: Optional[str] = None         # `from`: the variant whose final checkpoint (same seed) this one continues
+
+
+@dataclass
 class Cell:
     variant: str
     seed: int
     run_dir: Path
-    overrides: List[str]        # the base's, then `overrides`, the variant's, run.seed and run.dir
+    overrides: List[str]        # the study's `overrides`, the variant's, run.seed and run.dir
     config: Config
+    base: str = ""              # the run config the overrides apply to
+    start: Optional["Cell"] = None      # the cell this one continues (`from`)
 
 
 @dataclass
 class Study:
     name: str
-    base: str
+    base: Optional[str]
     seeds: List[int]
-    variants: Dict[str, List[str]]
+    variants: Dict[str, Variant]
     baseline: str
     out: Path
     overrides: List[str] = field(default_factory=list)
     evaluate: Dict[str, Any] = field(default_factory=dict)
+    laws: Optional[Dict[str, Any]] = None     # fit Stuffed Mamba's laws over the variants (laws.py); None: no
     cells: List[Cell] = field(default_factory=list)
 
 
@@ -83,15 +103,35 @@ def _seeds(value, where: str) -> List[int]:
     return list(value)
 
 
-def _variants(value, where: str) -> Dict[str, List[str]]:
+def _variant(name: str, value, where: str, earlier: List[str]) -> Variant:
+    """A list of overrides, or a mapping with `base`, `from` and `overrides`."""
+    key = f"variants.{name}"
+    if not isinstance(value, dict):
+        return Variant(_overrides(value, where, key))
+    for k in value:
+        if k not in VARIANT_KEYS:
+            raise _fail(where, f"{key}.{k}", f"unknown key; a variant has {', '.join(VARIANT_KEYS)} (or is a list "
+                        "of overrides)")
+    start = value.get("from")
+    if start is not None and start not in earlier:
+        raise _fail(where, f"{key}.from", f"{start!r} is not a variant listed before {name!r} "
+                    f"({', '.join(earlier) or 'none is'}): a cell continues one trained before it")
+    base = value.get("base")
+    if base is not None and not isinstance(base, str):
+        raise _fail(where, f"{key}.base", f"must be the path of a run config, got {base!r}")
+    return Variant(_overrides(value.get("overrides"), where, f"{key}.overrides"), base, start)
+
+
+def _variants(value, where: str) -> Dict[str, Variant]:
     if not isinstance(value, dict) or not value:
-        raise _fail(where, "variants", "must map each variant's name to its overrides (a list, [] for none)")
-    out = {}
-    for name, overrides in value.items():
+        raise _fail(where, "variants", "must map each variant's name to its overrides (a list, [] for none) or to "
+                    "{base, from, overrides}")
+    out: Dict[str, Variant] = {}
+    for name, spec in value.items():
         if not isinstance(name, str) or not NAME.match(name):
             raise _fail(where, f"variants.{name}", "a variant's name must be text without leading or trailing "
                         "blanks")
-        out[name] = _overrides(overrides, where, f"variants.{name}")
+        out[name] = _variant(name, spec, where, list(out))
     folders: Dict[str, str] = {}
     for name in out:
         other = folders.setdefault(folder(name), name)
@@ -118,6 +158,51 @@ def _evaluate(value, where: str) -> Dict[str, Any]:
     return value
 
 
+def _laws(value, study: Study, where: str) -> Optional[Dict[str, Any]]:
+    """`laws: {}` (or with horizon / passkey_threshold) asks for the capacity-law fits, which need the loss
+    against position and passkey evaluated."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(where, "laws", f"must be a mapping ({{}} for the defaults), got {value!r}")
+    for k in value:
+        if k not in LAWS_KEYS:
+            raise _fail(where, f"laws.{k}", f"unknown key; laws takes {', '.join(LAWS_KEYS)}")
+    for kind in ("length", "passkey"):
+        if kind not in study.evaluate:
+            raise _fail(where, "laws", f"needs evaluate.{kind} (T_forget reads the loss against position, capacity "
+                        "the passkey accuracy)")
+    return value
+
+
+def _calibrations(study: Study, where: str) -> None:
+    """evaluate.calibrate: name -> longctx calibrate's options (param and length required) and the variants whose
+    cells are calibrated (default: all); each calibrated model is evaluated as the evaluation variant `name`."""
+    for name, options in (study.evaluate.get("calibrate") or {}).items():
+        key = f"evaluate.calibrate.{name}"
+        if not isinstance(options, dict):
+            raise _fail(where, key, f"must map longctx calibrate's options to values, got {options!r}")
+        for k in options:
+            if k not in CALIBRATE_KEYS:
+                raise _fail(where, f"{key}.{k}", f"unknown key; a calibration takes {', '.join(CALIBRATE_KEYS)}")
+        for k in ("param", "length"):
+            if k not in options:
+                raise _fail(where, f"{key}.{k}", "is missing")
+        if name in (study.evaluate.get("variants") or {}):
+            raise _fail(where, key, "is also the name of an evaluation variant: rename one")
+        for v in options.get("variants") or []:
+            if v not in study.variants:
+                raise _fail(where, f"{key}.variants", f"{v!r} is not one of the variants "
+                            f"({', '.join(study.variants)})")
+
+
+def calibrations_for(study: Study, variant: str) -> Dict[str, dict]:
+    """The calibrations that apply to a variant's cells: name -> longctx calibrate's options."""
+    return {name: {k: v for k, v in options.items() if k != "variants"}
+            for name, options in (study.evaluate.get("calibrate") or {}).items()
+            if variant in (options.get("variants") or study.variants)}
+
+
 def load_study(path: str) -> Study:
     """The study at `path`, every cell's config loaded and validated."""
     where = str(path)
@@ -137,23 +222,44 @@ def load_study(path: str) -> Study:
             raise _fail(where, key, "is missing")
     if not isinstance(raw["study"], str) or not NAME.match(raw["study"]):
         raise _fail(where, "study", f"must be a name (text), got {raw['study']!r}")
-    study = Study(name=raw["study"], base=str(raw["base"]), seeds=_seeds(raw["seeds"], where),
+    study = Study(name=raw["study"], base=None if raw.get("base") is None else str(raw["base"]),
+                  seeds=_seeds(raw["seeds"], where),
                   variants=_variants(raw["variants"], where), baseline=raw["baseline"], out=Path(str(raw["out"])),
                   overrides=_overrides(raw.get("overrides"), where, "overrides"),
                   evaluate=_evaluate(raw.get("evaluate"), where))
     if study.baseline not in study.variants:
         raise _fail(where, "baseline", f"{study.baseline!r} is not one of the variants ({', '.join(study.variants)})")
-    study.cells = [_cell(study, variant, seed, where) for variant in study.variants for seed in study.seeds]
+    for name, variant in study.variants.items():
+        if variant.base is None and study.base is None:
+            raise _fail(where, "base", f"is missing, and variant {name!r} names no base of its own")
+    _calibrations(study, where)
+    study.laws = _laws(raw.get("laws"), study, where)
+    cells: Dict[tuple, Cell] = {}
+    for variant in study.variants:
+        for seed in study.seeds:
+            cells[variant, seed] = _cell(study, variant, seed, where, cells)
+    study.cells = list(cells.values())
     return study
 
 
-def _cell(study: Study, variant: str, seed: int, where: str) -> Cell:
+def total_steps(config: Config) -> int:
+    return sum(stage.steps for stage in config.curriculum.stages)
+
+
+def _cell(study: Study, variant: str, seed: int, where: str, earlier: Dict[tuple, Cell]) -> Cell:
+    spec = study.variants[variant]
     run_dir = study.out / "cells" / folder(variant) / f"seed-{seed}"
-    overrides = [*study.overrides, *study.variants[variant], f"run.seed={seed}", f"run.dir={run_dir}"]
+    overrides = [*study.overrides, *spec.overrides, f"run.seed={seed}", f"run.dir={run_dir}"]
+    base = spec.base or study.base
     try:
-        config = load_config(study.base, overrides)
+        config = load_config(base, overrides)
         # the stage plan too (seq_len against chunks and ranks, carry_state, ...), as `longctx run --plan` does
         plan(config, config.launch.local_procs, planning_chunk_size(config)[0], where)
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"{where}: variant {variant!r}, seed {seed}: {e}") from None
-    return Cell(variant, seed, run_dir, overrides, config)
+    start = earlier[spec.start, seed] if spec.start is not None else None
+    if start is not None and total_steps(config) <= total_steps(start.config):
+        raise _fail(where, f"variants.{variant}.from", f"{spec.start!r} trains {total_steps(start.config)} steps and "
+                    f"{variant!r} {total_steps(config)} in all: continuing it would train nothing (give {variant!r} "
+                    "a base whose curriculum runs past the other's, e.g. one more stage)")
+    return Cell(variant, seed, run_dir, overrides, config, base, start)

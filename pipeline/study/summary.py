@@ -3,8 +3,10 @@ difference from the baseline (OUT/results.json, OUT/results.md, OUT/<metric>.png
 
 Labels: a training variant evaluated as trained is its own name; with an evaluation-time variant,
 "<variant> + <evaluation variant>". Metrics: `passkey` (the fraction of keys retrieved; one value per prompt),
-`loss` (the mean loss of the loss-vs-position bucket ending at that position; one value per seed), `niah <task>`
-(RULER's string_match_all per prompt). The baseline is the study's `baseline` variant as trained; a difference
+`loss` (the mean loss of the loss-vs-position bucket ending at that position; one value per seed), `collapsed`
+(at the evaluated length: 1 when the loss collapsed within it, else 0; one value per seed, so its mean is the
+fraction of seeds that collapse; each seed's collapse point is in `collapse_points`), `niah <task>` (RULER's
+string_match_all per prompt). The baseline is the study's `baseline` variant as trained; a difference
 uses the seeds both have (a failed cell drops out, and `n_seeds` shows it)."""
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
+from . import laws as capacity_laws
 from .runner import AS_TRAINED, Failure, failure_lines
 from .spec import Study
 from .stats import METHOD, estimate, paired_difference
@@ -25,7 +28,8 @@ def scores(kind: str, result: dict) -> Dict[str, Dict[int, List[float]]]:
             by_length.setdefault(int(o["length"]), []).append(float(o["correct"]))
         return {"passkey": by_length}
     if kind == "length":
-        return {"loss": {int(b["end"]): [float(b["mean_loss"])] for b in result["buckets"]}}
+        return {"loss": {int(b["end"]): [float(b["mean_loss"])] for b in result["buckets"]},
+                "collapsed": {int(result["length"]): [float(result["collapse_point"] is not None)]}}
     if kind == "niah":
         out: Dict[str, Dict[int, List[float]]] = {}
         for p in result["prompts"]:
@@ -52,6 +56,32 @@ def collect(results: Dict[tuple, Dict[str, dict]]) -> Dict[str, Dict[str, Dict[i
     return table
 
 
+def collapse_points(results: Dict[tuple, Dict[str, dict]]) -> Dict[str, Dict[str, object]]:
+    """label -> seed -> the position where the loss collapsed (None: it did not), from the length evaluations."""
+    points: Dict[str, Dict[str, object]] = {}
+    for (variant, seed), kinds in sorted(results.items(), key=lambda item: item[0][1]):
+        for evaluated_as, result in kinds.get("length", {}).items():
+            points.setdefault(label(variant, evaluated_as), {})[str(seed)] = result["collapse_point"]
+    return points
+
+
+def law_outcomes(study: Study, results: Dict[tuple, Dict[str, dict]]) -> List[capacity_laws.CellOutcome]:
+    """Each evaluated cell as trained, with its state size and training length (from its config)."""
+    out = []
+    for cell in study.cells:
+        got = results.get((cell.variant, cell.seed))
+        if not got:
+            continue
+        loss, passkey = got["length"][AS_TRAINED], got["passkey"][AS_TRAINED]
+        accuracy = {length: sum(v) / len(v) for length, v in scores("passkey", passkey)["passkey"].items()}
+        model = cell.config.model
+        out.append(capacity_laws.CellOutcome(
+            state=model.ssm_dim * model.d_state, d_state=model.d_state,
+            train_length=cell.config.curriculum.stages[-1].seq_len, seed=cell.seed,
+            collapse_point=loss["collapse_point"], eval_length=int(loss["length"]), passkey=accuracy))
+    return out
+
+
 def summarize(study: Study, results: Dict[tuple, Dict[str, dict]]) -> dict:
     table = collect(results)
     summary = {lab: {metric: {str(L): estimate(by_seed, what=f"{lab} {metric} at {L}").as_dict()
@@ -72,12 +102,21 @@ def summarize(study: Study, results: Dict[tuple, Dict[str, dict]]) -> dict:
                 d = paired_difference({s: by_seed[s] for s in seeds}, {s: against[s] for s in seeds},
                                       what=f"{lab} - {study.baseline}, {metric} at {L}")
                 differences.setdefault(lab, {}).setdefault(metric, {})[str(L)] = d.as_dict()
-    return {"study": study.name, "baseline": study.baseline, "seeds": study.seeds, "method": METHOD,
-            "summary": summary, "differences": differences}
+    payload = {"study": study.name, "baseline": study.baseline, "seeds": study.seeds, "method": METHOD,
+               "summary": summary, "differences": differences, "collapse_points": collapse_points(results)}
+    if study.laws is not None:
+        payload["laws"] = capacity_laws.laws(law_outcomes(study, results), **study.laws)
+    return payload
 
 
 def _cell(e: dict) -> str:
     return f"{e['mean']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+
+def _point(by_seed: dict, seed: str) -> str:
+    if seed not in by_seed:
+        return "-"
+    return "none" if by_seed[seed] is None else f"{by_seed[seed]:,}"
 
 
 def markdown(payload: dict, failures: List[Failure]) -> str:
@@ -96,6 +135,16 @@ def markdown(payload: dict, failures: List[Failure]) -> str:
             lines += [f"| {lab} | " + " | ".join(_cell(block[lab][metric][str(L)]) if str(L) in block[lab][metric]
                                                  else "-" for L in lengths) + " |" for lab in rows]
             lines.append("")
+    points = payload.get("collapse_points") or {}
+    if points:
+        seeds = [str(s) for s in payload["seeds"]]
+        lines += ["## Collapse point per seed", "", "Where the loss against position rose by the margin above its "
+                  "best since the minimum position (`none`: it did not).", "",
+                  "| | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        lines += [f"| {lab} | " + " | ".join(_point(by, s) for s in seeds) + " |" for lab, by in points.items()]
+        lines.append("")
+    if "laws" in payload:
+        lines += capacity_laws.markdown(payload["laws"], payload["seeds"])
     if failures:
         lines += ["## Failed cells", "", *failure_lines(failures), ""]
     return "\n".join(lines)

@@ -14,6 +14,8 @@ from typing import List
 from ..config import Config, ConfigError
 from ..mitigations import merge_overrides
 from ..model.carry import CARRY_MODES
+from ..model.config import Mamba2Config
+from ..model.mamba2 import parameter_count
 from ..model.mitigations import STATE_NORM_UNSUPPORTED
 from ..schedule import DECAYS, end_lr
 
@@ -125,6 +127,15 @@ def learning_rate(plans: List[StagePlan], step: int) -> float:
 
 def _end_lr(stage: StagePlan) -> float:
     return end_lr(stage.decay, stage.lr, stage.min_lr_ratio)
+
+
+def format_model(arch: Mamba2Config) -> str:
+    """The plan's first line: the model's parameters and its layers by kind (a hybrid's, a transformer's)."""
+    counts, attention = parameter_count(arch), sorted(arch.attn_layer_idx)
+    kinds = f"{arch.n_layer - len(attention)} Mamba-2 ({counts['mamba']:,} in their mixers)"
+    if attention:
+        kinds += f", {len(attention)} attention at {attention} ({counts['attention']:,} in their mixers)"
+    return f"model: {counts['total']:,} parameters; {arch.n_layer} layers: {kinds}"
 
 
 def format_plan(plans: List[StagePlan], world_size: int) -> str:

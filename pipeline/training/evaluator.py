@@ -184,4 +184,5 @@ class Evaluator:
     def states(self, stage, step, record, metrics, out) -> None:
         res = run_eval("states", self.model, self.tok, out, lengths=[self.ev.length_max], stream=self.stream,
                        **self._common(stage))["model"]
-        record["max_state_norm"] = float(np.max(res["norms"][-1]))
+        if res["layers"]:                       # a model without Mamba layers has no state to measure
+            record["max_state_norm"] = float(np.max(res["norms"][-1]))

@@ -13,13 +13,21 @@ seconds; found after days of training, or never, it costs the run.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass, replace
 
 from longctx.data import storage
 from longctx.data.splits import DONE, FORMAT_VERSION, MANIFEST
 from longctx.data.tokenizer import ByteTokenizer, identity, load_tokenizer
 
-from ..config import VARIANT_KINDS, Config, ConfigError, evaluation_settings, evaluation_variants, model_config
+from ..config import (
+    VARIANT_KINDS,
+    Config,
+    ConfigError,
+    evaluation_settings,
+    evaluation_variants,
+    model_config,
+    validate_architecture,
+)
 from ..model.config import Mamba2Config
 from .pretrained import check_base, describe_tokenizer
 
@@ -31,7 +39,8 @@ def check_pretrained(cfg: Config, where: str, tokenizer_identity: dict) -> Mamba
     path = cfg.model.from_pretrained
     saved = check_base(cfg, where, tokenizer_identity)
     defaults = Mamba2Config()
-    norm = lambda v: json.loads(json.dumps(v))      # tuples and lists compare alike
+    # tuples and lists compare alike; attn_cfg as its dict
+    norm = lambda v: json.loads(json.dumps(asdict(v) if is_dataclass(v) else v))
     for f in fields(Mamba2Config):
         given = getattr(cfg.model, f.name)
         if norm(given) != norm(getattr(defaults, f.name)) and norm(given) != norm(getattr(saved, f.name)):
@@ -42,6 +51,8 @@ def check_pretrained(cfg: Config, where: str, tokenizer_identity: dict) -> Mamba
         raise ConfigError(f"{where}: tokenizer.kind=byte, but {path} has a vocabulary of {saved.vocab_size:,} "
                           f"ids, not the byte vocabulary ({ByteTokenizer.vocab_size}): give the model's own "
                           "tokenizer (tokenizer.kind=hf, tokenizer.path=.../tokenizer.json)")
+    for _, ev in evaluation_settings(cfg.eval):    # the run against the checkpoint's layers (config.py's checks)
+        validate_architecture(replace(cfg, eval=ev), saved, where)
     return saved
 
 

@@ -37,16 +37,17 @@ class StageMitigations:
     def resolve(self, mit: MitigationsConfig, stage) -> Layers:
         """Per-layer mitigations of a merged config, calibrating state norm on a prompt of the stage's length.
         The model must read whole sequences (no sequence parallelism) while this runs."""
-        n_layer, nheads = self.module.config.n_layer, self.module.config.nheads
+        c = self.module.config
+        shape = dict(n_layer=c.n_layer, nheads=c.nheads, attention=c.attn_layer_idx)
         calibrated = None
         if mit.state_norm.every and not mit.state_norm.thresholds:
             scales = type(mit)(decay_scale=mit.decay_scale, input_scale=mit.input_scale, a_scale=mit.a_scale)
-            self.module.set_mitigations(resolve(scales, n_layer, nheads))
+            self.module.set_mitigations(resolve(scales, **shape))
             was_training = self.module.training
             self.module.eval()
             calibrated = calibrate_state_norm(self.module, self.prompt(stage.seq_len), mit.state_norm.multiplier)
             self.module.train(was_training)
-        layers = resolve(mit, n_layer, nheads, calibrated=calibrated)
+        layers = resolve(mit, calibrated=calibrated, **shape)
         return layers if any(m.active for m in layers) else None
 
     def state_dict(self) -> dict:
