@@ -2,8 +2,11 @@
 
 out[t] = bias + sum_k w[k] * x[t - (K-1) + k], where rows from an earlier document
 (seq_idx) count as zero, and rows before t=0 come from `tail` (the last K-1 input
-rows of the previous call: recurrent decoding, chunked prefill, the sequence-parallel
-halo) or are zero.
+rows of the previous call: recurrent decoding, chunked prefill, a carried state, the
+sequence-parallel halo) or are zero. The tail continues the call's first document; the
+tail a call returns keeps only its last document's rows (the others zeroed), so a
+document that starts within K-1 rows of a call's end reads nothing of the one before
+it in the next call. (A caller whose next call starts a new document passes no tail.)
 
 Computed as the conv without resets (K in-place multiply-adds over whole rows) minus
 the few products that cross a document start: at most K-1 positions per start read an
@@ -25,7 +28,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """x (b,l,d); weight (d,K) or nn.Conv1d's (d,1,K); tail (b,K-1,d) or None.
 
     Returns (out (b,l,d), new_tail (b,K-1,d)): the conv output before activation and
-    the last K-1 input rows, ready for the next call.
+    the last K-1 input rows, ready for the next call, whose first document continues this
+    call's last: with seq_idx, rows of earlier documents are zeroed (a zero row adds nothing).
     """
     if weight.dim() == 3:
         weight = weight[:, 0, :]
@@ -37,21 +41,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"conv tail must be (batch, {K - 1}, {d}), got {tuple(tail.shape)}")
     full = torch.cat([tail.to(x.dtype), x], dim=1)                     # (b, K-1+l, d), contiguous
     taps = weight.t().to(x.dtype).contiguous()                         # (K, d): tap k's weights contiguous
-    crossing = _crossing_pairs(seq_idx, K)
-    out = _CausalConv.apply(full, taps, None if bias is None else bias.to(x.dtype), *crossing)
-    return out, full[:, full.shape[1] - (K - 1):]
-
-
-def _crossing_pairs(seq_idx: Optional[torch.Tensor], K: int):
-    """(row, position, tap) of every product that reads an earlier document (the tail continues document 0),
-    or three Nones without documents."""
+    new_tail = full[:, full.shape[1] - (K - 1):]
     if seq_idx is None:
-        return None, None, None
+        return _CausalConv.apply(full, taps, None if bias is None else bias.to(x.dtype), None, None, None), new_tail
     doc = document_ids(seq_idx)
-    b, l = doc.shape
-    doc_full = torch.cat([doc[:, :1].expand(b, K - 1), doc], dim=1)
+    doc_full = torch.cat([doc[:, :1].expand(b, K - 1), doc], dim=1)         # the tail continues document 0
+    out = _CausalConv.apply(full, taps, None if bias is None else bias.to(x.dtype), *_crossing_pairs(doc, doc_full))
+    last = doc_full[:, doc_full.shape[1] - (K - 1):] == doc[:, -1:]
+    return out, new_tail * last.unsqueeze(-1).to(new_tail.dtype)
+
+
+def _crossing_pairs(doc: torch.Tensor, doc_full: torch.Tensor):
+    """(row, position, tap) of every product that reads an earlier document: doc (b,l) the rows' document ids,
+    doc_full (b,K-1+l) those of the tail's rows and the rows."""
+    l = doc.shape[1]
     # tap K-1 reads the position itself: never another document
-    crossing = torch.stack([doc_full[:, k:k + l] != doc for k in range(K - 1)], dim=-1)
+    crossing = torch.stack([doc_full[:, k:k + l] != doc for k in range(doc_full.shape[1] - l)], dim=-1)
     return crossing.nonzero(as_tuple=True)
 
 

@@ -96,6 +96,11 @@ def _add_eval(sub) -> None:
     parser.add_argument("--margin", type=float, default=0.5, help="length: nats above the running minimum = collapse")
     parser.add_argument("--min-position", type=int, default=64,
                         help="length: buckets ending before this position are not judged (e.g. the training length)")
+    parser.add_argument("--sequences", type=int, default=1, metavar="N",
+                        help="length: N consecutive rows of --lengths tokens, the same for every variant, each read "
+                             "on its own; their loss is averaged position by position before bucketing (one row's "
+                             "buckets mostly show where its documents start), and each bucket records the spread "
+                             "over rows")
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens read per forward call")
     parser.add_argument("--calibration-length", type=int, default=None,
                         help="state_norm without thresholds: calibrate at this length (default: the training length)")
@@ -154,10 +159,11 @@ def _add_export(sub) -> None:
 
 def _add_bench(sub) -> None:
     parser = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s), "
-                                          "sp (sequence-parallel step time and bytes per layer)")
+                                          "sp (sequence-parallel step time, bytes and memory per layer of a "
+                                          "hybrid's Mamba and attention layers)")
     parser.add_argument("what", choices=list(BENCHES))
     parser.add_argument("--lengths", default=None,
-                        help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,32768)")
+                        help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,16384)")
     parser.add_argument("--nproc", type=int, default=2, help="sp: processes in the sequence-parallel group")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--headdim", type=int, default=64)
@@ -292,7 +298,7 @@ def cmd_eval(args) -> int:
                         mitigations=args.mitigations, compare=args.compare, data=args.data, buckets=args.buckets,
                         margin=args.margin, min_position=args.min_position, prefill_chunk=args.prefill_chunk,
                         calibration_length=args.calibration_length, seed=args.seed, variant_specs=args.variants,
-                        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()])
+                        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], sequences=args.sequences)
     return 0
 
 
@@ -442,7 +448,7 @@ def bench_train(args, out: Path) -> None:
 
 def bench_sp(args, out: Path) -> None:
     from longctx.pipeline.bench.sp import run_sp_bench
-    rows = run_sp_bench(_ints(args.lengths or "2048,8192,32768"), nproc=args.nproc, repeats=args.repeats)
+    rows = run_sp_bench(_ints(args.lengths or "2048,8192,16384"), nproc=args.nproc, repeats=args.repeats)
     _print_rows(rows)
     _save_json(rows, out)
 

@@ -109,7 +109,7 @@ class StageConfig:
     steps: Optional[int] = None     # give steps or tokens
     tokens: Optional[int] = None    # the stage's length in tokens (steps = tokens / global_batch_tokens, rounded up)
     global_batch_tokens: int = MISSING   # tokens per optimizer step
-    seq_parallel: int = 1           # ranks that share one sequence (state passing); divides the world size
+    seq_parallel: int = 1           # ranks sharing one sequence (Mamba: state passing; attention: keys gathered)
     lr: float = 3e-4                # peak learning rate of the stage
     warmup_steps: int = 0           # linear warmup from the previous stage's final LR
     decay: str = "cosine"           # cosine | linear | wsd | constant
@@ -144,6 +144,9 @@ class EvalConfig:
     niah_samples: int = 2           # prompts per (task, length), their needle depths spread evenly over [0, 1]
     length_max: int = 16384         # loss-vs-position and state norms read this many tokens
     length_buckets: int = 16        # log-spaced position buckets
+    # loss vs position: consecutive held-out rows of length_max tokens, each read on its own, their loss averaged
+    # position by position (one row's buckets mostly show where its documents start); each costs length_max tokens
+    length_sequences: int = 1
     prefill_chunk: int = 4096       # tokens per forward when reading prompts recurrently
     # mitigations put on top of the stage's for a second loss-vs-position curve (with vs without)
     compare_mitigations: Dict[str, Any] = field(default_factory=dict)
@@ -344,13 +347,12 @@ def _validate_model(cfg: Config, stage_mitigations: List[MitigationsConfig], whe
     validate_architecture(cfg, arch, where, stage_mitigations)
 
 
-# What the Mamba layers alone implement (their state passes between ranks and rows); an attention layer would need
-# its keys and values gathered or carried, which is not built yet.
+# What the Mamba layers alone implement: a carried state (their fixed-size state passes between micro-batches).
+# Sequence parallelism is both kinds' (attention gathers the earlier ranks' keys and values).
 ATTENTION_UNSUPPORTED = {
-    "seq_parallel": "sequence parallelism for attention layers is not supported yet (state passing is the Mamba "
-                    "layers'); use seq_parallel: 1",
-    "carry_state": "an attention layer has no state to carry (its keys and values would have to be): carry_state "
-                   "for models with attention layers is not supported yet; use carry_state: none",
+    "carry_state": "an attention layer has no fixed-size state to carry (it would have to carry every key and "
+                   "value read): carry_state for models with attention layers is not supported; use carry_state: "
+                   "none",
 }
 
 
@@ -381,7 +383,7 @@ def validate_architecture(cfg: Config, arch: Mamba2Config, where: str,
     if not arch.attn_layer_idx:
         return
     for i, stage in enumerate(cfg.curriculum.stages):
-        asked = {"seq_parallel": stage.seq_parallel > 1, "carry_state": stage.carry_state != "none"}
+        asked = {"carry_state": stage.carry_state != "none"}
         for key, unsupported in asked.items():
             if unsupported:
                 raise ConfigError(f"{where}: curriculum.stages[{i}] ({stage.name}).{key}: {getattr(stage, key)} with "
@@ -422,6 +424,7 @@ RANGES = (
     ("eval.prefill_chunk", 1, "tokens per forward"), ("eval.passkey_samples", 1, "keys per length and depth"),
     ("eval.niah_samples", 1, "prompts per task and length"),
     ("eval.length_buckets", 1, "position buckets"), ("eval.length_max", 2, "tokens read"),
+    ("eval.length_sequences", 1, "rows of eval.length_max tokens averaged"),
     ("eval.collapse_margin", 0, "nats above the running minimum"),
     ("train.max_bad_steps", 1, "1: stop at the first bad step"), ("train.grad_clip", 0, "0: no clipping"),
     ("train.weight_decay", 0, ""),

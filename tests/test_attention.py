@@ -30,13 +30,16 @@ LAYERS = {
                                rotary_emb_interleaved=True, qkv_proj_bias=False, out_proj_bias=False,
                                softmax_scale=0.3, mlp_dim=40, d_conv=3),
     "no_rope": AttnConfig(num_heads=2),
+    # position interpolation (rotary_scaling): the reference divides each distance by the factor
+    "rope_interpolated": AttnConfig(num_heads=2, rotary_emb_dim=8, rotary_emb_base=100.0, rotary_scaling=2.5),
 }
 D_MODEL = 16
 
 
 def reference_mha(sd, a: AttnConfig, u, seq_idx):
     """mamba_ssm's MHA in float64, one number at a time: in_proj; the causal conv over q, k, v (not reading an
-    earlier document); RoPE at each token's position in its own document (as if the document ran alone); each
+    earlier document); RoPE at each token's position in its own document (as if the document ran alone), divided by
+    rotary_scaling (position interpolation); each
     query's softmax over the keys of its document up to itself; the gated MLP branch; out_proj."""
     sd = {k: v.double() for k, v in sd.items()}
     u = u.double()
@@ -65,7 +68,7 @@ def reference_mha(sd, a: AttnConfig, u, seq_idx):
         start = min(s for s in range(t + 1) if all(seq_idx[r, j] == seq_idx[r, t] for j in range(s, t + 1)))
         out, rd = x.clone(), a.rotary_emb_dim
         for i in range(rd // 2):
-            theta = (t - start) * a.rotary_emb_base ** (-2 * i / rd)
+            theta = (t - start) / a.rotary_scaling * a.rotary_emb_base ** (-2 * i / rd)
             p0, p1 = (2 * i, 2 * i + 1) if a.rotary_emb_interleaved else (i, i + rd // 2)
             out[p0] = x[p0] * math.cos(theta) - x[p1] * math.sin(theta)
             out[p1] = x[p0] * math.sin(theta) + x[p1] * math.cos(theta)
@@ -204,7 +207,9 @@ def test_a_hybrid_round_trips_through_a_mamba_ssm_directory(tmp_path, safe):
     model = hybrid()
     model.save_pretrained(tmp_path / "m", safe_serialization=safe)
     raw = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert raw["attn_layer_idx"] == [1] and raw["attn_cfg"] == asdict(model.config.attn_cfg)
+    # every MHA argument; rotary_scaling (ours, not MHA's) only where it is not 1
+    assert raw["attn_layer_idx"] == [1] and raw["attn_cfg"] == {
+        k: v for k, v in asdict(model.config.attn_cfg).items() if k != "rotary_scaling"}
     assert raw["attn_cfg"]["causal"] is True and raw["ssm_cfg"]["layer"] == "Mamba2"
     loaded = Mamba2LM.from_pretrained(tmp_path / "m").eval()
     assert loaded.config == model.config
@@ -217,6 +222,25 @@ def test_a_hybrid_round_trips_through_a_mamba_ssm_directory(tmp_path, safe):
     ids = torch.randint(0, 61, (2, 23))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_rotary_scaling_is_written_only_when_it_is_not_one_and_loads_back(tmp_path):
+    """Not a mamba_ssm key (MHA would refuse it): a directory carries it only when the model needs it."""
+    model = hybrid(attn_cfg=AttnConfig(num_heads=4, rotary_emb_dim=4, rotary_scaling=4.0))
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["attn_cfg"]["rotary_scaling"] == 4.0
+    loaded = Mamba2LM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.attn_cfg.rotary_scaling == 4.0
+    ids = torch.randint(0, 61, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        plain = hybrid(attn_cfg=AttnConfig(num_heads=4, rotary_emb_dim=4))      # same weights (same seed)
+        assert rel_err(plain(ids).logits, model(ids).logits) > 1e-4            # the scaling changes the model
+    with pytest.raises(ValueError, match=r"rotary_scaling \(2.0\) interpolates RoPE's positions, but rotary_emb_dim "
+                                         r"is 0"):
+        AttnConfig(num_heads=4, rotary_scaling=2.0).validate(32)
+    with pytest.raises(ValueError, match=r"rotary_scaling must be positive, got 0"):
+        AttnConfig(num_heads=4, rotary_emb_dim=4, rotary_scaling=0).validate(32)
 
 
 def test_a_mamba2attn_style_config_loads_with_mamba_ssms_defaults(tmp_path):
@@ -298,16 +322,14 @@ def test_mitigations_skip_attention_layers_and_refuse_to_name_one():
         resolve(MitigationsConfig(decay_scale=[None, None, 0.9]), 3, 4, attention=[1])
 
 
-def test_the_model_refuses_mitigations_carried_state_and_sp_on_attention_layers():
+def test_the_model_refuses_mitigations_and_carried_state_on_attention_layers():
     model = hybrid()
     with pytest.raises(ValueError, match="layer 1 is an attention layer: mitigations apply to the Mamba layers only"):
         model.set_mitigations([LayerMitigations(), LayerMitigations(window=4), LayerMitigations()])
-    with pytest.raises(ValueError, match="sequence parallelism is not supported yet for models with attention"):
-        model.set_sequence_parallel(object())
-    with pytest.raises(ValueError, match="carried state .* not supported yet for models with attention"):
+    with pytest.raises(ValueError, match="carried state is not supported for models with attention layers .*: an "
+                                         "attention layer has no fixed-size state"):
         model.enter_carried(None)
     model.set_carried(None)
-    model.set_sequence_parallel(None)
 
 
 def test_a_transformer_is_unchanged_by_mitigations_and_a_hybrid_calibrates_its_mamba_layers(tmp_path):
@@ -356,23 +378,23 @@ def test_attn_cfg_is_a_typed_section_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("curriculum.stages.0.seq_parallel=2", r"stages\[0\] \(a\).seq_parallel: 2 with attention layers .*sequence "
-                                           r"parallelism for attention layers is not supported yet"),
-    ("curriculum.stages.0.carry_state=document", r"stages\[0\] \(a\).carry_state: document with attention layers"),
+    ("curriculum.stages.0.carry_state=document", r"stages\[0\] \(a\).carry_state: document with attention layers"
+                                                 r".*no fixed-size state to carry"),
     ("mitigations.a_scale=[1.1,1.2]", r"mitigations.a_scale\[1\]: layer 1 is an attention layer"),
     ("eval.variants={v: {input_scale: [0.9, 0.8]}}", r"mitigations.input_scale\[1\]: layer 1 is an attention layer"),
 ])
 def test_the_config_refuses_what_attention_layers_do_not_do(tmp_path, override, match):
-    load_config(_write(tmp_path), ["mitigations.a_scale=[1.1,null]", "curriculum.stages.0.seq_parallel=1"])
+    # sequence parallelism is both kinds' (attention gathers the earlier ranks' keys and values)
+    load_config(_write(tmp_path), ["mitigations.a_scale=[1.1,null]", "curriculum.stages.0.seq_parallel=2"])
     with pytest.raises(ConfigError, match=match):
         load_config(_write(tmp_path), [override])
 
 
 def test_a_pretrained_hybrid_is_checked_against_the_run(tmp_path):
     """With model.from_pretrained the architecture is the checkpoint's: the preflight applies the same checks."""
-    path = _write(tmp_path, stage_extra=", seq_parallel: 2")
+    path = _write(tmp_path, stage_extra=", carry_state: batch")
     plain = load_config(path, ["model.attn_layer_idx=[]"])                       # a pure Mamba model may
-    with pytest.raises(ConfigError, match=r"seq_parallel: 2 with attention layers \(model.attn_layer_idx \[1\]\)"):
+    with pytest.raises(ConfigError, match=r"carry_state: batch with attention layers \(model.attn_layer_idx \[1\]\)"):
         validate_architecture(plain, hybrid(n_layer=2).config, path)
 
 

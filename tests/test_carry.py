@@ -56,6 +56,27 @@ def test_two_halves_with_the_carried_state_equal_the_whole_sequence(checkpointin
         assert rel_err(got[n], p.grad) < 1e-12, n
 
 
+def test_a_document_starting_near_the_cut_reads_nothing_of_the_one_before_it():
+    """A row per offset o in -(d_conv-1) .. d_conv-1: a document starts o tokens after the cut. Each row takes the
+    carried state only where its second half's first document began before the cut (the trainer's `continues`),
+    and the two halves give the whole row's logits in one call: a document that starts in the first half's last
+    d_conv-1 tokens continues into the second half without the conv tail bringing in the document before it."""
+    torch.manual_seed(2)
+    model = small_model().double()
+    K, half = model.config.d_conv, 16
+    offsets = range(-(K - 1), K)
+    ids = torch.randint(0, 50, (len(offsets), 2 * half))
+    seq_idx = torch.zeros(len(offsets), 2 * half, dtype=torch.int32)
+    for row, offset in enumerate(offsets):
+        seq_idx[row, half + offset:] = 1
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx).logits
+        first, second = halves(model, ids, seq_idx, rows=seq_idx[:, half] == seq_idx[:, half - 1])
+    got = torch.cat([first, second], 1)
+    errors = {offset: rel_err(got[row], whole[row]) for row, offset in enumerate(offsets)}
+    assert max(errors.values()) < 1e-12, f"error by the document's offset from the cut: {errors}"
+
+
 def test_a_row_that_does_not_take_the_carried_state_starts_from_zeros():
     torch.manual_seed(1)
     model = small_model().double()

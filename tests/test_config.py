@@ -113,6 +113,7 @@ STAGE = "curriculum: {stages: [{name: a, seq_len: 256, steps: 1, global_batch_to
     ("eval: {passkey_samples: 0}\n", r"eval.passkey_samples: must be >= 1"),
     ("eval: {length_buckets: 0}\n", r"eval.length_buckets: must be >= 1"),
     ("eval: {length_max: 0}\n", r"eval.length_max: must be >= 2"),
+    ("eval: {length_sequences: 0}\n", r"eval.length_sequences: must be >= 1 \(rows of eval.length_max tokens"),
     ("eval: {passkey_lengths: []}\n", r"eval.passkey_lengths: is empty while eval.kinds has passkey"),
     ("eval: {passkey_lengths: [0]}\n", r"eval.passkey_lengths: 0 is not a prompt length"),
     ("eval: {collapse_margin: -5}\n", r"eval.collapse_margin: must be > 0 .*got -5"),

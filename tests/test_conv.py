@@ -73,3 +73,41 @@ def test_gradients_equal_autograd_of_the_plain_masked_conv(K):
     expected.backward(g)
     for name, a, r in zip(("x", "weight", "bias", "tail"), ours, ref):
         assert rel_err(a.grad, r.grad) <= 1e-12, name
+
+
+def documents_around(cut: int, K: int, length: int) -> torch.Tensor:
+    """seq_idx with one row per offset o in -(K-1) .. K-1: a document starts at cut + o."""
+    seq = torch.zeros(2 * K - 1, length, dtype=torch.int32)
+    for row, offset in enumerate(range(-(K - 1), K)):
+        seq[row, cut + offset:] = 1
+    return seq
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_a_carried_tail_enters_only_the_document_it_came_from(K):
+    """A row read in two calls, the second entered with the first's tail as carried state enters it (carry.py:
+    only where the second call's first document began before the cut), equals one call over the whole row with
+    its documents, forward and gradients, for a document starting at each offset -(K-1) .. K-1 of the cut. A
+    document that starts in the first call's last K-1 rows continues into the second call: the tail must not
+    carry the rows of the document before it."""
+    cut, length = 7, 13
+    seq = documents_around(cut, K, length)
+    b = seq.shape[0]
+    args = [torch.randn(b, length, 3, dtype=torch.float64), torch.randn(3, 1, K, dtype=torch.float64),
+            torch.randn(3, dtype=torch.float64)]
+    ours = [a.clone().requires_grad_() for a in args]
+    ref = [a.clone().requires_grad_() for a in args]
+    x, w, bias = ours
+    first, tail = causal_conv1d(x[:, :cut], w, bias, seq_idx=seq[:, :cut])
+    continues = (seq[:, cut] == seq[:, cut - 1]).to(tail.dtype)          # CarriedStates.entering(rows)
+    second, _ = causal_conv1d(x[:, cut:], w, bias, tail=tail * continues[:, None, None], seq_idx=seq[:, cut:])
+    got = torch.cat([first, second], 1)
+    expected, _ = causal_conv1d(*ref, seq_idx=seq)
+    assert rel_err(expected, plain_masked_conv(*ref, torch.zeros(b, K - 1, 3, dtype=torch.float64), seq)) <= 1e-12
+    errors = {offset: rel_err(got[row], expected[row]) for row, offset in enumerate(range(-(K - 1), K))}
+    assert max(errors.values()) <= 1e-12, f"error by the document's offset from the cut: {errors}"
+    g = torch.randn_like(got)
+    got.backward(g)
+    expected.backward(g)
+    for name, a, r in zip(("x", "weight", "bias"), ours, ref):
+        assert rel_err(a.grad, r.grad) <= 1e-12, name

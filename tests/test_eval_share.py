@@ -27,8 +27,8 @@ def _model():
 
 
 def _evaluate(share, stop_checks=None):
-    """Passkey (5 batches: more than the ranks, not a multiple of them), loss-vs-position with two variants,
-    state norms: everything a checkpoint's evaluation runs."""
+    """Passkey (5 batches: more than the ranks, not a multiple of them), loss-vs-position with two variants of
+    3 rows each, state norms: everything a checkpoint's evaluation runs."""
     tok, model = ByteTokenizer(), _model()
     layers = resolve(MitigationsConfig(decay_scale=0.9), model.config.n_layer, model.config.nheads)
 
@@ -40,7 +40,7 @@ def _evaluate(share, stop_checks=None):
     common = dict(write=False, seed=3, prefill_chunk=64, share=share)
     passkey = run_eval("passkey", model, tok, "unused", lengths=[200, 300], depths=[0.0, 0.5, 1.0], samples=6,
                        should_stop=between, variants={"as trained": "as is", "mitigated": layers}, **common)
-    length = run_eval("length", model, tok, "unused", lengths=[256], buckets=4, train_length=64,
+    length = run_eval("length", model, tok, "unused", lengths=[256], buckets=4, train_length=64, sequences=3,
                       variants={"as trained": "as is", "mitigated": layers}, **common)
     states = run_eval("states", model, tok, "unused", lengths=[256], **common)
     return {"passkey": passkey, "length": length, "states": {k: {"norms": v["norms"]} for k, v in states.items()}}

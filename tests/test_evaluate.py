@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longctx.data.stream import PackedStream
 from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
-from longctx.pipeline.evaluate.length import bucketize, collapse_point, per_token_loss
+from longctx.pipeline.evaluate import run as run_module
+from longctx.pipeline.evaluate.length import bucketize, collapse_point, per_token_loss, position_mean
 from longctx.pipeline.evaluate.passkey import (
     FILLER,
     PREFIX,
@@ -19,7 +21,9 @@ from longctx.pipeline.evaluate.passkey import (
     extract_key,
     needle,
 )
+from longctx.pipeline.evaluate.run import run_eval
 from longctx.pipeline.evaluate.states import evaluate_states
+from longctx.pipeline.mitigations import MitigationsConfig, resolve
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
 
 
@@ -122,6 +126,100 @@ def test_buckets_and_collapse_point_on_known_curves():
     assert collapse_point(bucketize(bump, 12)["buckets"], 0.5) is not None
     assert collapse_point(bucketize(bump, 12)["buckets"], 0.5, min_position=256) is None
     assert collapse_point(bucketize(rising, 12)["buckets"], 0.5, min_position=256) == point
+
+
+class _Documents:
+    """An in-memory held-out split: documents of random bytes, 20-200 tokens each (where one starts, the label
+    is ignored)."""
+
+    def __init__(self, n=40, seed=0):
+        rng = np.random.default_rng(seed)
+        self.docs = [rng.integers(0, 256, int(rng.integers(20, 200))) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.docs)
+
+    def tokens(self, i):
+        return self.docs[i]
+
+
+def _heldout():
+    return PackedStream(_Documents(), ByteTokenizer().eos_id, shuffle=False)
+
+
+def _length(model, **kw):
+    return run_eval("length", model, ByteTokenizer(), "unused", lengths=[600], buckets=6, margin=0.3,
+                    prefill_chunk=64, train_length=100, min_position=32, stream=_heldout(), write=False, **kw)
+
+
+def test_one_sequence_is_the_single_row_evaluation_unchanged():
+    """--sequences 1 (the default): the row, buckets, collapse point and mean loss of the one-row evaluation,
+    `sequences: 1` added and no spread."""
+    m = tiny(4)
+    res = _length(m)["model"]
+    row = _heldout().next_batch(1, 600)
+    losses = per_token_loss(m, torch.as_tensor(row.input_ids), torch.as_tensor(row.labels), 64)
+    assert np.isnan(losses).any()                                     # documents start inside the row
+    buckets = bucketize(losses, 6)["buckets"]
+    assert res == {"buckets": buckets, "length": 600, "margin": 0.3, "train_length": 100, "min_position": 32,
+                   "collapse_point": collapse_point(buckets, 0.3, 32), "mean_loss": float(np.nanmean(losses)),
+                   "sequences": 1}
+
+
+def test_several_sequences_average_the_loss_position_by_position_before_bucketing():
+    """Two rows: each bucket is the mean of the two rows' per-token losses (float64), a position whose label one
+    row ignores taking the other's; `spread` is the standard deviation of the rows' own bucket means."""
+    m = tiny(4)
+    two = _length(m, sequences=2)["model"]
+    stream = _heldout()                   # the two consecutive rows, each evaluated alone
+    l0, l1 = (per_token_loss(m, torch.as_tensor(b.input_ids), torch.as_tensor(b.labels), 64)
+              for b in (stream.next_batch(1, 600), stream.next_batch(1, 600)))
+    assert (np.isnan(l0) != np.isnan(l1)).any()
+    curve = np.where(np.isnan(l0), l1, np.where(np.isnan(l1), l0, (l0 + l1) / 2))
+    assert [(b["start"], b["end"]) for b in two["buckets"]] == [
+        (b["start"], b["end"]) for b in bucketize(l0, 6)["buckets"]]
+    for b in two["buckets"]:
+        at = slice(b["start"], b["end"])
+        assert b["mean_loss"] == pytest.approx(np.nanmean(curve[at]), rel=1e-12)
+        assert b["tokens"] == np.isfinite(l0[at]).sum() + np.isfinite(l1[at]).sum()
+        assert b["spread"] == pytest.approx(abs(np.nanmean(l0[at]) - np.nanmean(l1[at])) / np.sqrt(2), rel=1e-9)
+    assert two["sequences"] == 2 and two["mean_loss"] == pytest.approx(np.nanmean(np.r_[l0, l1]), rel=1e-12)
+    assert two["collapse_point"] == collapse_point(two["buckets"], 0.3, 32)
+    # a position no row has a label for stays out
+    assert np.array_equal(position_mean(np.array([[1.0, np.nan, np.nan], [3.0, 5.0, np.nan]])), [2.0, 5.0, np.nan],
+                          equal_nan=True)
+
+
+def test_every_variant_reads_the_same_rows(monkeypatch):
+    m, read = tiny(4), []
+    real = run_module.per_token_loss
+    monkeypatch.setattr(run_module, "per_token_loss", lambda model, x, y, chunk: read.append((x, y)) or real(
+        model, x, y, chunk))
+    decay = resolve(MitigationsConfig(decay_scale=0.5), m.config.n_layer, m.config.nheads)
+    res = _length(m, sequences=2, variants={"as is": "as is", "decay": decay})
+    assert [x.shape for x, _ in read] == [(1, 600)] * 4                 # each variant's two rows, one at a time
+    for (x0, y0), (x1, y1) in zip(read[:2], read[2:]):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(read[0][0], read[1][0])
+    assert res["as is"]["mean_loss"] != res["decay"]["mean_loss"]      # the variants ran as themselves
+
+
+def test_eval_length_takes_sequences_and_refuses_what_it_does_not_know(tmp_path, capsys):
+    from longctx.launch.cli import build_parser, main
+    tiny(3).save_pretrained(tmp_path / "model")
+    args = ["eval", "length", str(tmp_path / "model"), "--lengths", "300", "--buckets", "4", "--out",
+            str(tmp_path / "len")]
+    assert main(args + ["--sequences", "2"]) == 0
+    res = json.loads((tmp_path / "len" / "loss_vs_position.json").read_text())
+    assert res["sequences"] == 2 and all("spread" in b for b in res["buckets"])
+    with pytest.raises(SystemExit):
+        main(args + ["--rows", "2"])
+    assert "unrecognized arguments: --rows" in capsys.readouterr().err
+    assert main(args + ["--sequences", "0"]) == 1 and "--sequences must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "states", *args[2:], "--sequences", "2"]) == 1
+    assert "--sequences names the rows loss against position averages; states has none" in capsys.readouterr().err
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["eval"]
+    assert "--sequences N" in sub.format_help()
 
 
 def test_state_norms_match_a_direct_reading():

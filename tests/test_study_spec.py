@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from longctx.pipeline.config import ConfigError
-from longctx.pipeline.study.spec import folder, load_study
+from longctx.pipeline.study.spec import EVALUATE_KEYS, folder, load_study
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,6 +69,19 @@ def test_a_study_is_every_variant_at_every_seed_each_its_own_run_directory(tmp_p
 def test_mistakes_are_named_by_their_key_before_any_cell_runs(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         load_study(write(tmp_path, STUDY.replace(*change)))
+
+
+def test_evaluate_length_takes_sequences_and_every_key_reaches_the_evaluation(tmp_path):
+    import inspect
+
+    from longctx.pipeline.evaluate.any_checkpoint import evaluate_checkpoint
+    rows = STUDY.replace("length: {{lengths: [1024]}}", "length: {{lengths: [1024], sequences: 4}}")
+    assert load_study(write(tmp_path, rows)).evaluate["length"] == {"lengths": [1024], "sequences": 4}
+    with pytest.raises(ConfigError, match=r"evaluate.length.sequence: unknown key; length takes .*sequences"):
+        load_study(write(tmp_path, rows.replace("sequences", "sequence")))
+    # the runner hands a kind's settings to evaluate_checkpoint as keyword arguments
+    parameters = inspect.signature(evaluate_checkpoint).parameters
+    assert all(set(keys) <= set(parameters) for keys in EVALUATE_KEYS.values() if keys)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -94,7 +94,7 @@ def test_stage_mitigations_calibrate_once_and_survive_a_checkpoint(tmp_path):
 
 def test_evaluator_runs_the_configured_kinds_and_writes_them(tmp_path):
     cfg = _config(tmp_path, "eval: {kinds: [states, passkey, length], passkey_lengths: [256], passkey_samples: 1, "
-                            "passkey_depths: [0.5], length_max: 256, length_buckets: 4}")
+                            "passkey_depths: [0.5], length_max: 256, length_buckets: 4, length_sequences: 2}")
     torch.manual_seed(0)
     model = Mamba2LM(MODEL).train()
     mit = StageMitigations(cfg, model, lambda n: torch.randint(0, 256, (1, n)))
@@ -106,7 +106,20 @@ def test_evaluator_runs_the_configured_kinds_and_writes_them(tmp_path):
     assert {"passkey_accuracy", "collapse_point", "max_state_norm", "eval_seconds"} <= set(record)
     assert "eval_loss" not in record                                   # heldout was not asked for
     assert {"passkey.json", "loss_vs_position.json", "state_stats.json"} <= {f.name for f in out.iterdir()}
+    assert json.loads((out / "loss_vs_position.json").read_text())["sequences"] == 2
     assert model.training and model.sequence_parallel is None
+
+
+def test_the_plan_prices_each_row_of_the_loss_against_position(tmp_path):
+    """eval.length_sequences rows of eval.length_max tokens per variant, handed out over the ranks one by one."""
+    from longctx.pipeline.training.eval_budget import eval_tokens
+    cfg = _config(tmp_path, "eval: {kinds: [length], length_max: 1000, length_sequences: 3, "
+                            "variants: {decay: {decay_scale: 0.9}}}")
+    p = plan(cfg, 1, MODEL.chunk_size)[0]
+    assert eval_tokens(cfg, p, 1) == 2 * 3 * 1000
+    assert eval_tokens(cfg, p, 4) == 2 * 1000          # 6 rows over 4 ranks: the busiest reads 2
+    cfg.eval.length_sequences = 1
+    assert eval_tokens(cfg, p, 1) == 2 * 1000
 
 
 def test_the_runs_last_checkpoint_is_evaluated_with_eval_final(tmp_path):

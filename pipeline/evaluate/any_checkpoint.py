@@ -38,9 +38,10 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
                         tokenizer: Optional[str] = None, mitigations: Sequence[str] = (), compare: bool = False,
                         data: Optional[str] = None, buckets: int = 16, margin: float = 0.5, min_position: int = 64,
                         prefill_chunk: int = 4096, calibration_length: Optional[int] = None, seed: int = 0,
-                        variant_specs: Sequence[str] = (), tasks: Sequence[str] = ()) -> dict:
+                        variant_specs: Sequence[str] = (), tasks: Sequence[str] = (), sequences: int = 1) -> dict:
     """One evaluation (passkey | niah | length | states) of any checkpoint (niah: `tasks`, by default every
-    one; its depths spread evenly over the samples); with `mitigations` (KEY=VAL, the
+    one; its depths spread evenly over the samples; length: `sequences` consecutive rows of held-out text, their
+    loss averaged position by position); with `mitigations` (KEY=VAL, the
     mitigations section's keys) the model runs with them, with `compare` also as loaded; `variant_specs`
     (NAME=KEY=VAL[,...], variants.py) name any number of variants side by side instead. Mitigations go on top
     of the model's own (saved with it, or its training stage's): a key given replaces the model's value for
@@ -48,6 +49,10 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
     table, returns the results."""
     if tasks and kind != "niah":
         raise ValueError(f"--tasks names niah's tasks; {kind} has none")
+    if sequences < 1:
+        raise ValueError(f"--sequences must be >= 1 (rows of text averaged), got {sequences}")
+    if sequences != 1 and kind != "length":
+        raise ValueError(f"--sequences names the rows loss against position averages; {kind} has none")
     if kind == "niah" and depths:
         raise ValueError("niah spreads its needle depths evenly over --samples (0, 1/(n-1), ..., 1): give "
                          "--samples, not --depths")
@@ -103,7 +108,8 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
     out = Path(out or f"eval-{kind}")
     results = run_eval(kind, model, tok, out, lengths=lengths, depths=depths, samples=samples, seed=seed,
                        prefill_chunk=prefill_chunk, buckets=buckets, margin=margin, min_position=min_position,
-                       train_length=train_length, variants=variants, models=models, stream=stream, tasks=tasks)
+                       sequences=sequences, train_length=train_length, variants=variants, models=models, stream=stream,
+                       tasks=tasks)
     print(comparison_table(kind, results))
     print(f"wrote {out}")
     return results

@@ -1,4 +1,8 @@
-"""Loss against position far past the training length, with the state carried: where collapse shows."""
+"""Loss against position far past the training length, with the state carried: where collapse shows.
+
+One row of concatenated documents is dominated by where its documents start (a document's first tokens have a
+high loss): several rows (`sequences`), each read on its own, are averaged position by position before bucketing,
+and each bucket records how much the rows' own means spread."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,18 +31,37 @@ def per_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
     return out
 
 
+def position_mean(losses: np.ndarray) -> np.ndarray:
+    """The mean over rows of (N, L) losses at each position, NaNs (ignored labels) left out; NaN where no row has
+    a label. One row: that row itself."""
+    finite = np.isfinite(losses)
+    count = finite.sum(axis=0)
+    total = np.where(finite, losses, 0.0).sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def bucketize(losses: np.ndarray, buckets: int) -> dict:
-    """Mean loss in log-spaced position buckets (position 1 .. L)."""
-    L = len(losses)
+    """Mean loss in log-spaced position buckets (position 1 .. L) of one row (L,), or of the position-wise mean
+    of several rows (N, L); `tokens` counts the labelled tokens of every row. With several rows each bucket also
+    has `spread`: the standard deviation (ddof 1) over rows of each row's own mean in the bucket (None when fewer
+    than two rows have a label there)."""
+    rows = np.atleast_2d(losses)
+    curve = position_mean(rows)
+    L = rows.shape[1]
     edges = np.unique(np.geomspace(1, L, buckets + 1).astype(int))
     edges[0] = 0
-    rows = []
+    out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        chunk = losses[lo:hi]
+        chunk = curve[lo:hi]
         chunk = chunk[np.isfinite(chunk)]
         if len(chunk):
-            rows.append({"start": int(lo), "end": int(hi), "mean_loss": float(chunk.mean()), "tokens": int(len(chunk))})
-    return {"buckets": rows}
+            bucket = {"start": int(lo), "end": int(hi), "mean_loss": float(chunk.mean()),
+                      "tokens": int(np.isfinite(rows[:, lo:hi]).sum())}
+            if len(rows) > 1:
+                means = [r[np.isfinite(r)].mean() for r in rows[:, lo:hi] if np.isfinite(r).any()]
+                bucket["spread"] = float(np.std(means, ddof=1)) if len(means) > 1 else None
+            out.append(bucket)
+    return {"buckets": out}
 
 
 MIN_POSITION = 64   # before this the context is too short to judge a model by
@@ -57,11 +80,14 @@ def collapse_point(rows, margin: float, min_position: int = MIN_POSITION) -> Opt
     return None
 
 
-def evaluate_length(model, input_ids, labels, buckets: int = 16, margin: float = 0.5, chunk: int = 4096,
-                    train_length: Optional[int] = None, min_position: int = MIN_POSITION) -> dict:
-    losses = per_token_loss(model, input_ids, labels, chunk)
+def summarize(losses: np.ndarray, buckets: int = 16, margin: float = 0.5, train_length: Optional[int] = None,
+              min_position: int = MIN_POSITION) -> dict:
+    """The loss-vs-position result of per-token losses (N, L): buckets of their position-wise mean, the collapse
+    point on those, `sequences` (N) and `mean_loss` over every labelled token."""
+    losses = np.atleast_2d(losses)
     res = bucketize(losses, buckets)
-    res.update(length=int(input_ids.shape[1]), margin=margin, train_length=train_length, min_position=min_position,
+    res.update(length=int(losses.shape[1]), margin=margin, train_length=train_length, min_position=min_position,
                collapse_point=collapse_point(res["buckets"], margin, min_position),
-               mean_loss=float(np.nanmean(losses)))
+               mean_loss=float(np.nanmean(losses)), sequences=int(losses.shape[0]))
     return res
+

@@ -20,7 +20,7 @@ from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 
 from ..model.load import find_checkpoint
 from ..training import checkpoint
-from .length import MIN_POSITION, evaluate_length
+from .length import MIN_POSITION, per_token_loss, summarize
 from .niah import TASKS as NIAH_TASKS
 from .niah import evaluate_niah
 from .passkey import evaluate_passkey
@@ -51,17 +51,20 @@ def tokenizer_for(source: Path, choice: Optional[str], vocab_size: int):
                      "--tokenizer PATH/tokenizer.json (or --tokenizer byte if it really is a byte model)")
 
 
-def long_text_row(tok, length: int, seed: int = 0, stream=None):
-    """One row of `length` tokens and its labels: held-out documents from `stream`, else synthetic ones."""
+def long_text_row(tok, length: int, seed: int = 0, stream=None, rows: int = 1):
+    """`rows` consecutive rows of `length` tokens (rows, length) and their labels: held-out documents from
+    `stream`, else synthetic ones, packed as the stream packs them (a row's last label is the next row's first
+    token)."""
     if stream is not None:
-        b = stream.next_batch(1, length)
+        b = stream.next_batch(rows, length)
         return torch.as_tensor(b.input_ids), torch.as_tensor(b.labels)
     rng, ids = random.Random(seed), []
-    while sum(map(len, ids)) < length + 1:
+    while sum(map(len, ids)) < rows * length + 1:
         ids.append(np.append(tok.encode(make_document(rng, rng.randint(4000, 40000))), tok.eos_id))
-    row = np.concatenate(ids)[: length + 1].astype(np.int64)
-    x, y = torch.as_tensor(row[None, :-1]), torch.as_tensor(row[None, 1:])
-    return x, y
+    text = np.concatenate(ids)[: rows * length + 1].astype(np.int64)
+    x = np.stack([text[r * length:(r + 1) * length] for r in range(rows)])
+    y = np.stack([text[r * length + 1:(r + 1) * length + 1] for r in range(rows)])
+    return torch.as_tensor(x), torch.as_tensor(y)
 
 
 def _passkey(model, tok, row, o) -> dict:
@@ -74,9 +77,12 @@ def _niah(model, tok, row, o) -> dict:
                          between_batches=o["should_stop"], share=o["share"])
 
 
-def _length(model, tok, row, o) -> dict:
-    return evaluate_length(model, *row, o["buckets"], o["margin"], o["prefill_chunk"], o["train_length"],
-                           o["min_position"])
+def _length(model, tok, row, o) -> np.ndarray:
+    return per_token_loss(model, *row, o["prefill_chunk"])
+
+
+def _length_of_rows(losses, o) -> dict:
+    return summarize(np.stack(losses), o["buckets"], o["margin"], o["train_length"], o["min_position"])
 
 
 def _states(model, tok, row, o) -> dict:
@@ -125,59 +131,69 @@ def _write_states(results: Dict[str, dict], payload, out: Path, marks) -> None:
 
 @dataclass(frozen=True)
 class Kind:
-    run: Callable          # (model, tok, row or None, options) -> result
+    run: Callable          # (model, tok, row (1, L) or None, options) -> result (with `combine`: one row's part)
     write: Callable        # (results by variant, JSON payload, out dir, plot marks) -> None
-    reads_text: bool       # runs on one long row of text, the same for every variant
+    reads_text: bool       # runs on long rows of text, the same for every variant
     # how ranks share the work: within a variant (its own items), else whole variants over ranks
     splits_within: bool = False
     always_table: bool = False   # table.md also for one variant (niah: task x length), else only to compare
+    # (parts of a variant's rows, options) -> its result: the kind reads options["sequences"] rows of text, the
+    # same for every variant, and each row of each variant is an item of its own over the ranks
+    combine: Optional[Callable] = None
 
 
 KINDS = {"passkey": Kind(_passkey, _write_passkey, reads_text=False, splits_within=True),
          "niah": Kind(_niah, _write_niah, reads_text=False, splits_within=True, always_table=True),
-         "length": Kind(_length, _write_length, reads_text=True),
+         "length": Kind(_length, _write_length, reads_text=True, combine=_length_of_rows),
          "states": Kind(_states, _write_states, reads_text=True)}
 
 
 def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0),
              samples: int = 2, seed: int = 0, prefill_chunk: int = 4096, buckets: int = 16, margin: float = 0.5,
-             min_position: int = MIN_POSITION, tasks: Sequence[str] = tuple(NIAH_TASKS),
+             min_position: int = MIN_POSITION, sequences: int = 1, tasks: Sequence[str] = tuple(NIAH_TASKS),
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
              models: Optional[Dict[str, object]] = None,
              write: bool = True, should_stop: Optional[Callable[[], None]] = None,
              share: RankShare = EVERYTHING) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list, None, or "as is") and write its
     files. Without variants the model runs as it is; `models` names another model for a variant (a second
-    checkpoint), evaluated on the same prompts and text. `tasks`: niah's. `should_stop` is called between passkey
-    and niah batches (it may raise to end the evaluation). With a `share` over ranks, each computes its part
-    (passkey and niah batches, or whole variants of the long-text kinds) and every rank returns all results."""
+    checkpoint), evaluated on the same prompts and text. `tasks`: niah's. `sequences`: the rows of text loss
+    against position averages, consecutive in the held-out stream (the same for every variant). `should_stop` is
+    called between passkey and niah batches (it may raise to end the evaluation). With a `share` over ranks, each
+    computes its part (passkey and niah batches, each variant's rows of loss against position, whole variants of
+    the state statistics) and every rank returns all results."""
     if kind not in KINDS:
         raise ValueError(f"unknown evaluation {kind!r}: one of {', '.join(KINDS)}")
     spec = KINDS[kind]
     options = dict(lengths=lengths, depths=depths, samples=samples, seed=seed, prefill_chunk=prefill_chunk,
                    tasks=tasks, buckets=buckets, margin=margin, min_position=min_position, train_length=train_length,
-                   should_stop=should_stop, share=share if spec.splits_within else EVERYTHING)
+                   sequences=sequences, should_stop=should_stop, share=share if spec.splits_within else EVERYTHING)
     out = Path(out)
     if write:
         out.mkdir(parents=True, exist_ok=True)
     variants = variants or {"model": "as is"}
     device = next(model.parameters()).device
-    row = None
+    rows = sequences if spec.combine else 1
+    text = None
     if spec.reads_text:       # the same text for every variant
-        row = tuple(t.to(device) for t in long_text_row(tok, max(lengths), seed, stream))
+        text = tuple(t.to(device) for t in long_text_row(tok, max(lengths), seed, stream, rows))
     names = list(variants)
-    mine = range(len(names)) if spec.splits_within else share.mine(len(names))
+    items = len(names) * rows             # item i: row i % rows of variant i // rows
+    mine = range(items) if spec.splits_within else share.mine(items)
     done = {}
     for i in mine:
-        m = (models or {}).get(names[i], model)
+        name, r = names[i // rows], i % rows
+        m = (models or {}).get(name, model)
         saved = m.mitigations
-        if variants[names[i]] != "as is":
-            m.set_mitigations(variants[names[i]])
+        if variants[name] != "as is":
+            m.set_mitigations(variants[name])
         try:
-            done[i] = spec.run(m, tok, row, options)
+            done[i] = spec.run(m, tok, None if text is None else tuple(t[r:r + 1] for t in text), options)
         finally:
             m.set_mitigations(saved)
-    results = dict(zip(names, done.values() if spec.splits_within else share.gather(done, len(names))))
+    parts = list(done.values()) if spec.splits_within else share.gather(done, items)
+    results = {name: spec.combine(parts[j * rows:(j + 1) * rows], options) if spec.combine else parts[j]
+               for j, name in enumerate(names)}
     if write:
         payload = next(iter(results.values())) if len(results) == 1 else {"variants": results}
         spec.write(results, payload, out, [(train_length, "training length")] if train_length else [])

@@ -1,6 +1,7 @@
-"""Evaluation work split over ranks: each rank computes its share of independent items (passkey batches,
-variants of a long-text evaluation) and every rank gets all results back, in order. The items are the
-ones a single process would compute, each computed the same way, so the results equal one process's.
+"""Evaluation work split over ranks: each rank computes its share of independent items (passkey and niah
+batches, each variant's rows of loss against position, the variants of the state statistics) and every rank gets
+all results back, in order. The items are the ones a single process would compute, each computed the same way,
+so the results equal one process's.
 
 Under ZeRO-3 every forward needs every rank (parameters are gathered layer by layer), so the trainer
 gives each rank the whole work there (`everything`)."""

@@ -5,10 +5,18 @@ activation), rotary embedding on the first `rotary_emb_dim` channels of each que
 attention, `out_proj` over [attention output, MLP branch].
 
 The attention itself is one function, `attend`: queries against keys and values with explicit positions and
-document ids. Whole sequences, chunked prefill and decoding (keys from an `inference.AttentionCache`) all call
-it; sequence parallelism for attention (not implemented yet) would too: a rank rotates its queries and keys at
-their global positions, gathers the keys, values, positions and document ids of the earlier ranks of its group
-and attends its queries to them.
+document ids. Where those come from is the mixer's ops provider (`self.ops`, or the decoding cache), as the conv
+and the scan are a Mamba layer's (`ops.py`), so the mixer has one path. A provider has, besides `conv`:
+
+- `positions(length, device)`: the sequence positions of this call's tokens (RoPE and the causal mask);
+- `documents(seq_idx, batch, length, device)`: their document ids (None: one document), numbered so that ids
+  compare equal across everything the call attends to;
+- `context(k, v, positions, documents)`: the keys, values, positions and documents its queries read.
+
+`WholeSequences` (here) reads the call's own tokens; `inference.AttentionCache` adds those read before
+(decoding); `longctx.pipeline.parallel.SequenceParallel` (the sequence split over ranks) gives global positions
+and documents and gathers the keys and values of this rank and every earlier rank of its group. Queries and keys
+are rotated at their positions before any gathering, so gathered keys need nothing more.
 
 Packed documents: with `seq_idx` a query reads only keys of its own document (a block-diagonal causal mask).
 Positions are the sequence's, not restarted per document: RoPE's scores depend only on the distance between a
@@ -16,17 +24,22 @@ query and a key, so each document attends exactly as it would alone.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longctx import kernels
 from longctx.kernels.common import document_ids
 
 from .config import Mamba2Config
 from .inference import AttentionCache
+from .ops import LocalOps
+
+# A halo width (`Mamba2LM.halo_width`): every row before a segment. An attention layer under sequence parallelism
+# reads the keys of every earlier rank, and with them their document ids.
+ALL_EARLIER_ROWS = sys.maxsize
 
 # Scores (batch x heads x queries x keys) per scaled_dot_product_attention call where a mask is built: the mask,
 # and on CPU the scores too, are materialized, so long prompts are attended in blocks of queries (2^27 fp32
@@ -34,16 +47,19 @@ from .inference import AttentionCache
 SCORES_PER_CALL = 1 << 27
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, dim: int, base: float, interleaved: bool) -> torch.Tensor:
+def rotary(x: torch.Tensor, positions: torch.Tensor, dim: int, base: float, interleaved: bool,
+           scaling: float = 1.0) -> torch.Tensor:
     """RoPE on the first `dim` channels of each head of x (b, l, h, d) at `positions` (l,), as flash_attn's
     RotaryEmbedding (mamba_ssm's): frequencies base^(-2i/dim); channel pairs (i, i + dim/2) (interleaved: (2i,
     2i+1)) rotated by position x frequency. The angles are computed in fp32 (fp64 for fp64 inputs) and their
-    cos / sin cast to x's dtype: positions of long sequences do not fit a bf16."""
+    cos / sin cast to x's dtype: positions of long sequences do not fit a bf16. `scaling` > 1 is position
+    interpolation (Chen et al. 2023, arXiv 2306.15595): positions divided by it, so a longer sequence's angles stay
+    within those trained; 1 is RoPE itself (a division by 1 is exact)."""
     if dim == 0:
         return x
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=x.device, dtype=compute) / dim)
-    angles = positions.to(compute)[:, None] * inv_freq                       # (l, dim/2)
+    angles = (positions.to(compute) / scaling)[:, None] * inv_freq             # (l, dim/2)
     cos, sin = angles.cos().to(x.dtype)[:, None], angles.sin().to(x.dtype)[:, None]    # (l, 1, dim/2)
     rot, rest = x[..., :dim], x[..., dim:]
     if interleaved:
@@ -91,11 +107,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     return torch.cat(out, dim=2).transpose(1, 2)
 
 
+class WholeSequences(LocalOps):
+    """An attention layer's ops over whole sequences in this process: the conv is LocalOps', positions count from
+    the call's first token, documents are the call's `seq_idx` runs, and the queries read the call's own keys."""
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        return torch.arange(length, device=device)
+
+    def documents(self, seq_idx, batch: int, length: int, device) -> Optional[torch.Tensor]:
+        return document_ids(seq_idx)
+
+    def context(self, k, v, positions, docs):
+        # the same positions tensor for queries and keys: `attend`'s plain causal kernel, without a mask
+        return k, v, positions, docs
+
+
+WHOLE_SEQUENCES = WholeSequences()
+
+
 class AttentionMixer(nn.Module):
     """mamba_ssm's MHA in a hybrid's (or a transformer's) block; `model.attn_cfg` gives its hyperparameters.
 
-    Mitigations, carried state and sequence parallelism are the Mamba layers' (Mamba2LM refuses them here):
-    `mitigation` and `carry` stay None so the model's per-layer lists keep one entry per layer."""
+    Mitigations and carried state are the Mamba layers' (Mamba2LM refuses them here): `mitigation` and `carry`
+    stay None so the model's per-layer lists keep one entry per layer. Sequence parallelism swaps `ops`."""
+
+    local_ops = WHOLE_SEQUENCES       # what set_sequence_parallel(None) puts back
 
     def __init__(self, config: Mamba2Config, layer_idx: int):
         super().__init__()
@@ -104,6 +140,7 @@ class AttentionMixer(nn.Module):
         self.num_heads, self.kv_heads, self.head_dim = a.num_heads, a.kv_heads(), a.dim(config.d_model)
         self.rotary_dim, self.rotary_base, self.interleaved = a.rotary_emb_dim, a.rotary_emb_base, \
             a.rotary_emb_interleaved
+        self.rotary_scaling = a.rotary_scaling
         self.causal, self.softmax_scale = a.causal, a.softmax_scale
         self.qkv_dim = self.head_dim * (self.num_heads + 2 * self.kv_heads)
         self.mlp_dim = a.mlp_width()
@@ -116,33 +153,26 @@ class AttentionMixer(nn.Module):
                                   bias=a.out_proj_bias)
         self.mitigation = None
         self.carry = None
+        self.ops = self.local_ops
 
     def _rotate(self, x, positions):
-        return rotary(x, positions, self.rotary_dim, self.rotary_base, self.interleaved)
+        return rotary(x, positions, self.rotary_dim, self.rotary_base, self.interleaved, self.rotary_scaling)
 
     def forward(self, u, seq_idx=None, cache: Optional[AttentionCache] = None):
         """u (b, l, d_model). With `cache`, attends to every token it holds too and appends this call's."""
         b, l, _ = u.shape
+        ops = self.ops if cache is None else cache      # whole sequences (here or split over ranks), or decoding
         qkv, mlp = self.in_proj(u).split([self.qkv_dim, self.mlp_dim], dim=-1)
         if self.d_conv > 0:
-            if cache is None:
-                qkv, _ = kernels.causal_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, seq_idx=seq_idx)
-            else:
-                qkv = cache.conv(qkv, self.conv1d.weight, self.conv1d.bias, seq_idx)
+            qkv = ops.conv(qkv, self.conv1d.weight, self.conv1d.bias, seq_idx)
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-        if cache is None:
-            positions = torch.arange(l, device=u.device)
-            q, k = self._rotate(q, positions), self._rotate(k, positions)
-            docs = document_ids(seq_idx)
-            out = attend(q, k, v, positions, positions, docs, docs, scale=self.softmax_scale, causal=self.causal)
-        else:
-            positions, docs = cache.positions(l, u.device), cache.documents(seq_idx, b, l, u.device)
-            q, k = self._rotate(q, positions), self._rotate(k, positions)
-            keys, values, key_docs = cache.append(k, v, docs)
-            out = attend(q, keys, values, positions, torch.arange(cache.seqlen, device=u.device), docs, key_docs,
-                         scale=self.softmax_scale, causal=self.causal)
+        positions, docs = ops.positions(l, u.device), ops.documents(seq_idx, b, l, u.device)
+        q, k = self._rotate(q, positions), self._rotate(k, positions)
+        keys, values, key_positions, key_docs = ops.context(k, v, positions, docs)
+        out = attend(q, keys, values, positions, key_positions, docs, key_docs, scale=self.softmax_scale,
+                     causal=self.causal)
         out = out.flatten(-2)
         if self.mlp_dim > 0:
             up, gate = mlp.chunk(2, dim=-1)

@@ -17,6 +17,9 @@ class AttnConfig:
     rotary_emb_dim: int = 0              # leading channels of each head that RoPE rotates (even); 0: no RoPE
     rotary_emb_base: float = 10000.0     # RoPE's base (frequencies base^(-2i/rotary_emb_dim))
     rotary_emb_interleaved: bool = False  # rotate channel pairs (0,1),(2,3).. (GPT-J); false: halves (GPT-NeoX)
+    # RoPE position interpolation: positions divided by this (> 1 stretches the trained lengths' angles over longer
+    # sequences). Not a mamba_ssm key: a mamba_ssm config.json carries it only when it is not 1
+    rotary_scaling: float = 1.0
     causal: bool = True                  # must be true (decoding and training are causal)
     qkv_proj_bias: bool = True           # a bias on in_proj (q, k, v and the MLP branch)
     out_proj_bias: bool = True           # a bias on out_proj
@@ -53,6 +56,11 @@ class AttnConfig:
                              f"= {head_dim}]: RoPE rotates channel pairs of each head")
         if self.rotary_emb_base <= 0:
             raise ValueError(f"{where}.rotary_emb_base must be positive, got {self.rotary_emb_base}")
+        if not self.rotary_scaling > 0:
+            raise ValueError(f"{where}.rotary_scaling must be positive, got {self.rotary_scaling}")
+        if self.rotary_scaling != 1 and self.rotary_emb_dim == 0:
+            raise ValueError(f"{where}.rotary_scaling ({self.rotary_scaling}) interpolates RoPE's positions, but "
+                             "rotary_emb_dim is 0 (no RoPE): set rotary_emb_dim or leave rotary_scaling at 1")
         if not self.causal:
             raise ValueError(f"{where}.causal is false (mamba_ssm's default when attn_cfg has no `causal`): a "
                              "language model's attention must not read later tokens; set causal: true")
@@ -93,7 +101,7 @@ class Mamba2Config:
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
     # layers (0-based) whose mixer is attention (mamba_ssm's MHA) instead of Mamba-2; every layer, with d_intermediate
-    # > 0: a transformer. Mitigations, carried state and sequence parallelism are the Mamba layers' (ARCHITECTURE §4)
+    # > 0: a transformer. Mitigations and carried state are the Mamba layers' (ARCHITECTURE §4)
     attn_layer_idx: List[int] = field(default_factory=list)
     attn_cfg: AttnConfig = field(default_factory=AttnConfig)   # the attention layers (mamba_ssm's attn_cfg)
 

@@ -105,10 +105,21 @@ def config_to_mamba_ssm(c: Mamba2Config) -> dict:
             continue  # the default; keeps config.json strict JSON
         ssm[name] = list(value) if isinstance(value, tuple) else value
     d = {k: getattr(c, k) for k in sorted(_TOP_LEVEL)}
-    # every attn_cfg key written, so mamba_ssm's own defaults (causal: false) never apply
+    # every attn_cfg key written, so mamba_ssm's own defaults (causal: false) never apply; except ours alone
     d.update(ssm_cfg=ssm, attn_layer_idx=list(c.attn_layer_idx),
-             attn_cfg=asdict(c.attn_cfg) if c.attn_layer_idx else {}, fused_add_norm=True)
+             attn_cfg=_attn_cfg_to_mamba_ssm(c.attn_cfg) if c.attn_layer_idx else {}, fused_add_norm=True)
     return d
+
+
+def _attn_cfg_to_mamba_ssm(a: AttnConfig) -> dict:
+    """attn_cfg as mamba_ssm's MHA takes it. `rotary_scaling` is ours (MHA has no such argument and would refuse
+    it): left out at 1, where the layer is exactly MHA's and loads in mamba_ssm; written otherwise, so the
+    directory still describes the model it holds (mamba_ssm then refuses it rather than compute another model),
+    and a config.json without it loads as 1."""
+    cfg = asdict(a)
+    if cfg["rotary_scaling"] == 1:
+        del cfg["rotary_scaling"]
+    return cfg
 
 
 def config_from_hf(d: dict, source: str) -> Mamba2Config:

@@ -72,14 +72,9 @@ class LayerCache:
 
 def _conv_continuing(cache, x, weight, bias, seq_idx):
     """The causal conv continuing from `cache.conv_tail` (the call's first document continues the tail's), which
-    it advances: the new tail keeps only rows of the call's last document (a zero row adds nothing), so a
-    document that starts within d_conv-1 rows of the call's end does not read the one before it next call."""
+    it advances: kernels.causal_conv1d's new tail keeps only rows of the call's last document, so a document that
+    starts within d_conv-1 rows of the call's end does not read the one before it next call."""
     out, tail = kernels.causal_conv1d(x, weight, bias, tail=cache.conv_tail, seq_idx=seq_idx)
-    width = tail.shape[1]
-    if seq_idx is not None and width > 0:
-        doc = document_ids(seq_idx)
-        docs = torch.cat([doc[:, :1].expand(-1, width), doc], dim=1)[:, -width:]    # the tail's rows' documents
-        tail = tail * (docs == docs[:, -1:]).unsqueeze(-1).to(tail.dtype)
     cache.conv_tail = tail.detach()
     return out
 
@@ -121,6 +116,12 @@ class AttentionCache:
         if seq_idx is None:
             return last[:, None].expand(batch, length)
         return last[:, None] + document_ids(seq_idx).to(device)
+
+    def context(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, docs: torch.Tensor):
+        """The attention mixer's view (attention.py): appends this call's keys, values and documents; returns
+        every one read so far with their positions (0 .. seqlen-1)."""
+        keys, values, key_docs = self.append(k, v, docs)
+        return keys, values, torch.arange(self.seqlen, device=k.device), key_docs
 
     def append(self, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor):
         """Adds this call's keys, values (b, l, kv_heads, head_dim) and documents; returns all read so far."""

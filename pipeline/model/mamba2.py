@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from longctx import kernels
 
 from . import formats
-from .attention import AttentionMixer
+from .attention import ALL_EARLIER_ROWS, AttentionMixer
 from .carry import CarriedOps, CarriedStates, LayerCarry
 from .config import Mamba2Config
 from .inference import LayerCache, Mamba2Cache
@@ -81,6 +81,8 @@ class LMOutput:
 # ----------------------------------------------------------------------------- mixer
 
 class Mamba2Mixer(nn.Module):
+    local_ops = LOCAL           # what set_sequence_parallel(None) puts back
+
     def __init__(self, config: Mamba2Config, layer_idx: int):
         super().__init__()
         c = config
@@ -102,7 +104,7 @@ class Mamba2Mixer(nn.Module):
             self.norm = GatedRMSNorm(self.d_ssm, group_size=self.d_ssm // c.ngroups, eps=1e-5)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
         self.mitigation: Optional[LayerMitigations] = None   # set by Mamba2LM.set_mitigations
-        self.ops = LOCAL                                      # the conv and the scan; set_sequence_parallel swaps them
+        self.ops = self.local_ops                             # the conv and the scan; set_sequence_parallel swaps them
         self.carry: Optional[LayerCarry] = None               # training from a carried state (set_carried)
         self.reset_ssm_parameters()
 
@@ -131,9 +133,6 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u, seq_idx=None, cache: Optional[LayerCache] = None):
         """u (b,l,d_model). With `cache`, continues from it and updates it in place."""
-        if cache is not None and self.ops is not LOCAL:
-            raise ValueError("a decoding cache cannot be used under sequence parallelism: "
-                             "call set_sequence_parallel(None) first")
         ops = self.ops if cache is None else cache     # whole sequences (here or split over ranks), or decoding
         if self.carry is not None and cache is None:
             ops = CarriedOps(ops, self.carry)
@@ -313,11 +312,6 @@ class Mamba2LM(nn.Module):
         """The Mamba layers' mixers (not the attention layers'), in layer order."""
         return [layer.mixer for layer in self.backbone.layers if isinstance(layer.mixer, Mamba2Mixer)]
 
-    def _refuse_for_attention(self, what: str) -> None:
-        if self.config.attn_layer_idx:
-            raise ValueError(f"{what} is not supported yet for models with attention layers (model.attn_layer_idx "
-                             f"{list(self.config.attn_layer_idx)}): only the Mamba layers implement it")
-
     # -- state-collapse mitigations (mitigations.py) ----------------------------
     @property
     def mitigations(self) -> Optional[List[LayerMitigations]]:
@@ -343,21 +337,23 @@ class Mamba2LM(nn.Module):
     def set_sequence_parallel(self, sp):
         """A pipeline.parallel.SequenceParallel: forward then takes this rank's contiguous segment
         of each sequence and returns its logits; None: whole sequences (decoding, evaluation).
-        Under compiled blocks (compile_blocks, before or after this) its collectives run eagerly."""
-        if sp is not None:
-            self._refuse_for_attention("sequence parallelism")
+        It is every layer's ops: a Mamba layer's conv and scan (state passing), an attention layer's conv, positions,
+        documents and keys (those of the earlier ranks gathered). Under compiled blocks (compile_blocks, before or
+        after this) its collectives run eagerly."""
         self.sequence_parallel = sp
         if sp is not None and any(layer.compiled_forward is not None for layer in self.backbone.layers):
             sp.keep_collectives_eager()
-        for mixer in self.mamba_mixers():
-            mixer.ops = LOCAL if sp is None else sp
+        for layer in self.backbone.layers:
+            layer.mixer.ops = layer.mixer.local_ops if sp is None else sp
 
     # -- carried state (carry.py) ------------------------------------------------------------------
     def set_carried(self, layers: Optional[List[LayerCarry]]):
         """One LayerCarry per layer (CarriedStates.entering): each forward then starts from it and records
         the final state (`carried_final`); None: every forward starts from zeros."""
-        if layers is not None:
-            self._refuse_for_attention("a carried state (an attention layer would need its keys and values carried)")
+        if layers is not None and self.config.attn_layer_idx:
+            raise ValueError(f"a carried state is not supported for models with attention layers (model.attn_layer_idx "
+                             f"{list(self.config.attn_layer_idx)}): an attention layer has no fixed-size state to "
+                             "carry (it would have to carry every key and value read); only the Mamba layers have one")
         if layers is not None and len(layers) != len(self.backbone.layers):
             raise ValueError(f"carried states for {len(layers)} layers given, "
                              f"the model has {len(self.backbone.layers)}")
@@ -381,7 +377,10 @@ class Mamba2LM(nn.Module):
         return final if self.sequence_parallel is None else final.from_last_rank(self.sequence_parallel)
 
     def halo_width(self) -> int:
-        """Rows before a segment that some layer reads: the conv's d_conv-1, a window's r-1."""
+        """Rows before a segment that some layer reads: the conv's d_conv-1, a window's r-1; with attention layers
+        every row (their queries read every earlier rank's keys, and so those keys' documents)."""
+        if self.config.attn_layer_idx:
+            return ALL_EARLIER_ROWS
         windows = [m.window for m in (self.mitigations or []) if m is not None and m.window]
         return max([self.config.d_conv - 1] + [w - 1 for w in windows])
 
@@ -407,6 +406,9 @@ class Mamba2LM(nn.Module):
         """Logits for every position (or the last `num_last_tokens`). With `cache`, the call
         continues from it and advances it: chunked prefill and decoding share this path."""
         if self.sequence_parallel is not None:
+            if cache is not None:
+                raise ValueError("a decoding cache cannot be used under sequence parallelism: "
+                                 "call set_sequence_parallel(None) first")
             self.sequence_parallel.begin(seq_idx, self.halo_width())
         hidden = self.backbone(input_ids, seq_idx=seq_idx, cache=cache)
         if cache is not None:

@@ -12,6 +12,15 @@ Each sequence is split into R contiguous segments, one per rank of a sequence-pa
 
 Traffic per layer and rank is O(h·p·n + halo) bytes, independent of the sequence length.
 
+Attention layers (model/attention.py) have no such state: a rank's queries read the keys and values of its own
+and every earlier rank's tokens. They are all-gathered (`context`: the halo below, as wide as the sequence before
+the segment), so each rank sends its segment's keys and values once per layer, and its backward reduce-scatters
+their gradients to the ranks that own them. Positions are global (rank x segment length + local index) and
+document ids are numbered from the sequence's start, from the earlier ranks' `seq_idx` that `begin` gathers whole
+for them. A ring (each rank passing key/value blocks on and accumulating its softmax online) would hold one
+block at a time instead of the prefix, at R-1 sequential steps per layer; the all-gather is one collective and
+exactly the one-process computation (docs/ARCHITECTURE.md §5 gives the memory).
+
 Data parallelism: DeepSpeed's data-parallel group stays the whole world (every rank holds
 a replica of the parameters, ZeRO partitions over all ranks), so a stage may change its
 SP degree without a new engine. A rank's gradient is only its segment's share of the
@@ -35,6 +44,7 @@ import torch.nn.functional as F
 from longctx import kernels
 from longctx.kernels.common import compute_dtype, document_ids, heads_of_groups, log_decays
 
+from ..model.attention import ALL_EARLIER_ROWS
 from ..model.mitigations import STATE_NORM_UNSUPPORTED
 from ..model.ops import SSDArguments
 
@@ -43,7 +53,12 @@ class SequenceParallel:
     """This rank's place in its sequence-parallel group, and the batch's document halo.
 
     `bytes_sent` counts the payload this rank contributes to collectives (all-gather: its
-    own buffer; all-reduce: the buffer), for `longctx bench sp`.
+    own buffer; reduce-scatter, all-gather's transpose: its own slot of the result, as many
+    bytes as the all-gather it reverses; all-reduce and broadcast: the buffer), for
+    `longctx bench sp`.
+
+    It is both kinds of layer's ops provider: a Mamba layer's `conv` and `scan` (state passing), an
+    attention layer's `conv`, `positions`, `documents` and `context` (attention.py's interface).
 
     Under torch.compile (train.compile) the collectives run eagerly: `keep_collectives_eager`.
     """
@@ -66,10 +81,20 @@ class SequenceParallel:
         self.bytes_sent += t.numel() * t.element_size()
         return t
 
+    def reduce_scatter(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (size, ...): slot i is this rank's part of rank i's result; returns the group's sum of this
+        rank's slot (the backward of an all-gather). NCCL runs a true reduce-scatter; gloo (torch >= 2.8) one
+        all-reduce per slot, so on CPU it moves no fewer bytes than the all-reduce of every slot did."""
+        out = torch.empty_like(slots[0])
+        dist.reduce_scatter(out, list(slots.contiguous().unbind(0)), group=self.group)
+        self.bytes_sent += out.numel() * out.element_size()
+        return out
+
     # -- per batch ------------------------------------------------------------------------------
     def begin(self, seq_idx: Optional[torch.Tensor], width: int) -> None:
         """Called once per forward: gathers the document ids of the `width` positions before this
-        segment (every layer's conv and window halos read them)."""
+        segment (every layer's conv and window halos read them; attention layers all of them,
+        width ALL_EARLIER_ROWS)."""
         self.seq_halo = None if seq_idx is None else halo(seq_idx[..., None], width, self)[..., 0]
 
     def _halo_docs(self, seq_idx, k):
@@ -90,8 +115,8 @@ class SequenceParallel:
             before = torch.cat([tail.to(xBC.dtype), before], 1)
             docs = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], 1)
         k = before.shape[1]
-        out, _ = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=docs)
-        return out[:, k:], xBC[:, xBC.shape[1] - (K - 1):]
+        out, last = kernels.causal_conv1d(torch.cat([before, xBC], 1), weight, bias, seq_idx=docs)
+        return out[:, k:], last
 
     def scan(self, x, dt, A, B, C, z, seq_idx, arguments: SSDArguments):
         """kernels.ssd over the whole sequence (zero initial state), for this segment's positions."""
@@ -127,6 +152,38 @@ class SequenceParallel:
         final = carry[:, -1][..., None, None] * incoming + local.to(cdt)
         return (y.to(cdt) + correction).to(y.dtype), final
 
+    # -- an attention layer's (model/attention.py): its queries read this and every earlier rank's keys -------
+    def positions(self, length: int, device) -> torch.Tensor:
+        """Global positions of this segment's `length` tokens: the ranks' segments are equally long (the
+        all-gathers need equal shapes; data.stream.rank_share cuts them so)."""
+        return torch.arange(self.rank * length, (self.rank + 1) * length, device=device)
+
+    def documents(self, seq_idx, batch: int, length: int, device) -> Optional[torch.Tensor]:
+        """Document ids of this segment's tokens, numbered from the sequence's start (`document_ids` over the
+        earlier ranks' seq_idx and this one's): the same on every rank for the same document."""
+        if seq_idx is None:
+            return None
+        if self.seq_halo is None or self.seq_halo.shape[1] != self.rank * length:
+            raise RuntimeError("an attention layer under sequence parallelism needs every earlier rank's seq_idx: "
+                               "begin(seq_idx, ALL_EARLIER_ROWS) first (Mamba2LM.halo_width)")
+        return document_ids(torch.cat([self.seq_halo, seq_idx], 1))[:, -length:]
+
+    def context(self, k, v, positions, docs):
+        """This segment's keys and values (b, l, hkv, d), rotated at `positions`, and documents -> the keys,
+        values, positions and documents of the sequence up to this segment's end, for its queries to read.
+
+        The keys and values of the earlier ranks are all-gathered as one halo of every row before the segment
+        (`_Halo`: its backward reduce-scatters the gradient of each gathered row back to the rank that owns it,
+        summed over the later ranks that read it). Under GQA the key/value heads go, not the query heads."""
+        kv_heads, d = k.shape[2:]
+        own = torch.cat([k.flatten(2), v.flatten(2)], -1)
+        kv = torch.cat([halo(own, ALL_EARLIER_ROWS, self), own], 1)
+        keys, values = (t.unflatten(-1, (kv_heads, d)) for t in kv.split(kv_heads * d, dim=-1))
+        if self.rank == 0:            # no earlier keys: the same positions tensor lets `attend` skip the mask
+            return keys, values, positions, docs
+        key_positions = torch.arange(kv.shape[1], device=k.device)
+        return keys, values, key_positions, None if docs is None else torch.cat([document_ids(self.seq_halo), docs], 1)
+
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """t as the group's last rank holds it, on every rank of the group."""
         dist.broadcast(t, src=dist.get_global_rank(self.group, self.size - 1), group=self.group)
@@ -139,7 +196,7 @@ class SequenceParallel:
         are compiled and this is its sequence parallelism). Traced, their byte counter's new value at every call
         failed dynamo's guards, so each step recompiled until dynamo's limit sent the blocks back to eager. Not
         applied at import: torch.compiler.disable imports dynamo, seconds of every process's start-up."""
-        for name in ("all_gather", "all_reduce", "broadcast_from_last"):
+        for name in ("all_gather", "all_reduce", "reduce_scatter", "broadcast_from_last"):
             method = getattr(SequenceParallel, name)
             if not getattr(method, "runs_eagerly", False):
                 eager = torch.compiler.disable(method)
@@ -171,18 +228,21 @@ def halo(t: torch.Tensor, width: int, sp: SequenceParallel) -> torch.Tensor:
 
 class _Halo(torch.autograd.Function):
     """Forward: all-gather every rank's last min(width, L) rows, keep those just before this
-    segment (several ranks' worth when width > L). Backward: each rank places its halo
-    gradient in the slots of the ranks it came from, the group sums, each keeps its slot."""
+    segment (several ranks' worth when width > L; every earlier rank's rows for an attention
+    layer's keys and values). Backward: each rank places its halo gradient in the slots of
+    the ranks it came from, and a reduce-scatter hands each rank the sum of its slot."""
 
     @staticmethod
     def forward(ctx, t, width, sp):
         b, L, f = t.shape
         m = min(width, L)
         tails = sp.all_gather(t[:, L - m:])
-        before = torch.cat(tails[:sp.rank], 1) if sp.rank else t[:, :0]
+        before = torch.cat(tails[:sp.rank], 1) if sp.rank else t.new_empty(b, 0, f)
         keep = min(width, before.shape[1])
         ctx.sp, ctx.shape, ctx.m, ctx.keep = sp, t.shape, m, keep
-        return before[:, before.shape[1] - keep:].clone()
+        # `before` is new memory; a slice of it is copied, so the output does not hold every gathered row. Whole (an
+        # attention layer's keys) it is returned as it is: a copy would cost the size of the sequence before it.
+        return before if keep == before.shape[1] else before[:, before.shape[1] - keep:].clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -192,9 +252,8 @@ class _Halo(torch.autograd.Function):
             flat = grad.new_zeros(b, sp.rank * m, f)
             flat[:, flat.shape[1] - keep:] = grad
             slots[:sp.rank] = flat.view(b, sp.rank, m, f).transpose(0, 1)
-        sp.all_reduce(slots)
         out = grad.new_zeros(b, L, f)
-        out[:, L - m:] = slots[sp.rank]
+        out[:, L - m:] = sp.reduce_scatter(slots)
         return out, None, None
 
 

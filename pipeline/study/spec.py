@@ -11,7 +11,7 @@
     baseline: continued                   # paired differences are taken against it
     evaluate:                             # on each cell's final checkpoint; per kind
       passkey: {lengths: [256, 1024, 4096], depths: [0, 0.5, 1], samples: 8}
-      length: {lengths: [16384], margin: 0.2, min_position: 256}
+      length: {lengths: [16384], margin: 0.2, min_position: 256, sequences: 8}
       variants: {decay 0.9: {decay_scale: 0.9}}      # evaluation-time mitigations beside "as trained"
       calibrate:                          # `longctx calibrate` on the final checkpoints of `variants`, evaluated
         calibrated decay: {param: decay, length: 4096, variants: [continued]}    # as another evaluation variant
@@ -39,7 +39,7 @@ LAWS_KEYS = ("horizon", "passkey_threshold")     # laws.py's settings
 REQUIRED = ("study", "seeds", "variants", "baseline", "out")
 VARIANT_KEYS = ("base", "from", "overrides")
 EVALUATE_KEYS = {"passkey": ("lengths", "depths", "samples", "calibration_length"),
-                 "length": ("lengths", "buckets", "margin", "min_position", "calibration_length"),
+                 "length": ("lengths", "buckets", "margin", "min_position", "sequences", "calibration_length"),
                  "niah": ("tasks", "lengths", "samples"), "variants": None, "calibrate": None}
 # `longctx calibrate`'s options (launch/cli.py), and which variants' cells to calibrate
 CALIBRATE_KEYS = ("param", "length", "samples", "batch", "steps", "lr", "per_head", "variants")

@@ -19,9 +19,10 @@ WARN_ABOVE = 0.10
 
 def eval_tokens(cfg: Config, p: StagePlan, world: int, ev: EvalConfig = None) -> int:
     """Tokens the busiest rank reads in one checkpoint's evaluation (with `ev`, by default the eval section):
-    every rank reads the held-out sequences; passkey batches, niah batches, loss-vs-position variants and the state
-    norms go round-robin over the ranks in that order, as evaluate/share.py hands them out (all on every rank under
-    ZeRO-3). A niah prompt's new tokens are priced at its answer's characters (its most for any tokenizer)."""
+    every rank reads the held-out sequences; passkey batches, niah batches, each loss-vs-position variant's rows
+    (eval.length_sequences) and the state norms go round-robin over the ranks in that order, as evaluate/share.py
+    hands them out (all on every rank under ZeRO-3). A niah prompt's new tokens are priced at its answer's
+    characters (its most for any tokenizer)."""
     ev = ev or cfg.eval
     if not ev.every_checkpoint:
         return 0
@@ -39,7 +40,7 @@ def eval_tokens(cfg: Config, p: StagePlan, world: int, ev: EvalConfig = None) ->
         items += [sum(c.length + niah.new_tokens(c.task) for c in b)
                   for b in prompt_batches(cases, niah.PROMPTS_PER_BATCH)] * variants
     if "length" in ev.kinds:
-        items += [ev.length_max] * variants
+        items += [ev.length_max] * (variants * ev.length_sequences)
     if "states" in ev.kinds:
         items.append(ev.length_max)
     shared = max(sum(items[r::split]) for r in range(split)) if items else 0
@@ -69,7 +70,8 @@ def budget_lines(cfg: Config, plans: List[StagePlan], world: int) -> List[str]:
         if ratio > WARN_ABOVE:
             warnings.append(f"warning: stage {p.name!r}: each checkpoint's evaluation reads {ratio:.0%} of the "
                             f"tokens trained between checkpoints (above {WARN_ABOVE:.0%}): shrink eval.passkey_* / "
-                            "eval.niah_* / eval.length_max, or checkpoint less often (checkpoint.every_steps)")
+                            "eval.niah_* / eval.length_max / eval.length_sequences, or checkpoint less often "
+                            "(checkpoint.every_steps)")
     final = eval_tokens(cfg, plans[-1], world, final_eval(cfg.eval))
     run = sum(p.steps * p.global_batch_tokens for p in plans) // world
     lines.append(f"  the run's last checkpoint{' (eval.final)' if cfg.eval.final else ''}: evaluation {final:,} "

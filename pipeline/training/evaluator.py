@@ -172,7 +172,8 @@ class Evaluator:
         ev = self.ev
         variants = self._variants(stage)
         results = run_eval("length", self.model, self.tok, out, lengths=[ev.length_max], buckets=ev.length_buckets,
-                           margin=ev.collapse_margin, stream=self.stream, variants=variants, **self._common(stage))
+                           margin=ev.collapse_margin, sequences=ev.length_sequences, stream=self.stream,
+                           variants=variants, **self._common(stage))
         res = results["as trained" if variants else "model"]
         record["collapse_point"] = res["collapse_point"]
         if "with mitigations" in results:
