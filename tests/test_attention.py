@@ -305,6 +305,36 @@ def test_the_state_evaluation_of_a_transformer_has_no_state_to_read(tmp_path, ca
     assert result["model"]["layers"] == [0, 2] and len(result["model"]["norms"][-1]) == 2   # its Mamba layers'
 
 
+def test_a_rotary_scaling_variant_is_the_model_made_with_that_scaling(tmp_path):
+    """`longctx eval --variants "PI x4=rotary_scaling=4"` (position interpolation at evaluation): logits equal the
+    same weights in a model whose config has the scaling, the model itself unchanged; refused without RoPE or
+    without attention layers, naming the variant."""
+    from longctx.pipeline.evaluate.any_checkpoint import evaluate_checkpoint
+    from longctx.pipeline.model.attention import with_rotary_scaling
+    model = transformer()
+    made = hybrid(n_layer=2, attn_layer_idx=[0, 1], attn_cfg=AttnConfig(num_heads=4, rotary_emb_dim=8,
+                                                                         rotary_scaling=4.0))
+    made.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 61, (2, 40))
+    scaled = with_rotary_scaling(model, 4.0)
+    assert torch.equal(scaled(ids).logits, made(ids).logits)
+    assert not torch.allclose(model(ids).logits, made(ids).logits)          # the original is left as it was
+    assert scaled.config.attn_cfg.rotary_scaling == 4.0 and model.config.attn_cfg.rotary_scaling == 1.0
+    with pytest.raises(ValueError, match="this model has none"):
+        with_rotary_scaling(hybrid(attn_layer_idx=[]), 2.0)
+    with pytest.raises(ValueError, match="have no RoPE"):
+        with_rotary_scaling(hybrid(attn_cfg=AttnConfig(num_heads=4)), 2.0)
+    hybrid(n_layer=2, attn_layer_idx=[0, 1], vocab_size=257, attn_cfg=AttnConfig(num_heads=4, rotary_emb_dim=8)
+           ).save_pretrained(tmp_path / "t")
+    result = evaluate_checkpoint("passkey", tmp_path / "t", lengths=[256], depths=[0.5], samples=2,
+                                 out=tmp_path / "pk", variant_specs=["as trained=", "PI x2=rotary_scaling=2"])
+    assert set(result) == {"as trained", "PI x2"}
+    hybrid(attn_layer_idx=[], vocab_size=257).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"--variants 'PI x2': rotary_scaling interpolates .* this model has none"):
+        evaluate_checkpoint("passkey", tmp_path / "m", lengths=[256], samples=1, out=tmp_path / "pk2",
+                            variant_specs=["PI x2=rotary_scaling=2"])
+
+
 # ----------------------------------------------------------------------------- mitigations: the Mamba layers' only
 
 def test_mitigations_skip_attention_layers_and_refuse_to_name_one():

@@ -100,10 +100,24 @@ def test_evaluate_length_takes_sequences_and_every_key_reaches_the_evaluation(tm
      r"evaluate.calibrate.cal.variants: 'nobody' is not one of the variants"),
     (("  variants: {{decay", "  calibrate: {{decay 0.9: {{param: A, length: 512}}}}\n  variants: {{decay"),
      r"evaluate.calibrate.decay 0.9: is also the name of an evaluation variant"),
+    (("{{decay_scale: 0.9}}", "{{decay_scale: 0.9, variants: [nobody]}}"),
+     r"evaluate.variants.decay 0.9.variants: 'nobody' is not one of the variants"),
+    (("{{decay_scale: 0.9}}", "0.9"), r"evaluate.variants.decay 0.9: must map `longctx eval --variants` keys"),
 ])
 def test_variants_with_their_own_base_or_start_and_calibrations_are_checked(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         load_study(write(tmp_path, STUDY.replace(*change)))
+
+
+def test_an_evaluation_variant_can_apply_to_some_variants_cells_only(tmp_path):
+    """A transformer's RoPE interpolation has no meaning for a Mamba-2 beside it in the study."""
+    from longctx.pipeline.study.runner import eval_variants
+    text = STUDY.replace("{{decay_scale: 0.9}}", "{{decay_scale: 0.9}}, PI x4: {{rotary_scaling: 4, variants: [none]}}")
+    study = load_study(write(tmp_path, text))
+    cells = {(c.variant, c.seed): c for c in study.cells}
+    assert eval_variants(study, cells["none", 0]) == ["as trained=", "decay 0.9=decay_scale=0.9",
+                                                      "PI x4=rotary_scaling=4"]
+    assert eval_variants(study, cells["state passing", 0]) == ["as trained=", "decay 0.9=decay_scale=0.9"]
 
 
 def test_a_variant_can_continue_an_earlier_one_from_another_base(tmp_path):

@@ -264,6 +264,24 @@ def test_resume_allows_and_reports_other_changes(tmp_path):
         check_resume(saved, {**saved, "dataset": "60:def"}, 2, "c.yaml")
 
 
+def test_a_checkpoint_older_than_a_model_field_resumes_with_its_default(tmp_path):
+    """A checkpoint written before a field existed (attn_cfg.rotary_scaling, attn_layer_idx) does not record it; it
+    was made with the default, so the run resumes under a newer longctx (it was refused as 'model.attn_cfg changed',
+    the whole section compared) and only a value other than the default is refused, naming the field."""
+    from longctx.pipeline.training.compatibility import check_resume
+    saved = _identity(tmp_path)
+    del saved["model"]["attn_cfg"]["rotary_scaling"], saved["model"]["attn_layer_idx"]
+    assert check_resume(saved, _identity(tmp_path), 3, "c.yaml") == []
+    with_rope = _identity(tmp_path, "model.attn_cfg.rotary_emb_dim=8")
+    del with_rope["model"]["attn_cfg"]["rotary_scaling"]
+    with pytest.raises(ConfigError, match=r"model.attn_cfg.rotary_scaling changed since the checkpoint "
+                                          r"\(it has 1.0, this run 2.0\)"):
+        check_resume(with_rope, _identity(tmp_path, "model.attn_cfg.rotary_emb_dim=8",
+                                          "model.attn_cfg.rotary_scaling=2"), 3, "c.yaml")
+    with pytest.raises(ConfigError, match=r"model.attn_cfg.num_heads changed .*it has 0, this run 2"):
+        check_resume(_identity(tmp_path), _identity(tmp_path, "model.attn_cfg.num_heads=2"), 3, "c.yaml")
+
+
 def _three_stage_identity(tmp_path, steps=(2, 2, 3)):
     from longctx.pipeline.config import model_config
     from longctx.pipeline.training.compatibility import run_identity

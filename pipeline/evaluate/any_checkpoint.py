@@ -13,6 +13,7 @@ from longctx.data.splits import heldout_of
 from longctx.data.stream import DocumentSource, PackedStream
 
 from ..mitigations import MitigationsConfig, merge_overrides, on_top, resolve
+from ..model.attention import with_rotary_scaling
 from ..model.load import find_checkpoint, load_any
 from ..model.mitigations import calibrate_state_norm
 from .niah import TASKS as NIAH_TASKS
@@ -99,6 +100,11 @@ def evaluate_checkpoint(kind: str, checkpoint, *, lengths: Optional[Sequence[int
                                      f"{m.config.vocab_size} ids, {source} of {model.config.vocab_size}: the same "
                                      "prompts would be other text for it")
                 models[spec.name] = m
+            if spec.rotary_scaling is not None:
+                try:
+                    models[spec.name] = m = with_rotary_scaling(m, spec.rotary_scaling)
+                except ValueError as e:
+                    raise ValueError(f"--variants {spec.name!r}: {e}") from None
             variants[spec.name] = (with_mitigations(m, spec.mitigations, f"--variants {spec.name}")
                                    if spec.mitigations else "as is")
     stream = None

@@ -184,3 +184,25 @@ class AttentionMixer(nn.Module):
         return AttentionCache.empty(batch, self.kv_heads, self.head_dim,
                                     conv=(self.d_conv, self.qkv_dim) if self.d_conv > 0 else None,
                                     device=device or w.device, dtype=dtype or w.dtype)
+
+
+def with_rotary_scaling(model: nn.Module, scale: float) -> nn.Module:
+    """A copy of `model` whose attention layers read RoPE positions divided by `scale` (position interpolation,
+    here without the fine-tuning it is usually followed by), its config saying so: an evaluation variant of a
+    model trained at scale 1. Refused for a model without attention layers or without RoPE."""
+    import copy
+    import dataclasses
+    mixers = [m for m in model.modules() if isinstance(m, AttentionMixer)]
+    if not mixers:
+        raise ValueError("rotary_scaling interpolates the positions of attention layers; this model has none")
+    if mixers[0].rotary_dim == 0:
+        raise ValueError("rotary_scaling interpolates RoPE's positions; this model's attention layers have no RoPE "
+                         "(attn_cfg.rotary_emb_dim is 0)")
+    if not scale > 0:
+        raise ValueError(f"rotary_scaling must be positive, got {scale}")
+    scaled = copy.deepcopy(model)
+    for m in scaled.modules():
+        if isinstance(m, AttentionMixer):
+            m.rotary_scaling = scale
+    scaled.config.attn_cfg = dataclasses.replace(scaled.config.attn_cfg, rotary_scaling=scale)
+    return scaled

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from .spec import Cell, Study, calibrations_for, folder
+from .spec import Cell, Study, calibrations_for, eval_variants_for, folder
 
 TRAINED = "study_trained.json"
 EVAL_DIR = "study-eval"
@@ -88,14 +88,15 @@ def calibrate_cell(study: Study, cell: Cell, name: str) -> None:
 
 def eval_variants(study: Study, cell: Cell) -> List[str]:
     """The evaluation-time variants as `longctx eval --variants` specs: the model as trained, each of
-    `evaluate.variants` (mitigations keys, nested ones dotted), then the cell's calibrated models."""
+    `evaluate.variants` that applies to the cell (mitigations keys, nested ones dotted), then the cell's calibrated
+    models."""
     def flat(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):
                 yield from flat(v, f"{prefix}{k}.")
             else:
                 yield f"{prefix}{k}={json.dumps(v) if isinstance(v, list) else v}"
-    extra = study.evaluate.get("variants") or {}
+    extra = eval_variants_for(study, cell.variant)
     return ([f"{AS_TRAINED}="] + [f"{name}={','.join(flat(keys))}" for name, keys in extra.items()]
             + [f"{name}=checkpoint={calibrated_dir(cell, name)}" for name in calibrations_for(study, cell.variant)])
 

@@ -12,7 +12,8 @@
     evaluate:                             # on each cell's final checkpoint; per kind
       passkey: {lengths: [256, 1024, 4096], depths: [0, 0.5, 1], samples: 8}
       length: {lengths: [16384], margin: 0.2, min_position: 256, sequences: 8}
-      variants: {decay 0.9: {decay_scale: 0.9}}      # evaluation-time mitigations beside "as trained"
+      variants: {decay 0.9: {decay_scale: 0.9}}      # evaluation-time mitigations beside "as trained" (or
+                                          # rotary_scaling; `variants: [...]`: only those variants' cells)
       calibrate:                          # `longctx calibrate` on the final checkpoints of `variants`, evaluated
         calibrated decay: {param: decay, length: 4096, variants: [continued]}    # as another evaluation variant
     out: runs/studies/lengthgen
@@ -175,6 +176,33 @@ def _laws(value, study: Study, where: str) -> Optional[Dict[str, Any]]:
     return value
 
 
+def _eval_variants(study: Study, where: str) -> None:
+    """evaluate.variants: name -> `longctx eval --variants` keys (mitigations, rotary_scaling) and, optionally, the
+    study variants whose cells it applies to (`variants`, default: all; rotary_scaling needs attention layers)."""
+    for name, keys in (study.evaluate.get("variants") or {}).items():
+        key = f"evaluate.variants.{name}"
+        if not isinstance(keys, dict):
+            raise _fail(where, key, f"must map `longctx eval --variants` keys to values, got {keys!r}")
+        _known_variants(keys.get("variants") or [], study, where, f"{key}.variants")
+
+
+def _known_variants(names, study: Study, where: str, key: str) -> None:
+    for v in names:
+        if v not in study.variants:
+            raise _fail(where, key, f"{v!r} is not one of the variants ({', '.join(study.variants)})")
+
+
+def _applies(options: dict, study: Study, variant: str) -> bool:
+    """Whether an evaluation-time entry (a calibration, an evaluation variant) applies to a variant's cells."""
+    return variant in (options.get("variants") or study.variants)
+
+
+def eval_variants_for(study: Study, variant: str) -> Dict[str, dict]:
+    """The evaluation variants that apply to a variant's cells: name -> their `longctx eval --variants` keys."""
+    return {name: {k: v for k, v in keys.items() if k != "variants"}
+            for name, keys in (study.evaluate.get("variants") or {}).items() if _applies(keys, study, variant)}
+
+
 def _calibrations(study: Study, where: str) -> None:
     """evaluate.calibrate: name -> longctx calibrate's options (param and length required) and the variants whose
     cells are calibrated (default: all); each calibrated model is evaluated as the evaluation variant `name`."""
@@ -190,17 +218,13 @@ def _calibrations(study: Study, where: str) -> None:
                 raise _fail(where, f"{key}.{k}", "is missing")
         if name in (study.evaluate.get("variants") or {}):
             raise _fail(where, key, "is also the name of an evaluation variant: rename one")
-        for v in options.get("variants") or []:
-            if v not in study.variants:
-                raise _fail(where, f"{key}.variants", f"{v!r} is not one of the variants "
-                            f"({', '.join(study.variants)})")
+        _known_variants(options.get("variants") or [], study, where, f"{key}.variants")
 
 
 def calibrations_for(study: Study, variant: str) -> Dict[str, dict]:
     """The calibrations that apply to a variant's cells: name -> longctx calibrate's options."""
     return {name: {k: v for k, v in options.items() if k != "variants"}
-            for name, options in (study.evaluate.get("calibrate") or {}).items()
-            if variant in (options.get("variants") or study.variants)}
+            for name, options in (study.evaluate.get("calibrate") or {}).items() if _applies(options, study, variant)}
 
 
 def load_study(path: str) -> Study:
@@ -232,6 +256,7 @@ def load_study(path: str) -> Study:
     for name, variant in study.variants.items():
         if variant.base is None and study.base is None:
             raise _fail(where, "base", f"is missing, and variant {name!r} names no base of its own")
+    _eval_variants(study, where)
     _calibrations(study, where)
     study.laws = _laws(raw.get("laws"), study, where)
     cells: Dict[tuple, Cell] = {}

@@ -8,7 +8,9 @@ run than the one checkpointed, naming the field with its old and new value; ever
 is allowed and returned as a note, which the trainer logs.
 
 Refused:
-- model.*: any architecture field (the weights would not fit, or mean something else);
+- model.*: any architecture field (the weights would not fit, or mean something else). A field the checkpoint
+  does not record was added to longctx after it was written, with a default that keeps the old behaviour: the
+  checkpoint has that default (a run from an older longctx resumes under a newer one, its new fields unset);
 - tokenizer: another tokenizer (token ids would mean other text);
 - data: other shards than the loader's position was recorded in (re-prepared data shifts it);
 - train.zero_stage, train.precision: DeepSpeed's optimizer state is laid out by them;
@@ -25,6 +27,7 @@ from typing import List
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, flatten
+from ..model.config import Mamba2Config
 
 STAGE_KEYS = ("name", "seq_len", "global_batch_tokens")
 
@@ -40,6 +43,21 @@ def run_identity(cfg: Config, model_config, tokenizer_identity: dict, dataset_id
     return json.loads(json.dumps(identity))          # tuples become lists, as they come back from the file
 
 
+# The architecture fields' defaults, for checkpoints written before a field existed (JSON-ready, as in a checkpoint)
+_MODEL_DEFAULTS = json.loads(json.dumps(asdict(Mamba2Config())))
+
+
+def architecture_changes(saved: dict, now: dict, defaults: dict, prefix: str = "model"):
+    """(field, old, new) for each architecture field that differs, nested sections (attn_cfg) field by field; a
+    field missing from the checkpoint's record counts as its default there."""
+    for k in sorted(set(saved) | set(now)):
+        old, new = saved.get(k, defaults.get(k)), now.get(k, defaults.get(k))
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from architecture_changes(old, new, defaults.get(k) or {}, f"{prefix}.{k}")
+        elif old != new:
+            yield f"{prefix}.{k}", old, new
+
+
 def check_resume(saved: dict, now: dict, step: int, where: str) -> List[str]:
     """Raise ConfigError on a change the checkpoint at `step` cannot continue under; return the allowed
     changes as notes."""
@@ -47,9 +65,8 @@ def check_resume(saved: dict, now: dict, step: int, where: str) -> List[str]:
         raise ConfigError(f"{where}: cannot resume: {field} changed since the checkpoint (it has {old!r}, this run "
                           f"{new!r}): {why}. Undo the change, or start a new run with run.resume=never")
 
-    for k, old in saved["model"].items():
-        if now["model"].get(k) != old:
-            refuse(f"model.{k}", old, now["model"].get(k), "the weights belong to the architecture they were made in")
+    for field, old, new in architecture_changes(saved["model"], now["model"], _MODEL_DEFAULTS):
+        refuse(field, old, new, "the weights belong to the architecture they were made in")
     if saved["tokenizer"] != now["tokenizer"]:
         refuse("tokenizer", saved["tokenizer"], now["tokenizer"], "token ids would stand for other text")
     if saved["dataset"] != now["dataset"]:
