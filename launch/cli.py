@@ -160,10 +160,13 @@ def _add_export(sub) -> None:
 def _add_bench(sub) -> None:
     parser = sub.add_parser("bench", help="benchmarks: kernels (SSD scan), data (prepare + loader), train (tokens/s), "
                                           "sp (sequence-parallel step time, bytes and memory per layer of a "
-                                          "hybrid's Mamba and attention layers)")
+                                          "hybrid's Mamba and attention layers), models (each variant of a study: "
+                                          "training and decoding tokens/s, decoding state bytes)")
     parser.add_argument("what", choices=list(BENCHES))
     parser.add_argument("--lengths", default=None,
-                        help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,16384)")
+                        help="comma-separated sequence lengths (kernels: 512,1024,2048,4096; sp: 2048,8192,16384; "
+                             "models: the decoding lengths, 256,1024,4096)")
+    parser.add_argument("--study", default=None, help="models: the study file whose variants' models to compare")
     parser.add_argument("--nproc", type=int, default=2, help="sp: processes in the sequence-parallel group")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--headdim", type=int, default=64)
@@ -453,6 +456,18 @@ def bench_sp(args, out: Path) -> None:
     _save_json(rows, out)
 
 
+def bench_models(args, out: Path) -> None:
+    from longctx.pipeline.bench.models import run_models_bench
+    from longctx.pipeline.study.spec import load_study
+    if not args.study:
+        raise SystemExit("longctx bench models: give --study STUDY.yaml (the variants whose models to compare)")
+    study = load_study(args.study)
+    configs = {c.variant: c.config for c in study.cells if c.seed == study.seeds[0]}
+    rows = run_models_bench(configs, _ints(args.lengths or "256,1024,4096"), repeats=args.repeats)
+    _print_rows(rows)
+    _save_json(rows, out)
+
+
 def _save_json(result, out: Path) -> None:
     import json
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -460,7 +475,7 @@ def _save_json(result, out: Path) -> None:
     print(f"wrote {out}")
 
 
-BENCHES = {"kernels": bench_kernels, "data": bench_data, "train": bench_train, "sp": bench_sp}
+BENCHES = {"kernels": bench_kernels, "data": bench_data, "train": bench_train, "sp": bench_sp, "models": bench_models}
 
 
 def cmd_bench(args) -> int:
