@@ -7,10 +7,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # Tests kept on one worker, in turn, whichever worker pytest-xdist gives them (`--dist loadgroup`,
-# pyproject.toml), by a fixture they use. The test SLURM cluster is one per machine (tests/slurm/cluster.sh); the
-# others are long module or session set-ups (a training run, prepared data) that each worker would repeat.
-SERIAL_GROUPS = {"slurm_cluster": "slurm", "uninterrupted3": "slurm", "marked_shards": "nonfinite",
-                 "carried": "carried"}
+# pyproject.toml), by a fixture they use: the test SLURM cluster, one per machine (tests/slurm/cluster.sh). Long
+# set-ups need no group: tests/shared.py makes each once for both workers, whichever needs it first.
+SERIAL_GROUPS = {"slurm_cluster": "slurm"}
 
 
 FIRST_GROUP = "slurm"       # the longest group (~8 minutes) starts first: the last test to start is then a short one
@@ -53,21 +52,32 @@ def ray_session(s3_endpoint):  # noqa: F811  (the fixture imported above)
 
 
 def _reference_run(tmp_path_factory, stages):
+    """The run in a directory the workers share (tests/README.md: once per session, not per worker); each
+    worker's tests get a directory of their own to write their runs in, with the run (`full`) and its prepared
+    data (`mds`) linked in, read-only to them: write_config resolves the link, so their runs find the data
+    complete under the path it was prepared at (its parts are named by that path) and write nothing there."""
     import glob
     import re
     import subprocess
 
+    from tests.shared import decompress, shared_once
     from tests.training import records, run_cmd, write_config
+    with shared_once(tmp_path_factory, f"train{stages}") as (shared, make):
+        if make:
+            cfg = write_config(shared, "full", stages=stages)
+            r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            # DeepSpeed's CPU all-reduce buffers (66 MB per rank, named by the run's master address and port) are
+            # released when the run ends, and so is the readers' shared memory by the ranks themselves (not by
+            # Python's resource tracker after them, which warns). This run's buffers: another worker's run may
+            # hold its own.
+            port = re.search(r"--master_port=(\d+)", r.stdout + r.stderr).group(1)
+            assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), port
+            assert "leaked shared_memory" not in r.stderr, r.stderr[-3000:]
+            decompress(shared / "mds")
     tmp = tmp_path_factory.mktemp(f"train{stages}")
-    cfg = write_config(tmp, "full", stages=stages)
-    r = subprocess.run(run_cmd(cfg), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # DeepSpeed's CPU all-reduce buffers (66 MB per rank, named by the run's master address and port) are
-    # released when the run ends, and so is the readers' shared memory by the ranks themselves (not by Python's
-    # resource tracker after them, which warns). This run's buffers: another worker's run may hold its own.
-    port = re.search(r"--master_port=(\d+)", r.stdout + r.stderr).group(1)
-    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), port
-    assert "leaked shared_memory" not in r.stderr, r.stderr[-3000:]
+    for name in ("full", "mds"):
+        (tmp / name).symlink_to(shared / name, target_is_directory=True)
     return tmp, records(tmp / "full")
 
 

@@ -1,4 +1,5 @@
 """`longctx launch` and the scripts in launch/: rendering, shell checks, and local end-to-end runs."""
+import contextlib
 import json
 import os
 import shutil
@@ -155,8 +156,14 @@ class RayHead:
                                    "LONGCTX_CONFIG": str(cfg), "PYTHON": sys.executable, **env})
 
     def __exit__(self, *exc):
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(60)
+        # SIGTERM to `ray start --block` alone: it stops its processes in order and exits within seconds. Sent to
+        # the whole group at once, the processes were gone as soon, but `ray start` itself lingered ~30 s more.
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)      # anything of the head's still there
 
 
 def test_ray_job_script_prepares_on_a_ray_head(tmp_path):

@@ -15,25 +15,30 @@ from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.curriculum import learning_rate, plan
 from longctx.pipeline.training.loss import sequence_loss
 from longctx.pipeline.training.trainer import param_groups
+from tests.shared import decompress, shared_once
 
 MARK = ord("#")          # the one byte whose embedding row is NaN: it appears in a single document
 
 
-@pytest.fixture(scope="module")
-def marked_shards(tmp_path_factory):
-    """30 short documents, one of them (the 8th) holding the marked byte, prepared once for the module's runs."""
+@pytest.fixture(scope="session")
+def marked_shards(tmp_path_factory, request):
+    """30 short documents, one of them (the 8th) holding the marked byte, prepared once for the session's runs
+    (both workers': tests/shared.py) on the session's Ray; the runs only read them."""
     import random
-    root = tmp_path_factory.mktemp("nonfinite-data")
-    rng = random.Random(0)
-    with open(root / "docs.jsonl", "w") as f:
-        for i in range(30):
-            text = "".join(rng.choice("abcdefgh ") for _ in range(50))
-            f.write(json.dumps({"text": text[:20] + "#" + text[20:] if i == 7 else text}) + "\n")
-    (root / "prepare.yaml").write_text(f"data: {{prepare: {{inputs: [{root / 'docs.jsonl'}], output: {root / 'mds'}, "
-                                       "heldout_fraction: 0}}\n")
-    r = subprocess.run([sys.executable, "-m", "longctx", "prepare", str(root / "prepare.yaml")], capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
+    from longctx.data.prepare import prepare
+    with shared_once(tmp_path_factory, "nonfinite-data") as (root, make):
+        if make:
+            request.getfixturevalue("ray_session")
+            rng = random.Random(0)
+            with open(root / "docs.jsonl", "w") as f:
+                for i in range(30):
+                    text = "".join(rng.choice("abcdefgh ") for _ in range(50))
+                    f.write(json.dumps({"text": text[:20] + "#" + text[20:] if i == 7 else text}) + "\n")
+            prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                                     heldout_fraction=0)), TokenizerConfig())
+            decompress(root / "mds")
     return root / "mds"
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests.shared import shared_once
 from tests.training import STEPS, assert_same_run, records, run_cmd, sigkill_mid_stage, write_config
 
 BATCH_THEN_DOCUMENT = ["curriculum.stages.0.carry_state=batch", "curriculum.stages.1.carry_state=document",
@@ -18,13 +19,18 @@ def _run(cmd, what):
     return r
 
 
-@pytest.fixture(scope="module")
-def carried(uninterrupted):
-    """The uninterrupted 2-process run with stage 0 in State Passing (DP 2) and stage 1 in document lanes."""
+@pytest.fixture(scope="session")
+def carried(uninterrupted, tmp_path_factory):
+    """The uninterrupted 2-process run with stage 0 in State Passing (DP 2) and stage 1 in document lanes: run once
+    for both workers (tests/shared.py), on the reference run's data, and linked into this worker's directory
+    (the tests only read it, and write their own runs beside it)."""
     tmp, plain = uninterrupted
-    cfg = write_config(tmp, "carried")
-    _run(run_cmd(cfg, *BATCH_THEN_DOCUMENT), "carried run")
-    return tmp, cfg, records(tmp / "carried"), plain
+    with shared_once(tmp_path_factory, "carried") as (shared, make):
+        if make:
+            (shared / "mds").symlink_to((tmp / "mds").resolve(), target_is_directory=True)
+            _run(run_cmd(write_config(shared, "carried"), *BATCH_THEN_DOCUMENT), "carried run")
+    (tmp / "carried").symlink_to(shared / "carried", target_is_directory=True)
+    return tmp, shared / "carried.yaml", records(tmp / "carried"), plain
 
 
 def test_the_carried_state_changes_training_from_the_first_step(carried):

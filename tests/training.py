@@ -14,6 +14,8 @@ THIRD_STAGE = "    - {name: longer, seq_len: 256, steps: 6, global_batch_tokens:
 
 
 def write_config(tmp_path, name, zero=1, every=2, stages=2):
+    """The run `name` in tmp_path, its data prepared in tmp_path/mds: where that is a link (the reference run's
+    data, tests/conftest.py), the directory it links to, whose parts are named by that path."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 3}}
@@ -21,7 +23,7 @@ model: {{d_model: 32, n_layer: 2, vocab_size: 257, d_state: 16, headdim: 16, chu
 tokenizer: {{kind: byte}}
 data:
   prepare:
-    output: {tmp_path / 'mds'}
+    output: {(tmp_path / 'mds').resolve()}
     heldout_fraction: 0.2
     synthetic: {{documents: 60, min_tokens: 300, max_tokens: 1500, seed: 1}}
 train: {{micro_batch_size: 1, zero_stage: {zero}}}
@@ -40,8 +42,8 @@ eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, l
     return path
 
 
-def run_cmd(path, *extra):
-    return [sys.executable, "-m", "longctx", "run", str(path), "--nproc", "2", *extra]
+def run_cmd(path, *extra, nproc=2):
+    return [sys.executable, "-m", "longctx", "run", str(path), "--nproc", str(nproc), *extra]
 
 
 def records(run_dir):

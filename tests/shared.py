@@ -1,0 +1,40 @@
+"""Set-ups made once per session, whichever pytest-xdist worker needs them first (tests/README.md)."""
+import contextlib
+import fcntl
+import os
+import shutil
+
+
+@contextlib.contextmanager
+def shared_once(tmp_path_factory, name):
+    """A directory made once for the whole session and shared by its pytest-xdist workers (under `-n 0`, this
+    process's own): yields (path, made), `made` false when it is already there, complete. The first worker to
+    come makes it (fills the directory inside the `with`) while the others wait on the file lock; a failed
+    attempt's leftovers are removed and the next user makes it again. Its users only read it."""
+    base = tmp_path_factory.getbasetemp()
+    # a worker's base is the session's, + popen-gwN (pytest-xdist); a pytest this session starts inherits the
+    # variable but has a base of its own
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    path = (base.parent if worker and base.name == f"popen-{worker}" else base) / f"shared-{name}"
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file is closed
+        done = path.parent / f"{path.name}.done"
+        if done.exists():
+            yield path, False
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        yield path, True
+        done.touch()
+
+
+def decompress(mds) -> None:
+    """Every shard of a prepared output (`longctx prepare`) decompressed beside its .zstd, as its first reader would
+    leave it: the readers of both workers then write nothing there (two jobs decompressing one shard at once would
+    share mosaicml-streaming's `.tmp` file for it)."""
+    from longctx.data.stream import open_splits
+    for source in open_splits(str(mds)):
+        if source is not None:
+            for i in range(len(source)):
+                source.tokens(i)
+            source.close()
