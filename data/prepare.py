@@ -35,6 +35,7 @@ from .synthetic import write_jsonl
 from .tokenizer import identity, load_tokenizer, token_dtype
 
 EXAMPLES_PER_REASON = 5
+SYNTHETIC = "_synthetic"        # where prepare writes the documents of data.prepare.synthetic, in the staging
 
 
 class PrepareError(ValueError):
@@ -57,11 +58,25 @@ class Settings:
     staging: str            # local directory that holds the parts
     remote: Optional[str]   # s3:// output, or None when the output is local (== staging)
 
-    def part_id(self, item: WorkItem) -> str:
-        key = [FORMAT_VERSION, item.url, item.size, item.version, item.fmt, item.start, item.end,
+    def part_id(self, item: WorkItem, legacy: bool = False) -> str:
+        """An input is known by its path, size and version (mtime or ETag), except the documents prepare
+        generates inside the output (`data.prepare.synthetic`): their file name says their content (the
+        settings' hash), so their parts keep their ids wherever the output lies (moved, copied, or reached by
+        another path). `legacy`: the id an older longctx gave those too (by absolute path and mtime)."""
+        name, version = item.url, item.version
+        generated = self.generated_name(item.url)
+        if generated and not legacy:
+            name, version = generated, ""
+        key = [FORMAT_VERSION, name, item.size, version, item.fmt, item.start, item.end,
                self.tokenizer_sha256, self.text_field, self.min_doc_tokens, self.max_doc_tokens,
                self.max_line_bytes, self.heldout_fraction]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+
+    def generated_name(self, url: str) -> Optional[str]:
+        """`_synthetic/<file>` for a file prepare generated in this output's staging, else None."""
+        if storage.is_s3(url) or os.path.dirname(url) != os.path.abspath(os.path.join(self.staging, SYNTHETIC)):
+            return None
+        return f"{SYNTHETIC}/{os.path.basename(url)}"
 
 
 def _empty_stats() -> dict:
@@ -87,9 +102,8 @@ def _reject(stats: dict, reason: str, location: str) -> None:
         examples.append(location)
 
 
-def process_item(item: WorkItem, settings: Settings) -> dict:
-    """Tokenize one work item into its two MDS parts. Runs inside a Ray task."""
-    pid = settings.part_id(item)
+def process_item(item: WorkItem, settings: Settings, pid: str) -> dict:
+    """Tokenize one work item into its two MDS parts, `part-<pid>`. Runs inside a Ray task."""
     marker = part_marker(settings.staging, pid)
     if not os.path.exists(marker) or _meta_only(marker):     # meta only: the remote part is gone, make it again
         _write_part(item, settings, pid, marker)
@@ -344,7 +358,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
     for pattern in p.inputs:
         files += storage.expand(pattern)
     if p.synthetic.documents > 0:
-        files += storage.expand(write_jsonl(p.synthetic, os.path.join(staging, "_synthetic")))
+        files += storage.expand(write_jsonl(p.synthetic, os.path.join(staging, SYNTHETIC)))
     files = sorted({f.url: f for f in files}.values(), key=lambda f: f.url)
     for f in files:
         detect_format(f.url)                                          # unsupported suffix: error before work
@@ -361,7 +375,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                            " without the train/heldout splits); prepare into a new output, or delete this one first")
     known_sha = {(i["path"], i["size"], i.get("version")): i["sha256"] for i in previous.get("inputs", [])}
     remote_done = _remote_done_parts(remote) if remote else set()
-    ids = [settings.part_id(it) for it in items]
+    ids = [_known_id(settings, it, staging) for it in items]
     for pid in ids:
         if pid in remote_done:
             _fetch_remote_part_meta(remote, staging, pid)
@@ -396,7 +410,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
                 f"{len(items) - len(todo)} already done")
             work_bytes = sum(_item_bytes(items[i]) for i in todo)
             progress = Progress(work_bytes, len(todo))
-            _run_tasks(process_item, [(items[i], settings) for i in todo], p.num_workers, data.s3, progress,
+            _run_tasks(process_item, [(items[i], settings, ids[i]) for i in todo], p.num_workers, data.s3, progress,
                        [items[i] for i in todo])
             shas = _run_tasks(_sha256, [(f.url,) for f in need_sha], p.num_workers, data.s3)
             known_sha.update({(f.url, f.size, f.version): s for f, s in zip(need_sha, shas)})
@@ -413,6 +427,17 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> dict:
 
     return _finish(p.output, staging, remote, items, ids, files, known_sha, tok, settings, log,
                    {"todo": [ids[i] for i in todo], "bytes": work_bytes, "t0": t0})
+
+
+def _known_id(settings: Settings, item: WorkItem, staging: str) -> str:
+    """The item's part id; a generated input's part made by an older longctx (named by its absolute path) is kept
+    under that id where this output holds it, so its runs still find the shards they started on."""
+    pid = settings.part_id(item)
+    if settings.generated_name(item.url) and not os.path.exists(part_marker(staging, pid)):
+        legacy = settings.part_id(item, legacy=True)
+        if os.path.exists(part_marker(staging, legacy)):
+            return legacy
+    return pid
 
 
 def _complete_as_recorded(output: str, manifest: dict, parts: List[str], tok) -> bool:

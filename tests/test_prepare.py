@@ -160,6 +160,36 @@ def test_rerun_is_idempotent_and_new_inputs_add_only_their_work(tmp_path):
     assert grown["documents"] == first["documents"] + 20
 
 
+def test_generated_documents_keep_their_parts_wherever_the_output_lies(tmp_path, monkeypatch):
+    """An output with data.prepare.synthetic, moved or copied (new mtimes) or reached by another path, is found
+    complete: its parts were named by the generated file's absolute path and mtime, so it was prepared again as a
+    new part and every run on it refused to resume ("data (the shards) changed"). A part an older longctx made
+    that way is kept under its old id where the output still holds it."""
+    import shutil
+
+    from longctx.data.config import SyntheticConfig
+    from longctx.data.prepare import Settings
+
+    def synthetic(out):
+        return DataConfig(prepare=PrepareConfig(output=str(out), num_workers=1, heldout_fraction=0.2,
+                                                synthetic=SyntheticConfig(documents=40, min_tokens=50, max_tokens=300)))
+    first = prepare(synthetic(tmp_path / "a"), TokenizerConfig())
+    os.rename(tmp_path / "a", tmp_path / "moved")
+    shutil.copytree(tmp_path / "moved", tmp_path / "copied", copy_function=shutil.copy)    # new mtimes
+    for out in ("moved", "copied"):
+        again = prepare(synthetic(tmp_path / out), TokenizerConfig())
+        assert again["run"]["parts_tokenized"] == 0 and again["parts"] == first["parts"], out
+    # an output an older longctx prepared: its part named by the absolute path (and mtime), kept as it is
+    new_style = Settings.part_id
+    monkeypatch.setattr(Settings, "part_id", lambda self, item, legacy=False: new_style(self, item, legacy=True))
+    old = prepare(synthetic(tmp_path / "old"), TokenizerConfig())
+    monkeypatch.setattr(Settings, "part_id", new_style)
+    assert old["parts"] != first["parts"]
+    again = prepare(synthetic(tmp_path / "old"), TokenizerConfig())
+    assert again["run"]["parts_tokenized"] == 0 and again["parts"] == old["parts"]
+    assert [again[k] for k in ("documents", "tokens", "splits")] == [first[k] for k in ("documents", "tokens", "splits")]
+
+
 def test_runs_that_recheck_a_complete_output_at_once_neither_fail_nor_tear_its_files(tmp_path):
     """Two `longctx run`s of one config both re-check its complete shards (prepare finds nothing to do
     and rewrites the split indexes and lengths): each file is replaced whole under a name of its own,
