@@ -368,6 +368,9 @@ FAKE_LAUNCHER = textwrap.dedent("""
 # run_relayed as run_local calls it: SIGTERM's handler prints and returns, the wait goes on
 RUN = textwrap.dedent("""
     import signal, sys
+    # Ctrl-C's default, as in a terminal: a suite run as a background job of a shell without job control (`pytest
+    # &` in a script) inherits SIGINT ignored, and `longctx run` would then rightly ignore it too
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from longctx.launch.console import Console
     from longctx.launch.local import run_relayed
     console = Console(sys.stdout, sys.stderr, live=False)
