@@ -157,20 +157,22 @@ def plot(payload: dict, out: Path) -> List[Path]:
     written = []
     metrics = sorted({m for by in payload["summary"].values() for m in by})
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for lab, by in payload["summary"].items():
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for i, (lab, by) in enumerate(payload["summary"].items()):
             if metric not in by:
                 continue
             points = sorted((int(L), e) for L, e in by[metric].items())
             xs = [L for L, _ in points]
             ys = [e["mean"] for _, e in points]
             err = [[e["mean"] - e["ci_low"] for _, e in points], [e["ci_high"] - e["mean"] for _, e in points]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=lab)
+            # ten colours, then the next ten dashed with other markers: every series told apart
+            ax.errorbar(xs, ys, yerr=err, marker="os^D"[i // 10 % 4], linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+                        capsize=3, label=lab)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("length (tokens)")
         ax.set_ylabel(metric)
         ax.set_title(f"{payload['study']}: {metric} (mean and 95% interval over seeds and prompts)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         path = out / f"{metric.replace(' ', '_')}.png"
         fig.savefig(path, dpi=110)
