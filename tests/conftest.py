@@ -55,7 +55,7 @@ def _reference_run(tmp_path_factory, stages):
     """The run in a directory the workers share (tests/README.md: once per session, not per worker); each
     worker's tests get a directory of their own to write their runs in, with the run (`full`) and its prepared
     data (`mds`) linked in, read-only to them: write_config resolves the link, so their runs find the data
-    complete under the path it was prepared at (its parts are named by that path) and write nothing there."""
+    complete as recorded under the path it was prepared at, and write nothing there."""
     import glob
     import re
     import subprocess

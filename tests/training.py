@@ -15,7 +15,8 @@ THIRD_STAGE = "    - {name: longer, seq_len: 256, steps: 6, global_batch_tokens:
 
 def write_config(tmp_path, name, zero=1, every=2, stages=2):
     """The run `name` in tmp_path, its data prepared in tmp_path/mds: where that is a link (the reference run's
-    data, tests/conftest.py), the directory it links to, whose parts are named by that path."""
+    data, tests/conftest.py), the directory it links to: the manifest records its inputs by that path, and under
+    another one prepare would record them again, writing into the shared data."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""
 run: {{name: {name}, dir: {tmp_path / name}, seed: 3}}

@@ -3,13 +3,12 @@
 first seed, with fresh weights (the cost does not depend on them), in this one process:
 
 - training tokens/s: forward + backward + AdamW on one micro-batch of its first stage's shape;
-- decoding at each length L: a prompt of L - 1 tokens prefilled, then one token at a time: tokens/s of those
+- decoding at each length L: a prompt of L - 16 tokens prefilled, then 16 single-token steps: tokens/s of those
   steps, and the bytes of the decoding state then held (a Mamba layer's state is the same at every length, an
   attention layer keeps the keys and values of every token read).
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Dict, List, Sequence
 
@@ -18,7 +17,7 @@ import torch
 from ..config import Config, model_config
 from ..model import Mamba2LM
 from ..model.inference import AttentionCache
-from ..training.loss import lm_loss
+from .train import median_step_seconds
 
 DECODE_STEPS = 16            # timed single-token steps after the prefill, per length
 
@@ -38,18 +37,8 @@ def state_bytes(cache) -> int:
 
 
 def training_tokens_per_s(model: Mamba2LM, batch: int, seq_len: int, repeats: int) -> float:
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
-    times = []
-    for i in range(repeats + 1):                      # the first step warms up
-        t0 = time.perf_counter()
-        lm_loss(model(ids[:, :-1]).logits, ids[:, 1:]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return batch * seq_len / statistics.median(times)
+    return batch * seq_len / median_step_seconds(model, ids, repeats)
 
 
 @torch.no_grad()

@@ -24,11 +24,12 @@ def model_flops_per_token(model: Mamba2LM) -> float:
     return 6.0 * sum(p.numel() for p in model.parameters())
 
 
-def bench_shape(name: str, device: str, seq_len: int, repeats: int, dtype=torch.float32) -> dict:
-    torch.manual_seed(0)
-    model = Mamba2LM(SHAPES[name]).to(device=device, dtype=dtype).train()
+def median_step_seconds(model: Mamba2LM, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of a training step (forward, backward, AdamW) on the rows `ids` (b, l + 1), after one
+    untimed step (allocation, first-call work). The model is put in training mode."""
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, SHAPES[name].vocab_size, (1, seq_len + 1), device=device)
+    cuda = ids.device.type == "cuda"
 
     def step():
         loss = lm_loss(model(ids[:, :-1]).logits, ids[:, 1:])
@@ -39,14 +40,21 @@ def bench_shape(name: str, device: str, seq_len: int, repeats: int, dtype=torch.
     step()
     times = []
     for _ in range(repeats):
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    s = statistics.median(times)
+    return statistics.median(times)
+
+
+def bench_shape(name: str, device: str, seq_len: int, repeats: int, dtype=torch.float32) -> dict:
+    torch.manual_seed(0)
+    model = Mamba2LM(SHAPES[name]).to(device=device, dtype=dtype)
+    ids = torch.randint(0, SHAPES[name].vocab_size, (1, seq_len + 1), device=device)
+    s = median_step_seconds(model, ids, repeats)
     row = {"shape": name, "device": device if device == "cpu" else torch.cuda.get_device_name(),
            "dtype": str(dtype)[6:], "seq_len": seq_len, "params": sum(p.numel() for p in model.parameters()),
            "step_s": s, "tokens_per_s": seq_len / s}
