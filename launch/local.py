@@ -93,7 +93,7 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    from longctx.pipeline.parallel.shm import CLEAN_STREAMING_SHM, release_shm_buffers, release_stale_shm_buffers
+    from longctx.pipeline.parallel.shm import CLEAN_STREAMING_SHM, release_stale_shm_buffers
     env[CLEAN_STREAMING_SHM] = "1"
     stale = release_stale_shm_buffers()
     if stale:
@@ -116,7 +116,7 @@ def run_local(cfg: Config, config: str, overrides: List[str], nproc: int, plan_t
         rc = run_relayed(cmd, env, console, verbose)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    release_shm_buffers("127.0.0.1", str(port))     # also those of ranks that were killed
+    release_stale_shm_buffers("127.0.0.1", str(port))     # those of ranks that were killed, once old enough
     from longctx.pipeline.training.report import write_report
     report = write_report(Path(cfg.run.dir), plan_text, started_from=cfg.model.from_pretrained)
     print(f"report: {report}")

@@ -7,12 +7,21 @@ import glob
 import os
 import re
 import tempfile
+import time
 from collections import defaultdict
+
+# A rank creates its buffer by writing 66 MB into a new file and maps it only then (DeepSpeed's shared_create):
+# for that long, under load for seconds, a live run's buffer is mapped by no one. Removing it then hangs the run
+# for good (its other ranks poll for the file without a timeout), so a buffer counts as left behind only once it
+# has also been unchanged this long.
+UNCHANGED_FOR_S = 120.0
 
 
 def release_shm_buffers(addr: str, port: str, rank: str = "*") -> None:
-    """Unlink DeepSpeed's CPU all-reduce buffers of a run (/dev/shm, ~66 MB per rank). DeepSpeed never
-    removes them, so every finished or killed CPU run would otherwise leave them until the memory is full."""
+    """Unlink a rank's own DeepSpeed CPU all-reduce buffers (/dev/shm, ~66 MB per rank) once its run no longer
+    uses them: DeepSpeed never removes them, so every finished run would otherwise leave them until the memory
+    is full. Only for the rank itself, whose run still holds its address and port: another run cannot have
+    taken them meanwhile."""
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
         with contextlib.suppress(FileNotFoundError):    # another process of the run removed it first
             os.unlink(path)
@@ -30,10 +39,21 @@ def mapped_paths() -> set:
     return mapped
 
 
-def release_stale_shm_buffers() -> list:
-    """Unlink this user's DeepSpeed buffers that no live process maps: those of runs killed before they
-    could clean up (SIGKILL, a lost node). Returns the paths removed. Buffers of runs still going are kept."""
-    buffers = set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+def _unchanged_for(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime >= seconds
+    except FileNotFoundError:
+        return False
+
+
+def release_stale_shm_buffers(addr: str = "*", port: str = "*",
+                              unchanged_for_s: float = UNCHANGED_FOR_S) -> list:
+    """Unlink this user's DeepSpeed buffers (of one address and port, or all) that no live process maps and
+    that nothing wrote for `unchanged_for_s`: those of runs killed before they could clean up (SIGKILL, a lost
+    node). Returns the paths removed. Buffers of runs still going, or starting, are kept. Not by address and
+    port alone: once a run's ranks are gone, another run may take the same port and be creating its own."""
+    buffers = {path for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*")
+               if _unchanged_for(path, unchanged_for_s)}
     if not buffers:
         return []
     stale = sorted(buffers - mapped_paths())
