@@ -13,6 +13,10 @@ SERIAL_GROUPS = {"slurm_cluster": "slurm"}
 
 
 FIRST_GROUP = "slurm"       # the longest group (~8 minutes) starts first: the last test to start is then a short one
+# Then the modules of multi-process runs (each test a minute or more; `--durations` lists them), longest first, and
+# the many short tests after them: a worker that finishes early takes short ones, none waits alone on a long tail.
+LONG_MODULES = ("test_train.py", "test_study.py", "test_prepare.py", "test_train_carry.py", "test_precision.py",
+                "test_nonfinite.py", "test_launch.py", "test_parallel.py")
 
 
 def _groups(item) -> set:
@@ -24,7 +28,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         for group in sorted(_groups(item)):
             item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: FIRST_GROUP not in _groups(item))     # stable: the order is kept otherwise
+    def order(item):
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return (FIRST_GROUP not in _groups(item),
+                LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES))
+    items.sort(key=order)     # stable: the order is kept otherwise
 
 
 @pytest.fixture(autouse=True)

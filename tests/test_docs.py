@@ -7,7 +7,7 @@
     `||`, `;`, `|` and `&`, whose first word is `longctx`, after any `NAME=value` environment words and a `time`,
     `/usr/bin/time` or `/usr/bin/time -v` in front. When the config it names exists, it is loaded with the line's
     overrides (`load_config`), so a renamed key fails here, not for a user.
-(b) A command that names a config that exists is also run, in a subprocess (`python -m longctx`): `run` with
+(b) A command that names a config that exists is also run, through `python -m longctx`'s entry point: `run` with
     `--plan`, `launch` with `--dry-run` (in place of `--submit`); it must exit 0. Neither starts any training.
     Other commands have no such mode and are only parsed and loaded.
     Placeholders: example paths that do not exist here (CKPT, /models/..., prepare.yaml, hostfile, a run's
@@ -21,8 +21,6 @@ The README's test command is the one `.ci/run` runs, and its command map names e
 """
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -189,11 +187,19 @@ def test_some_documented_commands_are_run():
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("where,argv", RUNNABLE, ids=[where for where, _ in RUNNABLE])
-def test_documented_command_runs_with_plan_or_dry_run(where, argv, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "longctx", *argv], cwd=ROOT, capture_output=True, text=True,
-                       timeout=150)
-    assert r.returncode == 0, f"{where}: `longctx {shlex.join(argv)}` exited {r.returncode}:\n{r.stdout[-2000:]}{r.stderr[-3000:]}"
-    assert r.stdout.strip(), f"{where}: `longctx {shlex.join(argv)}` printed nothing"
+def test_documented_command_runs_with_plan_or_dry_run(where, argv, monkeypatch, capsys):
+    """In this process, through the entry point `python -m longctx` calls (`launch.cli.main`), from the
+    repository's root as the docs' paths are: none of these modes starts a process, so a subprocess per line
+    would add only its ~4 s of imports. The console script itself is tested in tests/test_cli.py."""
+    from longctx.launch.cli import main
+    monkeypatch.chdir(ROOT)
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:          # argparse's errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 0, f"{where}: `longctx {shlex.join(argv)}` exited {rc}:\n{out[-2000:]}{err[-3000:]}"
+    assert out.strip(), f"{where}: `longctx {shlex.join(argv)}` printed nothing"
 
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
