@@ -61,6 +61,25 @@ def test_laws_counts_what_the_grid_cannot_pin():
     assert out["log2_capacity_fit"]["points"] == {"2048": 8.0, "4096": 9.0, "8192": 9.0}
 
 
+
+def test_a_length_at_the_edge_of_the_grid_is_a_bound_left_out_of_the_fit():
+    """Nothing collapsed even at the grid's shortest length: T_forget is at most that, not that; a passkey
+    retrieved at the longest length asked: capacity is at least that. Fitted as values, a grid too coarse for
+    the effect would read as a flat law."""
+    from longctx.pipeline.study.laws import markdown as laws_markdown
+    cells = [cell(T, None if d == 16 or T >= 128 else 100, d_state=d, seed=s,
+                  passkey={256: 1.0, 512: 1.0 if d == 16 else 0.0})
+             for d in (16, 32, 64) for T in (64, 128, 256) for s in (0, 1)]
+    out = laws(cells)
+    assert out["per_state"][str(128 * 16)]["t_forget"] == {"0": 64, "1": 64}
+    assert {(u["state"], u["seed"]) for u in out["unpinned"]["t_forget_at_or_below_grid"]} == {(2048, 0), (2048, 1)}
+    assert out["t_forget_fit"]["points"] == {"4096": 128.0, "8192": 128.0}         # the bound left out
+    assert {(u["state"], u["seed"]) for u in out["unpinned"]["capacity_at_or_above_grid"]} == {(2048, 0), (2048, 1)}
+    assert out["log2_capacity_fit"]["points"] == {"4096": 8.0, "8192": 8.0}
+    table = "\n".join(laws_markdown(out, [0, 1]))
+    assert "| 2,048 | 16 | <= 64 | <= 64 | >= 512 | >= 512 |" in table
+    assert "| 4,096 | 32 | 128 | 128 | 256 | 256 |" in table
+
 STUDY = """
 study: laws
 base: {base}
@@ -72,7 +91,7 @@ variants:
   d32 T128: [model.d_state=32, curriculum.stages.0.seq_len=128]
 baseline: d16 T64
 evaluate:
-  passkey: {{lengths: [256, 512], depths: [0, 1], samples: 2}}
+  passkey: {{lengths: [256, 512, 1024], depths: [0, 1], samples: 2}}
   length: {{lengths: [1024], margin: 0.2}}
 laws: {{horizon: 8}}
 out: {out}
@@ -98,7 +117,8 @@ def test_a_study_with_laws_fits_them_from_its_cells(tmp_path):
             return {"as trained": {"length": 1024, "collapse_point": collapse.get((c.variant, c.seed)),
                                    "buckets": [{"end": 1024, "mean_loss": 1.0}]}}
         ok = 1 if c.config.model.d_state == 32 else 0
-        return {"as trained": {"outputs": [{"length": 256, "correct": 1}, {"length": 512, "correct": ok}]}}
+        return {"as trained": {"outputs": [{"length": 256, "correct": 1}, {"length": 512, "correct": ok},
+                                           {"length": 1024, "correct": 0}]}}
 
     results, failures = run_study(study, train=lambda s, c: None, evaluate=evaluate, say=lambda line: None)
     assert not failures
@@ -117,7 +137,7 @@ def test_laws_need_both_evaluations(tmp_path):
     (tmp_path / "base.yaml").write_text(BASE)
     path = tmp_path / "study.yaml"
     path.write_text(STUDY.format(base=tmp_path / "base.yaml", out=tmp_path / "out")
-                    .replace("  passkey: {lengths: [256, 512], depths: [0, 1], samples: 2}\n", ""))
+                    .replace("  passkey: {lengths: [256, 512, 1024], depths: [0, 1], samples: 2}\n", ""))
     with pytest.raises(ConfigError, match=r"laws: needs evaluate.passkey"):
         load_study(str(path))
     path.write_text(STUDY.format(base=tmp_path / "base.yaml", out=tmp_path / "out").replace("horizon: 8", "horizn: 8"))

@@ -110,13 +110,16 @@ def laws(cells: Sequence[CellOutcome], horizon: int = DEFAULTS["horizon"],
     forget: Dict[int, Dict[int, float]] = {}
     cap: Dict[int, Dict[int, float]] = {}
     per_state: Dict[str, dict] = {}
-    unpinned = {"t_forget_above_grid": [], "capacity_below_grid": []}
+    unpinned = {"t_forget_above_grid": [], "t_forget_at_or_below_grid": [], "capacity_below_grid": [],
+                "capacity_at_or_above_grid": []}
     for (state, seed), group in sorted(by.items()):
         row = per_state.setdefault(str(state), {"d_state": group[0].d_state, "t_forget": {}, "capacity": {}})
         t = t_forget(group, horizon)
         row["t_forget"][str(seed)] = t
         if t is None:
             unpinned["t_forget_above_grid"].append({"state": state, "seed": seed})
+        elif t == min(c.train_length for c in group):      # a bound: it may be shorter than the grid reaches
+            unpinned["t_forget_at_or_below_grid"].append({"state": state, "seed": seed})
         else:
             forget.setdefault(state, {})[seed] = t
         longest = max(group, key=lambda c: c.train_length)
@@ -125,6 +128,8 @@ def laws(cells: Sequence[CellOutcome], horizon: int = DEFAULTS["horizon"],
         if longest.passkey:
             if k is None:
                 unpinned["capacity_below_grid"].append({"state": state, "seed": seed})
+            elif k == max(longest.passkey):      # a bound: it may retrieve further than was asked
+                unpinned["capacity_at_or_above_grid"].append({"state": state, "seed": seed})
             else:
                 cap.setdefault(state, {})[seed] = k
     return {"horizon": horizon, "passkey_threshold": passkey_threshold, "per_state": per_state,
@@ -143,15 +148,25 @@ def _fit_line_md(name: str, fit: Optional[dict], unit: str) -> str:
 def markdown(result: dict, seeds: Sequence[int]) -> List[str]:
     lines = ["## The capacity laws", "",
              f"T_forget: the shortest training length from which no collapse shows within {result['horizon']}x "
-             f"(`-`: every length of the grid collapsed). Capacity: the longest passkey length with accuracy >= "
-             f"{result['passkey_threshold']} at the grid's longest training length (`-`: none).", "",
+             f"(`-`: every length of the grid collapsed; `<= T`: not even the grid's shortest length T "
+             f"collapsed). Capacity: the longest passkey length with accuracy >= {result['passkey_threshold']} at "
+             f"the grid's longest training length (`-`: none; `>= L`: the longest length asked). Bounds are left "
+             f"out of the fits.", "",
              "| state (elements per layer) | d_state | " + " | ".join(f"T_forget seed {s}" for s in seeds) + " | "
              + " | ".join(f"capacity seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * (2 * len(seeds))]
+    # where the grid gave a bound, not a value: (what, state, seed) -> its sign
+    signs = {(what, u["state"], u["seed"]): sign
+             for what, key, sign in (("t_forget", "t_forget_at_or_below_grid", "<= "),
+                                     ("capacity", "capacity_at_or_above_grid", ">= "))
+             for u in result["unpinned"].get(key, [])}
+
+    def shown(what, state, seed, value):
+        return "-" if value is None else f"{signs.get((what, state, seed), '')}{value:,}"
     for state, row in sorted(result["per_state"].items(), key=lambda kv: int(kv[0])):
-        cells = [row["t_forget"].get(str(s)) for s in seeds] + [row["capacity"].get(str(s)) for s in seeds]
-        shown = ["-" if v is None else f"{v:,}" for v in cells]
-        lines.append(f"| {int(state):,} | {row['d_state']} | " + " | ".join(shown) + " |")
+        shown_row = ([shown("t_forget", int(state), s, row["t_forget"].get(str(s))) for s in seeds]
+                     + [shown("capacity", int(state), s, row["capacity"].get(str(s))) for s in seeds])
+        lines.append(f"| {int(state):,} | {row['d_state']} | " + " | ".join(shown_row) + " |")
     lines += ["", _fit_line_md("T_forget", result["t_forget_fit"], "tokens"),
               _fit_line_md("log2(capacity)", result["log2_capacity_fit"], "log2 tokens"), ""]
     return lines
