@@ -8,13 +8,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # Tests kept on one worker, in turn, whichever worker pytest-xdist gives them (`--dist loadgroup`,
 # pyproject.toml), by a fixture they use: the test SLURM cluster, one per machine (tests/slurm/cluster.sh). Long
-# set-ups need no group: tests/shared.py makes each once for both workers, whichever needs it first.
+# set-ups need no group: tests/shared.py makes each once for all workers, whichever needs it first.
 SERIAL_GROUPS = {"slurm_cluster": "slurm"}
 
 
 FIRST_GROUP = "slurm"       # the longest group (~8 minutes) starts first: the last test to start is then a short one
-# Then the modules of multi-process runs (each test a minute or more; `--durations` lists them), longest first, and
-# the many short tests after them: a worker that finishes early takes short ones, none waits alone on a long tail.
+# Then the modules whose tests start multi-process runs of a minute or more (`--durations` lists them), roughly the
+# longest first, and the many short tests after them: the run ends on short tests, no worker alone on a long one.
 LONG_MODULES = ("test_train.py", "test_study.py", "test_prepare.py", "test_train_carry.py", "test_precision.py",
                 "test_nonfinite.py", "test_launch.py", "test_parallel.py")
 

@@ -354,7 +354,6 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
     number lies below it (where streaming's own clean-up stops), and keeps the registrations of live readers
     (which streaming's own clean-up removes)."""
     import contextlib
-    import glob
     import os
     import select
     import signal
@@ -386,7 +385,7 @@ def test_a_killed_readers_registration_is_removed_past_a_gap_live_ones_kept_and_
         # streaming looks for an earlier reader of this cache up to the first free number only; the lock keeps
         # other jobs from registering, not from closing their readers: one closed below `killed` meanwhile (the
         # suite's other workers) hides the leaked registration from that scan, and from it only
-        if not [n for n in range(killed) if not glob.glob(f"/dev/shm/{n:06}_locals")]:
+        if all(os.path.exists(f"/dev/shm/{n:06}_locals") for n in range(killed)):
             with pytest.raises(ValueError, match="Reused local directory"):
                 open_dataset(remote=shards, local=str(cache), shuffle=False, batch_size=1)
         later = DocumentSource(shards)     # opened after the kill: it looked past the leaked registration
