@@ -31,6 +31,7 @@ from . import storage
 from .config import DataConfig, S3Config, TokenizerConfig
 from .records import SPLITTABLE, WorkItem, count_records, detect_format, iter_records
 from .splits import DONE, FORMAT_VERSION, LENGTHS, MANIFEST, PARTS, SHARD_HASH, SPLITS, is_heldout
+from .streaming_core import streaming_module
 from .synthetic import write_jsonl
 from .tokenizer import identity, load_tokenizer, token_dtype
 
@@ -119,7 +120,7 @@ def process_item(item: WorkItem, settings: Settings, pid: str) -> dict:
 
 
 def _write_part(item: WorkItem, settings: Settings, pid: str, marker: str) -> None:
-    from streaming import MDSWriter
+    MDSWriter = streaming_module("base.format.mds.writer").MDSWriter
 
     t0 = time.perf_counter()
     tok = load_tokenizer(settings.tokenizer)
@@ -467,7 +468,7 @@ def _finish_splits(staging: str, ids: List[str], part_stats: List[dict]) -> None
 
 def _merge_split(staging: str, split: str, ids: List[str]) -> None:
     """One index over the split's parts (paths `part-<id>/...` relative to the split's directory)."""
-    from streaming.base.util import merge_index
+    merge_index = streaming_module("base.util").merge_index
 
     root = os.path.join(staging, split)
     merged = tempfile.mkdtemp(prefix="longctx-index-")

@@ -126,9 +126,9 @@ class DocumentSource:
         return raw, folder / raw.basename, (folder / zipped.basename if zipped else None)
 
     def _check_decompressed(self, shard_id: int) -> None:
-        from streaming.base.hashing import get_hash
-
         from .splits import SHARD_HASH
+        from .streaming_core import streaming_module
+        get_hash = streaming_module("base.hashing").get_hash
         raw, path, _ = self._shard_files(shard_id)
         expected = raw.hashes.get(SHARD_HASH)
         if expected is not None and path.exists() and get_hash(SHARD_HASH, path.read_bytes()) != expected:

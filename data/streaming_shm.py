@@ -138,10 +138,10 @@ def _release(cleanups: List[Callable], locks: List[str]) -> None:
 def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
     """(StreamingDataset(**kwargs), release): after release() the dataset must not be read again. Datasets are
     opened here one at a time; one constructed meanwhile in another thread without it would be recorded too."""
-    from streaming import StreamingDataset
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
-    from streaming.base.shared import memory
-    from streaming.base.world import World
+    from .streaming_core import streaming_module
+    StreamingDataset = streaming_module("base.dataset").StreamingDataset
+    constant, memory = streaming_module("base.constant"), streaming_module("base.shared.memory")
+    World = streaming_module("base.world").World
 
     recorder = _AtexitRecorder()
     # the host's lock before this process's: a thread holding the host's lock may open a reader
@@ -160,6 +160,7 @@ def open_dataset(**kwargs) -> Tuple[object, Callable[[], None]]:
     ours = [c for c in recorder.cleanups if c.__self__.shm.name.lstrip("/").startswith(own)]
     _release([c for c in recorder.cleanups if c not in ours], [])
     # its file locks, unless other ranks of this host share the registration (and may hold them)
-    locks = ([os.path.join(tempfile.gettempdir(), own + what) for what in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+    locks = ([os.path.join(tempfile.gettempdir(), own + what)
+              for what in (constant.BARRIER_FILELOCK, constant.CACHE_FILELOCK)]
              if dataset._unique_rank_world.ranks_per_node == 1 else [])
     return dataset, lambda: _release(ours, locks)

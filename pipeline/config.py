@@ -148,6 +148,10 @@ class EvalConfig:
     # position by position (one row's buckets mostly show where its documents start); each costs length_max tokens
     length_sequences: int = 1
     prefill_chunk: int = 4096       # tokens per forward when reading prompts recurrently
+    # each evaluation's figures (eval/<step>/*.png and TensorBoard images; the numbers are written either way):
+    # ~0.3-0.5 s each on the first rank, a few per evaluation. `figures: false` with `final: {figures: true}`
+    # draws them once, at the run's last checkpoint
+    figures: bool = True
     # mitigations put on top of the stage's for a second loss-vs-position curve (with vs without)
     compare_mitigations: Dict[str, Any] = field(default_factory=dict)
     # more named variants, each mitigations on top of the stage's, evaluated beside "as trained" on the same

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -439,3 +440,24 @@ def test_run_plan_counts_the_parameters_of_each_kind(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"model: {counts['total']:,} parameters; 2 layers: 1 Mamba-2" in out
     assert f"1 attention at [1] ({counts['attention']:,} in their mixers)" in out
+
+
+def test_shapes_only_has_the_real_models_parameters_and_does_not_import_dynamo():
+    """The launcher counts parameters, and a pretrained model's weights are checked, on the meta device: there
+    an initialisation computes nothing, yet ran as torch's Python reference ops, which import torch._dynamo
+    (~1.5 s of the launcher's start). In a fresh process: this one may have imported it already."""
+    code = """
+import json, sys
+from longctx.pipeline.model.mamba2 import shapes_only
+from tests.test_attention import hybrid
+config = hybrid().config
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules,
+                  "shapes": {k: list(v.shape) for k, v in shapes_only(config).state_dict().items()},
+                  "meta": all(p.is_meta for p in shapes_only(config).parameters())}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["shapes"] == {k: list(v.shape) for k, v in hybrid().state_dict().items()}
+    assert got["meta"] and not got["dynamo"], "building the model on the meta device imported torch._dynamo"

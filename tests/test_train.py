@@ -49,6 +49,9 @@ def test_two_stages_loss_falls_and_stage_switches_at_the_right_step(uninterrupte
     assert json.loads((last_eval / "heldout.json").read_text())["seq_len"] == 128
     for name in ("passkey.json", "passkey.png", "loss_vs_position.json", "loss_vs_position.png", "state_stats.json"):
         assert (last_eval / name).exists(), name
+    # eval.figures: false with final: {figures: true}: earlier evaluations write their numbers, not their figures
+    assert sorted(p.name for p in (tmp / "full" / "eval" / "step_0000008").iterdir()) == [
+        "heldout.json", "loss_vs_position.json", "passkey.json", "state_stats.json"]
     passkey = json.loads((last_eval / "passkey.json").read_text())
     assert set(passkey["accuracy"]) == {"256", "512"} and len(passkey["outputs"]) == 6
     assert recs[-1]["passkey_accuracy"] == passkey["mean_accuracy"]

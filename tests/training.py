@@ -34,7 +34,8 @@ curriculum:
     - {{name: long, seq_len: 128, steps: {STEPS[1]}, global_batch_tokens: 512, lr: 0.003, decay: linear,
         mitigations: {{decay_scale: 0.99}}}}
 checkpoint: {{every_steps: {every}, keep_last: 2}}
-eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, length_max: 512, length_buckets: 6}}
+eval: {{heldout_sequences: 2, passkey_lengths: [256, 512], passkey_samples: 1, length_max: 512, length_buckets: 6,
+       figures: false, final: {{figures: true}}}}
 """)
     if stages == 3:
         text = path.read_text()

@@ -89,14 +89,17 @@ def _states(model, tok, row, o) -> dict:
     return evaluate_states(model, row[0], train_length=o["train_length"])
 
 
-def _write_passkey(results: Dict[str, dict], payload, out: Path, marks) -> None:
+def _write_passkey(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     (out / "passkey.json").write_text(json.dumps(payload, indent=1))
-    passkey_heatmaps(results, out / "passkey.png", train_length=next((x for x, _ in marks), None))
+    if figures:
+        passkey_heatmaps(results, out / "passkey.png", train_length=next((x for x, _ in marks), None))
 
 
-def _write_niah(results: Dict[str, dict], payload, out: Path, marks) -> None:
+def _write_niah(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     """niah.json, and per task a heatmap of length x depth (one panel per variant): niah_<task>.png."""
     (out / "niah.json").write_text(json.dumps(payload, indent=1))
+    if not figures:
+        return
     for task in next(iter(results.values()))["tasks"]:
         panels = {(task if len(results) == 1 else f"{task}, {name}"): {
             "lengths": r["lengths"], "depths": r["depths"], "accuracy": r["per_depth"][task],
@@ -104,8 +107,10 @@ def _write_niah(results: Dict[str, dict], payload, out: Path, marks) -> None:
         passkey_heatmaps(panels, out / f"niah_{task}.png", train_length=next((x for x, _ in marks), None))
 
 
-def _write_length(results: Dict[str, dict], payload, out: Path, marks) -> None:
+def _write_length(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     (out / "loss_vs_position.json").write_text(json.dumps(payload, indent=1))
+    if not figures:
+        return
     series = {n: ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["mean_loss"] for b in r["buckets"]])
               for n, r in results.items()}
     collapsed: Dict[int, list] = {}
@@ -118,8 +123,10 @@ def _write_length(results: Dict[str, dict], payload, out: Path, marks) -> None:
     curves(series, out / "loss_vs_position.png", "position (tokens)", "loss (nats)", marks=marks)
 
 
-def _write_states(results: Dict[str, dict], payload, out: Path, marks) -> None:
+def _write_states(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     (out / "state_stats.json").write_text(json.dumps(payload, indent=1))
+    if not figures:
+        return
     single, series = len(results) == 1, {}
     for n, r in results.items():
         per_layer = np.asarray(r["max_norm_per_layer"])
@@ -132,7 +139,7 @@ def _write_states(results: Dict[str, dict], payload, out: Path, marks) -> None:
 @dataclass(frozen=True)
 class Kind:
     run: Callable          # (model, tok, row (1, L) or None, options) -> result (with `combine`: one row's part)
-    write: Callable        # (results by variant, JSON payload, out dir, plot marks) -> None
+    write: Callable        # (results by variant, JSON payload, out dir, plot marks, figures too) -> None
     reads_text: bool       # runs on long rows of text, the same for every variant
     # how ranks share the work: within a variant (its own items), else whole variants over ranks
     splits_within: bool = False
@@ -153,15 +160,15 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
              min_position: int = MIN_POSITION, sequences: int = 1, tasks: Sequence[str] = tuple(NIAH_TASKS),
              train_length: Optional[int] = None, stream=None, variants: Optional[Dict[str, object]] = None,
              models: Optional[Dict[str, object]] = None,
-             write: bool = True, should_stop: Optional[Callable[[], None]] = None,
+             write: bool = True, figures: bool = True, should_stop: Optional[Callable[[], None]] = None,
              share: RankShare = EVERYTHING) -> dict:
     """Run one evaluation for each variant (name -> LayerMitigations list, None, or "as is") and write its
-    files. Without variants the model runs as it is; `models` names another model for a variant (a second
-    checkpoint), evaluated on the same prompts and text. `tasks`: niah's. `sequences`: the rows of text loss
-    against position averages, consecutive in the held-out stream (the same for every variant). `should_stop` is
-    called between passkey and niah batches (it may raise to end the evaluation). With a `share` over ranks, each
-    computes its part (passkey and niah batches, each variant's rows of loss against position, whole variants of
-    the state statistics) and every rank returns all results."""
+    files (its figures too unless `figures` is false). Without variants the model runs as it is; `models` names
+    another model for a variant (a second checkpoint), evaluated on the same prompts and text. `tasks`: niah's.
+    `sequences`: the rows of text loss against position averages, consecutive in the held-out stream (the same
+    for every variant). `should_stop` is called between passkey and niah batches (it may raise to end the
+    evaluation). With a `share` over ranks, each computes its part (passkey and niah batches, each variant's rows
+    of loss against position, whole variants of the state statistics) and every rank returns all results."""
     if kind not in KINDS:
         raise ValueError(f"unknown evaluation {kind!r}: one of {', '.join(KINDS)}")
     spec = KINDS[kind]
@@ -196,7 +203,7 @@ def run_eval(kind: str, model, tok, out: Path, *, lengths: Sequence[int], depths
                for j, name in enumerate(names)}
     if write:
         payload = next(iter(results.values())) if len(results) == 1 else {"variants": results}
-        spec.write(results, payload, out, [(train_length, "training length")] if train_length else [])
+        spec.write(results, payload, out, [(train_length, "training length")] if train_length else [], figures)
         if len(results) > 1 or spec.always_table:
             (out / "table.md").write_text(comparison_table(kind, results) + "\n")
     return results

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from longctx import kernels
 
@@ -106,7 +107,8 @@ class Mamba2Mixer(nn.Module):
         self.mitigation: Optional[LayerMitigations] = None   # set by Mamba2LM.set_mitigations
         self.ops = self.local_ops                             # the conv and the scan; set_sequence_parallel swaps them
         self.carry: Optional[LayerCarry] = None               # training from a carried state (set_carried)
-        self.reset_ssm_parameters()
+        if not self.A_log.is_meta:                            # shapes only (`shapes_only`): no values to draw
+            self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
@@ -233,11 +235,27 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- language model
 
+class _SkipLibraryInitialisation(TorchFunctionMode):
+    """torch.nn's modules initialise themselves in their constructors (torch.nn.init): skipped."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def shapes_only(config: Mamba2Config) -> "Mamba2LM":
+    """The model `config` describes on the meta device: its modules and parameter shapes, no memory, nothing
+    initialised. On meta an initialisation computes nothing, yet several of its ops run as torch's Python
+    reference code, which imports torch._dynamo: ~1.5 s in a process that wants only shapes (the launcher)."""
+    with torch.device("meta"), _SkipLibraryInitialisation():
+        return Mamba2LM(config)
+
+
 def parameter_count(config: Mamba2Config) -> Dict[str, int]:
-    """Parameters of the model `config` describes, counted on the meta device (no memory, no initialisation):
-    `total` (a tied head once), and the `mamba` and `attention` mixers' (each kind's layers together)."""
-    with torch.device("meta"):
-        model = Mamba2LM(config)
+    """Parameters of the model `config` describes, counted on the meta device (`shapes_only`): `total` (a tied
+    head once), and the `mamba` and `attention` mixers' (each kind's layers together)."""
+    model = shapes_only(config)
     by_kind = {"mamba": 0, "attention": 0}
     for i, layer in enumerate(model.backbone.layers):
         kind = "attention" if i in config.attention_layers else "mamba"
@@ -283,12 +301,16 @@ class Mamba2LM(nn.Module):
         self.sequence_parallel = None
         self.backbone = Mamba2Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if not self.lm_head.weight.is_meta:                   # shapes only (`shapes_only`): no values to draw
+            self._initialise()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def _initialise(self):
         self.apply(self._init_weights)
         self._rescale_residual_outputs()
         for mixer in self.mamba_mixers():
             mixer.reset_ssm_parameters()
-        if config.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
 
     @staticmethod
     def _init_weights(module, initializer_range: float = 0.02):

@@ -10,6 +10,8 @@ import tempfile
 import time
 from collections import defaultdict
 
+from ...data.streaming_core import streaming_module
+
 # A rank creates its buffer by writing 66 MB into a new file and maps it only then (DeepSpeed's shared_create):
 # for that long, under load for seconds, a live run's buffer is mapped by no one. Removing it then hangs the run
 # for good (its other ranks poll for the file without a timeout), so a buffer counts as left behind only once it
@@ -90,11 +92,12 @@ def release_stale_streaming_shm() -> list:
     local directory", when the killed reader had not downloaded yet), and a file lock left in the temporary
     directory keeps its number taken for good (streaming skips it). The one race left: a reader creating a
     registration between its file's creation and its mapping (inside Python's SharedMemory, microseconds)."""
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK  # the ranks import streaming anyway
+    constant = streaming_module("base.constant")    # the ranks import streaming anyway
 
     uid, groups = os.getuid(), defaultdict(list)
     patterns = [f"/dev/shm/{_NUMBER_GLOB}_*"] + [
-        os.path.join(tempfile.gettempdir(), f"{_NUMBER_GLOB}_{what}") for what in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+        os.path.join(tempfile.gettempdir(), f"{_NUMBER_GLOB}_{what}")
+        for what in (constant.BARRIER_FILELOCK, constant.CACHE_FILELOCK)]
     for pattern in patterns:      # a lock left without its registration still holds the number
         for path in glob.glob(pattern):
             name = os.path.basename(path)

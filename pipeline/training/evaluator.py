@@ -101,7 +101,12 @@ class Evaluator:
     def _common(self, stage) -> dict:
         ev = self.ev
         return dict(prefill_chunk=ev.prefill_chunk, train_length=stage.seq_len, write=self.write,
-                    seed=self.cfg.run.seed, should_stop=self._check_stop, share=self.share)
+                    figures=ev.figures, seed=self.cfg.run.seed, should_stop=self._check_stop, share=self.share)
+
+    def _image(self, metrics, tag: str, png: Path, step: int) -> None:
+        """A figure this evaluation drew into TensorBoard (not one an earlier run left at the same step)."""
+        if self.ev.figures:
+            metrics.image(tag, png, step)
 
     def _check_stop(self) -> None:
         if self.should_stop():
@@ -150,7 +155,7 @@ class Evaluator:
             for name in self.ev.variants:
                 for length, acc in results[name]["per_length"].items():
                     metrics.scalar(f"eval/passkey_accuracy_{name}_{length}", acc, step)
-        metrics.image("eval/passkey", out / "passkey.png", step)
+        self._image(metrics, "eval/passkey", out / "passkey.png", step)
 
     def niah(self, stage, step, record, metrics, out) -> None:
         """Records niah_accuracy (the mean string_match_all score over every prompt), with variants
@@ -166,7 +171,7 @@ class Evaluator:
                 for length, acc in per_length.items():
                     metrics.scalar(f"eval/niah_{tag}{task}_{length}", acc, step)
         for task in res["tasks"]:
-            metrics.image(f"eval/niah_{task}", out / f"niah_{task}.png", step)
+            self._image(metrics, f"eval/niah_{task}", out / f"niah_{task}.png", step)
 
     def length(self, stage, step, record, metrics, out) -> None:
         ev = self.ev
@@ -180,7 +185,7 @@ class Evaluator:
             record["collapse_point_mitigated"] = results["with mitigations"]["collapse_point"]
         if self.ev.variants:
             record["collapse_point_variants"] = self._named(results, "collapse_point")
-        metrics.image("eval/loss_vs_position", out / "loss_vs_position.png", step)
+        self._image(metrics, "eval/loss_vs_position", out / "loss_vs_position.png", step)
 
     def states(self, stage, step, record, metrics, out) -> None:
         res = run_eval("states", self.model, self.tok, out, lengths=[self.ev.length_max], stream=self.stream,

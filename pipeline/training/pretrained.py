@@ -13,12 +13,10 @@ import os
 from pathlib import Path
 from typing import Dict
 
-import torch
-
 from ..config import Config, ConfigError
 from ..model.config import Mamba2Config
 from ..model.formats import CheckpointError, read_config, weight_files, weight_shapes
-from ..model.mamba2 import Mamba2LM
+from ..model.mamba2 import shapes_only
 from .checkpoint import TOKENIZER_INFO
 
 
@@ -58,8 +56,7 @@ class Refusal:
 
 
 def expected_shapes(config: Mamba2Config) -> Dict[str, tuple]:
-    with torch.device("meta"):             # shapes only: no memory, no initialisation
-        model = Mamba2LM(config)
+    model = shapes_only(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
