@@ -445,8 +445,7 @@ def _complete_as_recorded(output: str, manifest: dict, parts: List[str], tok) ->
     """Whether a finished output (DONE) was merged from exactly these parts, records this tokenizer (its
     name and end-of-text id are not in the part ids: the tokens do not depend on them, the manifest does)
     and still has every file the merge writes: merging again would write the same files. Skipping it
-    spares every `longctx run` of prepared data the merge, and with it mosaicml-streaming's import
-    (about 7 s here)."""
+    spares every `longctx run` of prepared data the merge."""
     if (manifest.get("parts") != parts or manifest.get("tokenizer") != identity(tok)
             or not storage.exists(storage.join(output, DONE))):
         return False

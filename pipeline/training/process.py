@@ -62,7 +62,7 @@ def release_killed_runs_streaming_shm(rank: int) -> None:
     """A killed run leaves mosaicml-streaming's registrations in /dev/shm (and a reader with a remote is
     refused a local cache still registered there): under `longctx run` the first rank removes those no
     live process maps while the others wait (a collective then). Here, not in the launcher: the ranks
-    import streaming anyway, the launcher would spend ~6 s on it before starting them."""
+    import streaming anyway."""
     if os.environ.get(CLEAN_STREAMING_SHM) != "1":
         return
     if rank == 0:
