@@ -38,3 +38,15 @@ def decompress(mds) -> None:
             for i in range(len(source)):
                 source.tokens(i)
             source.close()
+
+
+def plain_streaming_dataset(**kwargs):
+    """A StreamingDataset made directly (reading back what longctx wrote without longctx's reader), registered
+    under the host's lock as longctx's readers are: mosaicml-streaming picks its shared-memory number by a scan
+    that two readers starting at once on one host can both win (`FileExistsError: /000032_locals`), and pytest's
+    workers are such readers (data/streaming_shm.py)."""
+    from streaming import StreamingDataset
+
+    from longctx.data.streaming_shm import host_registry_lock
+    with host_registry_lock():
+        return StreamingDataset(**kwargs)

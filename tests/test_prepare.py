@@ -19,6 +19,7 @@ from longctx.data.prepare import prepare
 from longctx.data.splits import SPLITS
 from longctx.data.storage import StorageError
 from tests.s3 import make_bucket
+from tests.shared import plain_streaming_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -82,7 +83,6 @@ def config(inputs, output, **kw):
 
 def read_back(root, cache=None, splits=SPLITS):
     """The documents of the splits, each read with a plain StreamingDataset (remote + cache, or local)."""
-    from streaming import StreamingDataset
     manifest = json.loads(storage.read_text(storage.join(root, "manifest.json")))
     out = []
     for split in splits:
@@ -90,7 +90,7 @@ def read_back(root, cache=None, splits=SPLITS):
             continue
         url = storage.join(root, split)
         kw = dict(remote=url, local=os.path.join(cache, split)) if cache else dict(local=url)
-        ds = StreamingDataset(shuffle=False, batch_size=1, **kw)
+        ds = plain_streaming_dataset(shuffle=False, batch_size=1, **kw)
         out += [ds[i] for i in range(len(ds))]
     return out
 

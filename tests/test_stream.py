@@ -10,6 +10,7 @@ from longctx.data.prepare import prepare
 from longctx.data.splits import split_url
 from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
 from longctx.data.streaming_shm import host_registry_lock
+from tests.shared import plain_streaming_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 EOS = 256
@@ -41,8 +42,7 @@ def varied_shards(tmp_path_factory):
 
 def independent_stream(shards):
     """Documents in shard order, each + EOS, read with a plain StreamingDataset."""
-    from streaming import StreamingDataset
-    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    ds = plain_streaming_dataset(local=shards, shuffle=False, batch_size=1)
     return np.concatenate([np.append(ds[i]["tokens"].astype(np.int64), EOS) for i in range(len(ds))]), len(ds)
 
 
@@ -100,8 +100,7 @@ def test_resume_and_stage_change_are_exact(varied_shards):
     # the new stage starts where the old one stopped: its first input is the old one's last label (the token
     # after its last input), and nothing is skipped or repeated across the change
     assert batches[2].labels[1, -1] == IGNORE or batches[3].input_ids[0, 0] == batches[2].labels[1, -1]
-    from streaming import StreamingDataset
-    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    ds = plain_streaming_dataset(local=shards, shuffle=False, batch_size=1)
     documents = [ds[i]["tokens"].astype(np.int64) for i in range(len(ds))]
     ids, labels = flat(batches)
     assert_continuous(ids, labels, documents)
@@ -263,8 +262,7 @@ def test_a_length_that_disagrees_with_its_document_is_refused(tmp_path, shards):
 
 def _docs_in_order(shards):
     """Each document's tokens + EOS, in shard order (shuffle off), read with a plain StreamingDataset."""
-    from streaming import StreamingDataset
-    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    ds = plain_streaming_dataset(local=shards, shuffle=False, batch_size=1)
     return [np.append(ds[i]["tokens"].astype(np.int64), EOS) for i in range(len(ds))]
 
 

@@ -18,7 +18,9 @@ with MDSWriter(out={out!r}, columns={{"tokens": "bytes"}}) as writer:
     for i in range(3):
         writer.write({{"tokens": bytes([i]) * 4}})
 StreamingDataset = streaming_module("base.dataset").StreamingDataset
-ds = StreamingDataset(local={out!r}, shuffle=False, batch_size=1)
+from longctx.data.streaming_shm import host_registry_lock
+with host_registry_lock():      # as every reader on this host registers (pytest's other workers')
+    ds = StreamingDataset(local={out!r}, shuffle=False, batch_size=1)
 seen = [ds[i]["tokens"] for i in range(ds.num_samples)]
 zoo = sorted(m for m in ("transformers", "torchvision", "streaming.text", "streaming.base.dataloader")
              if m in sys.modules)
