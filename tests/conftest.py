@@ -49,9 +49,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 from tests.s3 import s3_endpoint  # noqa: E402,F401  (fixture)
 
 
-@pytest.fixture(scope="session")
-def ray_session(s3_endpoint):  # noqa: F811  (the fixture imported above)
-    """One local Ray for the session, started after the S3 env is set so workers inherit it."""
+@pytest.fixture(scope="module")
+def local_ray(s3_endpoint):  # noqa: F811  (the fixture imported above)
+    """One local Ray for a module whose tests prepare data many times (each `prepare` would start its own),
+    started after the S3 env is set so workers inherit it, and shut down at the module's end: an idle Ray costs
+    ~2.5 CPU-s a minute, and the suite is CPU-bound. A test that prepares once lets `prepare` start its own."""
     import ray
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

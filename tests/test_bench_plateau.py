@@ -82,7 +82,7 @@ def test_each_digit_of_a_key_is_told_by_its_place_and_a_key_cut_from_its_context
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
+def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("plateau")
     prepare(DataConfig(prepare=PrepareConfig(output=str(root / "mds"), num_workers=1, heldout_fraction=0.1,
                                              synthetic=SyntheticConfig(documents=200, min_tokens=100, max_tokens=300,

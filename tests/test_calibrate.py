@@ -49,7 +49,7 @@ def test_scales_on_a_apply_alike_in_the_parallel_forward_chunked_prefill_and_dec
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_session):
+def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibrate")
     prepare(DataConfig(prepare=PrepareConfig(output=str(root / "mds"), heldout_fraction=0.5, num_workers=1,
                                              synthetic=SyntheticConfig(documents=60, min_tokens=200, max_tokens=900,

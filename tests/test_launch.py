@@ -122,7 +122,7 @@ def test_deepspeed_hostfile_script_trains_on_localhost(tmp_path):
 class RayHead:
     """`ray start --head --block` on 127.0.0.1, as an operator starts one, stopped on exit.
 
-    Every port is its own: the suite's session Ray (tests/conftest.py) runs on this machine too, and a head
+    Every port is its own: the suite's local Rays (tests/conftest.py) run on this machine too, and a head
     whose dashboard agent finds its HTTP port (52365 by default) taken loses the agent and never takes jobs."""
 
     def __init__(self, agent_port: int | None = None):

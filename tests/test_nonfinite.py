@@ -21,16 +21,15 @@ MARK = ord("#")          # the one byte whose embedding row is NaN: it appears i
 
 
 @pytest.fixture(scope="session")
-def marked_shards(tmp_path_factory, request):
+def marked_shards(tmp_path_factory):
     """30 short documents, one of them (the 8th) holding the marked byte, prepared once for the session's runs
-    (both workers': tests/shared.py) on the session's Ray; the runs only read them."""
+    (both workers': tests/shared.py) on a Ray of its own; the runs only read them."""
     import random
 
     from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
     from longctx.data.prepare import prepare
     with shared_once(tmp_path_factory, "nonfinite-data") as (root, make):
         if make:
-            request.getfixturevalue("ray_session")
             rng = random.Random(0)
             with open(root / "docs.jsonl", "w") as f:
                 for i in range(30):

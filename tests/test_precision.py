@@ -67,7 +67,7 @@ def _run_variants(root, shards, names, device="cpu"):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
+def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
     prepare(DataConfig(prepare=PrepareConfig(output=str(root / "mds"), num_workers=2,
                                              synthetic=SyntheticConfig(documents=40, min_tokens=300, max_tokens=1200,

@@ -11,7 +11,7 @@ from longctx.pipeline.config import ConfigError, load_config
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.preflight import preflight
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

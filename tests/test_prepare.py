@@ -21,7 +21,7 @@ from longctx.data.storage import StorageError
 from tests.s3 import make_bucket
 from tests.shared import plain_streaming_dataset
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def good_text(i):
@@ -336,7 +336,7 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "manifest.json").exists(), "the run finished before it could be killed"
-    # the re-run and the clean run in this process, on the session's Ray (what is checked is the output the
+    # the re-run and the clean run in this process, on the module's Ray (what is checked is the output the
     # killed run's parts lead to; the command line is the killed run's): no Ray started for each
     resumed, _ = (prepare(DataConfig(prepare=PrepareConfig(inputs=[f"{inp}/*.jsonl"], output=str(tmp_path / out),
                                                            num_workers=1, chunk_bytes=20000)), TokenizerConfig())
@@ -400,7 +400,7 @@ def test_heldout_split_is_by_content_disjoint_stable_and_never_reaches_a_trainin
 
 def longctx_prepare(cfg, capsys):
     """`longctx prepare CONFIG` as the command runs it (its exit status, stdout, stderr), in this process: the
-    session's Ray is already up."""
+    module's Ray is already up."""
     from types import SimpleNamespace
 
     from longctx.launch.cli import main

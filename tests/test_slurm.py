@@ -198,12 +198,12 @@ data: {{prepare: {{inputs: ["{inputs}"], output: {tmp / name / 'mds'}, chunk_byt
 
 
 @pytest.mark.timeout(900)
-def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prepare(slurm_cluster, ray_session,
+def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prepare(slurm_cluster, local_ray,
                                                                                       tmp_path):
     """launch/slurm/prepare.sbatch on two nodes: a Ray head on node1 and a worker on node2, joined by polling;
     `longctx prepare` tokenizes on both (the manifest says where each part was done), its shards equal a local
     prepare byte for byte, and no Ray process of the job is left afterwards, while other Ray instances on the
-    machine (this test session's) live on."""
+    machine (this test module's) live on."""
     import ray
 
     from longctx.data.synthetic import SyntheticConfig, write_jsonl
@@ -231,7 +231,7 @@ def test_prepare_sbatch_uses_a_ray_cluster_on_both_nodes_and_equals_a_local_prep
     from longctx.data.prepare import prepare
     from longctx.pipeline.config import load_config
     local = load_config(str(_prepare_config(tmp_path, "local", inputs)), [])
-    prepare(local.data, local.tokenizer)            # on this session's Ray
+    prepare(local.data, local.tokenizer)            # on this module's Ray
     here = json.loads((tmp_path / "local" / "mds" / "manifest.json").read_text())
     assert {**cluster, "run": None} == {**here, "run": None}        # `run`: wall time, rates, nodes
     assert len(cluster["parts"]) >= 4

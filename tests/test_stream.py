@@ -12,7 +12,7 @@ from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, ran
 from longctx.data.streaming_shm import host_registry_lock
 from tests.shared import plain_streaming_dataset
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = pytest.mark.usefixtures("local_ray")
 EOS = 256
 
 
