@@ -50,3 +50,26 @@ def plain_streaming_dataset(**kwargs):
     from longctx.data.streaming_shm import host_registry_lock
     with host_registry_lock():
         return StreamingDataset(**kwargs)
+
+
+def longctx_here(capsys, *args, cwd=None):
+    """`longctx ARGS` through the command's entry point (`launch.cli.main`) in this process: its exit status,
+    stdout and stderr as `subprocess.run` gives them, without a new interpreter's imports (3-5 CPU-s each, and
+    the suite is CPU-bound). For commands whose contract is their output and status (`--plan`, eval, export,
+    calibrate); the console script itself, a fresh process, is tested in test_cli.py. `cwd`: where the command
+    runs (configs name files relative to the checkout)."""
+    from types import SimpleNamespace
+
+    from longctx.launch.cli import main
+    capsys.readouterr()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        rc = main([str(a) for a in args])
+    except SystemExit as e:              # argparse's usage errors exit
+        rc = e.code
+    finally:
+        os.chdir(here)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)

@@ -285,11 +285,11 @@ def test_a_training_checkpoints_model_config_comes_back():
     assert Mamba2Config.from_dict(old) == Mamba2Config()      # written before attention existed
 
 
-def test_longctx_eval_passkey_decodes_a_hybrid_export(tmp_path):
+def test_longctx_eval_passkey_decodes_a_hybrid_export(tmp_path, capsys):
+    from tests.shared import longctx_here
     hybrid(vocab_size=257).save_pretrained(tmp_path / "m")
-    r = subprocess.run([sys.executable, "-m", "longctx", "eval", "passkey", str(tmp_path / "m"), "--lengths", "256",
-                        "--samples", "1", "--depths", "0.5", "--out", str(tmp_path / "eval")],
-                       capture_output=True, text=True, timeout=300)
+    r = longctx_here(capsys, "eval", "passkey", tmp_path / "m", "--lengths", "256", "--samples", "1", "--depths",
+                     "0.5", "--out", tmp_path / "eval")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     result = json.loads((tmp_path / "eval" / "passkey.json").read_text())
     assert len(result["outputs"]) == 1

@@ -2,8 +2,6 @@
 harness `longctx eval ... --variants`."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,10 +14,9 @@ from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.model.mitigations import LayerMitigations
 from longctx.pipeline.training.loss import lm_loss
 from tests.conftest import rel_err
+from tests.shared import longctx_here
 from tests.test_evaluate import tiny
 from tests.test_model import small_model
-
-LONGCTX = [sys.executable, "-m", "longctx"]
 
 
 def _scaled(model, a_scale, decay_scale=None):
@@ -59,12 +56,12 @@ def data(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("param, key", [("decay", "decay_scale"), ("A", "a_scale")])
-def test_calibrate_lowers_the_heldout_loss_and_the_scales_load_with_the_model(tmp_path, data, param, key):
+def test_calibrate_lowers_the_heldout_loss_and_the_scales_load_with_the_model(tmp_path, data, param, key, capsys):
     _sharp(5).save_pretrained(tmp_path / "model")
     out = tmp_path / f"cal-{param}"
-    r = subprocess.run(LONGCTX + ["calibrate", str(tmp_path / "model"), "--length", "512", "--data", str(data),
+    r = longctx_here(capsys, *["calibrate", str(tmp_path / "model"), "--length", "512", "--data", str(data),
                                   "--param", param, "--samples", "4", "--batch", "4", "--steps", "8", "--lr", "0.02",
-                                  "--out", str(out)], capture_output=True, text=True, timeout=300)
+                                  "--out", str(out)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rec = json.loads((out / "calibration.json").read_text())
     assert rec["heldout_loss_after"] < rec["heldout_loss_before"]
@@ -153,30 +150,28 @@ def test_calibrate_refuses_a_heldout_split_too_small_to_report_out_of_sample(tmp
     assert not (tmp_path / "cal" / "calibration.json").exists()
 
 
-def test_calibrate_refuses_bad_arguments_naming_them(tmp_path, data):
+def test_calibrate_refuses_bad_arguments_naming_them(tmp_path, data, capsys):
     tiny(5).save_pretrained(tmp_path / "model")
-    r = subprocess.run(LONGCTX + ["calibrate", str(tmp_path / "model"), "--length", "256", "--data", str(data),
-                                  "--steps", "0", "--out", str(tmp_path / "x")], capture_output=True, text=True,
-                       timeout=300)
+    r = longctx_here(capsys, *["calibrate", str(tmp_path / "model"), "--length", "256", "--data", str(data),
+                                  "--steps", "0", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "--steps" in r.stderr
 
 
-def test_variants_run_side_by_side_on_the_same_prompts(tmp_path):
+def test_variants_run_side_by_side_on_the_same_prompts(tmp_path, capsys):
     tiny(3).save_pretrained(tmp_path / "model")
     tiny(4).save_pretrained(tmp_path / "other")
     common = ["--lengths", "256,512", "--depths", "0,1", "--samples", "1"]
-    r = subprocess.run(LONGCTX + ["eval", "passkey", str(tmp_path / "model"), *common, "--out", str(tmp_path / "pk"),
+    r = longctx_here(capsys, *["eval", "passkey", str(tmp_path / "model"), *common, "--out", str(tmp_path / "pk"),
                                   "--variants", "as is=", "half=decay_scale=0.5,window=64",
-                                  f"other=checkpoint={tmp_path / 'other'}"], capture_output=True, text=True,
-                       timeout=300)
+                                  f"other=checkpoint={tmp_path / 'other'}"])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "pk" / "passkey.json").read_text())["variants"]
     assert list(res) == ["as is", "half", "other"]
     assert (tmp_path / "pk" / "passkey.png").exists()
     table = (tmp_path / "pk" / "table.md").read_text()
     assert "| length | as is | half | other |" in table and table in r.stdout + "\n"
-    alone = subprocess.run(LONGCTX + ["eval", "passkey", str(tmp_path / "other"), *common, "--out",
-                                      str(tmp_path / "alone")], capture_output=True, text=True, timeout=300)
+    alone = longctx_here(capsys, *["eval", "passkey", str(tmp_path / "other"), *common, "--out",
+                                      str(tmp_path / "alone")])
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert res["other"]["outputs"] == json.loads((tmp_path / "alone" / "passkey.json").read_text())["outputs"]
     assert res["half"]["outputs"] != res["as is"]["outputs"]
@@ -187,12 +182,11 @@ def test_variants_run_side_by_side_on_the_same_prompts(tmp_path):
     (["a=", "a=window=8"], "the name 'a' is given twice"),
     (["big=checkpoint={big}"], "has a vocabulary of 400 ids"),
 ])
-def test_variants_that_cannot_run_are_named(tmp_path, variants, message):
+def test_variants_that_cannot_run_are_named(tmp_path, variants, message, capsys):
     tiny(3).save_pretrained(tmp_path / "model")
     tiny(3, vocab_size=400).save_pretrained(tmp_path / "big")
-    r = subprocess.run(LONGCTX + ["eval", "passkey", str(tmp_path / "model"), "--lengths", "256", "--out",
-                                  str(tmp_path / "pk"), "--variants", *[v.format(big=tmp_path / "big") for v in variants]],
-                       capture_output=True, text=True, timeout=300)
+    r = longctx_here(capsys, *["eval", "passkey", str(tmp_path / "model"), "--lengths", "256", "--out",
+                                  str(tmp_path / "pk"), "--variants", *[v.format(big=tmp_path / "big") for v in variants]])
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
 
 

@@ -107,16 +107,18 @@ def test_config_errors_exit_non_zero_with_the_key(tmp_path):
 
 @pytest.mark.parametrize("recipe,nproc,sp", [("mamba2-370m-256k", 64, [1, 1, 2, 4, 8]),
                                               ("mamba2-130m-256k", 32, [1, 1, 1, 2, 4])])
-def test_paper_scale_recipes_plan_to_256k_with_sequence_parallelism(recipe, nproc, sp):
+def test_paper_scale_recipes_plan_to_256k_with_sequence_parallelism(recipe, nproc, sp, capsys):
     from pathlib import Path
+
+    from tests.shared import longctx_here
     root = Path(__file__).resolve().parents[1]
-    r = longctx("run", f"configs/{recipe}.yaml", "--plan", "--nproc", str(nproc), cwd=root)
+    r = longctx_here(capsys, "run", f"configs/{recipe}.yaml", "--plan", "--nproc", nproc, cwd=root)
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("ctx")]
     assert [int(row[1]) for row in rows][-1] == 262144
     assert [int(row[7]) for row in rows] == sp
     assert f"world size {nproc}" in r.stdout
-    bad = longctx("run", f"configs/{recipe}.yaml", "--plan", "--nproc", "12", cwd=root)   # batches do not split
+    bad = longctx_here(capsys, "run", f"configs/{recipe}.yaml", "--plan", "--nproc", 12, cwd=root)   # no split
     assert bad.returncode != 0 and "curriculum.stages[0] (ctx8k).global_batch_tokens" in bad.stderr
 
 

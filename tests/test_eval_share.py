@@ -2,8 +2,7 @@
 `longctx run --plan` prices each checkpoint's evaluation against the training between checkpoints."""
 import json
 import re
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,9 @@ from longctx.pipeline.evaluate.run import run_eval
 from longctx.pipeline.evaluate.share import EVERYTHING, RankShare, from_distributed
 from longctx.pipeline.mitigations import MitigationsConfig, resolve
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
+from tests.shared import longctx_here
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,25 +102,24 @@ def test_prompt_batches_put_long_prompts_alone_and_keep_short_ones_together():
     assert [len(b) for b in prompt_batches(cases, batch_size=2, batch_tokens=65536)] == [2, 2, 1, 1]
 
 
-def _plan(*overrides, config="configs/demo-from-scratch.yaml"):
-    r = subprocess.run([sys.executable, "-m", "longctx", "run", config, "--plan", *overrides],
-                       capture_output=True, text=True, timeout=120)
+def _plan(capsys, *overrides, config="configs/demo-from-scratch.yaml"):
+    r = longctx_here(capsys, "run", config, "--plan", *overrides, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
-def test_plan_prices_the_evaluation_and_warns_above_ten_percent():
-    quiet = _plan("eval.passkey_lengths=[256,1024]", "eval.length_max=1024")
+def test_plan_prices_the_evaluation_and_warns_above_ten_percent(capsys):
+    quiet = _plan(capsys, "eval.passkey_lengths=[256,1024]", "eval.length_max=1024")
     assert "evaluation per checkpoint" in quiet and "warning" not in quiet
     # the demo from scratch evaluates to 8x its length at each stage's end: its point, and priced as such
-    assert "warning: stage 'short'" in _plan()
-    loud = _plan("checkpoint.every_steps=10", "eval.passkey_lengths=[4096]", "eval.passkey_samples=8")
+    assert "warning: stage 'short'" in _plan(capsys)
+    loud = _plan(capsys, "checkpoint.every_steps=10", "eval.passkey_lengths=[4096]", "eval.passkey_samples=8")
     assert "warning: stage 'short'" in loud and "checkpoint.every_steps" in loud
 
 
-def test_the_runs_last_evaluation_is_priced_once_against_the_whole_run():
+def test_the_runs_last_evaluation_is_priced_once_against_the_whole_run(capsys):
     """The demo glances at each stage's end and evaluates thoroughly once, at the end (eval.final)."""
-    demo = _plan(config="configs/demo.yaml")
+    demo = _plan(capsys, config="configs/demo.yaml")
     assert "warning" not in demo, demo
     assert "stage long: its only checkpoint is the run's last (below)" in demo
     final = re.search(r"the run's last checkpoint \(eval.final\): evaluation ([\d,]+) tokens per rank, once: "
@@ -130,8 +131,7 @@ def test_the_runs_last_evaluation_is_priced_once_against_the_whole_run():
 
 
 @pytest.mark.parametrize("recipe,nproc", [("configs/mamba2-370m-256k.yaml", 64), ("configs/mamba2-130m-256k.yaml", 32)])
-def test_shipped_recipes_evaluate_within_the_budget(recipe, nproc):
-    r = subprocess.run([sys.executable, "-m", "longctx", "run", recipe, "--plan", "--nproc", str(nproc)],
-                       capture_output=True, text=True, timeout=120)
+def test_shipped_recipes_evaluate_within_the_budget(recipe, nproc, capsys):
+    r = longctx_here(capsys, "run", recipe, "--plan", "--nproc", nproc, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "evaluation per checkpoint" in r.stdout and "warning" not in r.stdout, r.stdout

@@ -235,20 +235,18 @@ def test_state_norms_match_a_direct_reading():
     assert len(res["top_heads"]) == 5 and all(len(h["top_channels"]) == 5 for h in res["top_heads"])
 
 
-def test_eval_cli_on_a_mamba_ssm_directory_with_compare(tmp_path):
+def test_eval_cli_on_a_mamba_ssm_directory_with_compare(tmp_path, capsys):
+    from tests.shared import longctx_here
     tiny(3).save_pretrained(tmp_path / "model")
-    base = [sys.executable, "-m", "longctx", "eval"]
-    r = subprocess.run(base + ["passkey", str(tmp_path / "model"), "--lengths", "256,512", "--depths", "0,1",
-                               "--samples", "2", "--out", str(tmp_path / "pk"), "--compare", "--mitigations",
-                               "decay_scale=0.9", "state_norm.every=64", "state_norm.multiplier=0.5",
-                               "--calibration-length", "256"], capture_output=True, text=True, timeout=300)
+    r = longctx_here(capsys, "eval", "passkey", tmp_path / "model", "--lengths", "256,512", "--depths", "0,1",
+                     "--samples", "2", "--out", tmp_path / "pk", "--compare", "--mitigations", "decay_scale=0.9",
+                     "state_norm.every=64", "state_norm.multiplier=0.5", "--calibration-length", "256")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "pk" / "passkey.json").read_text())
     assert set(res["variants"]) == {"without", "with mitigations"}
     assert (tmp_path / "pk" / "passkey.png").exists() and "| 512 |" in r.stdout
     for kind, name in (("length", "loss_vs_position"), ("states", "state_stats")):
-        r = subprocess.run(base + [kind, str(tmp_path / "model"), "--lengths", "2048", "--out", str(tmp_path / kind)],
-                           capture_output=True, text=True, timeout=300)
+        r = longctx_here(capsys, "eval", kind, tmp_path / "model", "--lengths", "2048", "--out", tmp_path / kind)
         assert r.returncode == 0, r.stderr[-2000:]
         assert (tmp_path / kind / f"{name}.json").exists() and (tmp_path / kind / f"{name}.png").exists()
 

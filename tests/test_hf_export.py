@@ -11,6 +11,7 @@ import torch
 
 from longctx.data.hf_tokenizer import byte_level_tokenizer
 from longctx.data.tokenizer import ByteTokenizer
+from tests.shared import longctx_here
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +27,15 @@ def test_the_byte_level_tokenizer_is_the_byte_tokenizer(text):
     assert tok.token_to_id("<|endoftext|>") == ours.eos_id == 256 and tok.get_vocab_size() == ours.vocab_size
 
 
-def test_an_export_loads_in_transformers_alone_and_generates_what_longctx_eval_decodes(tmp_path):
+def test_an_export_loads_in_transformers_alone_and_generates_what_longctx_eval_decodes(tmp_path, capsys):
     transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra")
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, "-m", "longctx", "export", str(ROOT / "models" / "demo-base"), str(out),
-                        "--format", "hf"], capture_output=True, text=True, timeout=240)
+    r = longctx_here(capsys, "export", ROOT / "models" / "demo-base", out, "--format", "hf")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "tokenizer_info.json"} <= {
         p.name for p in out.iterdir()}
-    e = subprocess.run([sys.executable, "-m", "longctx", "eval", "passkey", str(out), "--lengths", "256",
-                        "--depths", "0,0.5,1", "--samples", "2", "--seed", "3", "--out", str(tmp_path / "eval")],
-                       capture_output=True, text=True, timeout=240)
+    e = longctx_here(capsys, "eval", "passkey", out, "--lengths", "256", "--depths", "0,0.5,1", "--samples", "2",
+                     "--seed", "3", "--out", tmp_path / "eval")
     assert e.returncode == 0, e.stderr[-3000:]
     ours = json.loads((tmp_path / "eval" / "passkey.json").read_text())["outputs"]
 

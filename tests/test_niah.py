@@ -262,13 +262,13 @@ def test_evaluate_niah_on_a_real_model_records_every_prompt():
     assert model.training                       # put back as it was
 
 
-def test_eval_niah_cli_writes_json_table_and_heatmaps_with_variants(tmp_path):
+def test_eval_niah_cli_writes_json_table_and_heatmaps_with_variants(tmp_path, capsys):
+    from tests.shared import longctx_here
     tiny(3).save_pretrained(tmp_path / "model")
     out = tmp_path / "niah"
-    r = subprocess.run([sys.executable, "-m", "longctx", "eval", "niah", str(tmp_path / "model"), "--tasks",
-                        "single_1,vt", "--lengths", "450,500", "--samples", "2", "--out", str(out),
-                        "--prefill-chunk", "256", "--variants", "as is=", "decay=decay_scale=0.9"],
-                       capture_output=True, text=True, timeout=300)
+    r = longctx_here(capsys, "eval", "niah", tmp_path / "model", "--tasks", "single_1,vt", "--lengths", "450,500",
+                     "--samples", "2", "--out", out, "--prefill-chunk", "256", "--variants", "as is=",
+                     "decay=decay_scale=0.9")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "niah.json").read_text())["variants"]
     assert list(res) == ["as is", "decay"]
@@ -281,9 +281,8 @@ def test_eval_niah_cli_writes_json_table_and_heatmaps_with_variants(tmp_path):
     assert table.startswith("| task | length | as is | decay |") and "| vt | 500 |" in table
     assert (out / "niah_single_1.png").stat().st_size > 0 and (out / "niah_vt.png").stat().st_size > 0
     # one model: niah.json is its result, table.md is task x length
-    r = subprocess.run([sys.executable, "-m", "longctx", "eval", "niah", str(tmp_path / "model"), "--tasks",
-                        "single_1", "--lengths", "450", "--samples", "1", "--out", str(tmp_path / "one")],
-                       capture_output=True, text=True, timeout=300)
+    r = longctx_here(capsys, "eval", "niah", tmp_path / "model", "--tasks", "single_1", "--lengths", "450",
+                     "--samples", "1", "--out", tmp_path / "one")
     assert r.returncode == 0, r.stderr[-2000:]
     one = json.loads((tmp_path / "one" / "niah.json").read_text())
     assert one["per_task"]["single_1"]["450"] == one["prompts"][0]["score"] and one["depths"] == [0.5]
