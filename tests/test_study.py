@@ -10,6 +10,7 @@ import pytest
 from longctx.pipeline.study.runner import Failure, run_study
 from longctx.pipeline.study.spec import load_study
 from longctx.pipeline.study.summary import summarize
+from tests.shared import longctx_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +53,12 @@ def study_cmd(tmp, *flags):
 
 
 @pytest.mark.timeout(900)
-def test_a_study_trains_evaluates_and_summarizes_each_cell_and_reports_the_failed_ones(tmp_path):
+def test_a_study_trains_evaluates_and_summarizes_each_cell_and_reports_the_failed_ones(tmp_path, capsys):
     (tmp_path / "base.yaml").write_text(BASE.format(tmp=tmp_path))
     (tmp_path / "longer.yaml").write_text(LONGER.format(tmp=tmp_path))
     (tmp_path / "study.yaml").write_text(STUDY.format(tmp=tmp_path))
-    dry = study_cmd(tmp_path, "--dry-run")
+    # the dry run and the second run through the entry point in this process; the first as a user runs it
+    dry = longctx_here(capsys, "study", tmp_path / "study.yaml", "--dry-run", cwd=ROOT)
     assert dry.returncode == 0, dry.stderr
     assert "3 variants x 2 seeds = 6 cells" in dry.stdout and dry.stdout.count("[to run]") == 6
     assert dry.stdout.count("(continues 'plain')") == 2
@@ -99,7 +101,7 @@ def test_a_study_trains_evaluates_and_summarizes_each_cell_and_reports_the_faile
 
     # again: the finished cells are neither trained nor evaluated again; the failed ones are retried
     before = {p: p.stat().st_mtime_ns for p in (out / "cells" / "plain").rglob("passkey.json")}
-    again = study_cmd(tmp_path)
+    again = longctx_here(capsys, "study", tmp_path / "study.yaml", cwd=ROOT)
     assert again.returncode == 1
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert (out / "logs" / "plain-seed-0.log").read_text().count("$ ") == 1
