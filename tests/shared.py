@@ -58,11 +58,16 @@ def longctx_here(capsys, *args, cwd=None):
     the suite is CPU-bound). For commands whose contract is their output and status (`--plan`, eval, export,
     calibrate); the console script itself, a fresh process, is tested in test_cli.py. `cwd`: where the command
     runs (configs name files relative to the checkout)."""
+    import logging
     from types import SimpleNamespace
 
     from longctx.launch.cli import main
     capsys.readouterr()
     here = os.getcwd()
+    # a command quiets third-party loggers for its process (launch/noise.py): for this one, not the tests after
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger)]
+    filters = [(logger, list(logger.filters)) for logger in loggers]
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -71,5 +76,7 @@ def longctx_here(capsys, *args, cwd=None):
         rc = e.code
     finally:
         os.chdir(here)
+        for logger, kept in filters:
+            logger.filters[:] = kept
     out = capsys.readouterr()
     return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
