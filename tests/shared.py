@@ -3,6 +3,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 
 
 @contextlib.contextmanager
@@ -72,8 +73,10 @@ def longctx_here(capsys, *args, cwd=None):
         if cwd is not None:
             os.chdir(cwd)
         rc = main([str(a) for a in args])
-    except SystemExit as e:              # argparse's usage errors exit
-        rc = e.code
+    except SystemExit as e:              # as the interpreter ends on it: a message goes to stderr, status 1
+        rc = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
     finally:
         os.chdir(here)
         for logger, kept in filters:

@@ -13,6 +13,7 @@ from longctx.data.prepare import prepare
 from longctx.data.stream import PackedStream
 from longctx.data.synthetic import SyntheticConfig, make_document, passkey_document
 from longctx.pipeline.bench.plateau import PLACES, digit_places
+from tests.shared import longctx_here
 
 LONGCTX = [sys.executable, "-m", "longctx"]
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +118,7 @@ def test_bench_plateau_trains_the_first_stage_and_reports_the_loss_at_each_place
      "needs curriculum.stages[0].carry_state=none"),
     (["train", "--plateau", "--steps", "0"], "--steps must be positive"),
 ])
-def test_bench_refuses_what_it_would_ignore_or_get_wrong_naming_it(args, message):
+def test_bench_refuses_what_it_would_ignore_or_get_wrong_naming_it(args, message, capsys):
     shards = ["data.shards=/nowhere/mds"] if args[0] == "train" else []     # refused before any data is read
-    r = subprocess.run(LONGCTX + ["bench", *args, *shards], capture_output=True, text=True, timeout=60, cwd=REPO)
+    r = longctx_here(capsys, "bench", *args, *shards, cwd=REPO)              # refused before it benchmarks
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from longctx.launch.local import free_port
+from tests.shared import longctx_here
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/slurm/train.sbatch", "launch/slurm/prepare.sbatch", "launch/deepspeed/train.sh",
@@ -45,6 +46,12 @@ def longctx(*args, env=None, timeout=600):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+def rendered(capsys, *args):
+    """`longctx ARGS` in this process (tests/shared.py::longctx_here), from the repository's root: these commands
+    render scripts or refuse, and start nothing."""
+    return longctx_here(capsys, *args, cwd=ROOT)
+
+
 def shell_ok(path):
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     r = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
@@ -59,10 +66,10 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 8), (2, 4), (16, 8)])
-def test_render_slurm(tmp_path, nodes, gpus):
+def test_render_slurm(tmp_path, nodes, gpus, capsys):
     cfg = config(tmp_path, global_tokens=64 * 128 * 2)
-    r = longctx("launch", "slurm", cfg, "train.zero_stage=3", "--nodes", nodes, "--gpus-per-node", gpus,
-                "--time", "02:00:00", "--dry-run")
+    r = rendered(capsys, "launch", "slurm", cfg, "train.zero_stage=3", "--nodes", nodes, "--gpus-per-node", gpus,
+                 "--time", "02:00:00", "--dry-run")
     assert r.returncode == 0, r.stderr
     text = r.stdout
     for line in (f"#SBATCH --nodes={nodes}", f"#SBATCH --gpus-per-node={gpus}", "#SBATCH --time=02:00:00",
@@ -77,26 +84,26 @@ def test_render_slurm(tmp_path, nodes, gpus):
     shell_ok(out)
 
 
-def test_impossible_plans_are_refused_naming_stage_and_field(tmp_path):
+def test_impossible_plans_are_refused_naming_stage_and_field(tmp_path, capsys):
     cfg = config(tmp_path, global_tokens=2048)       # 32 / 16 sequences per step
-    r = longctx("launch", "slurm", cfg, "--nodes", 8, "--gpus-per-node", 8, "--dry-run")
+    r = rendered(capsys, "launch", "slurm", cfg, "--nodes", 8, "--gpus-per-node", 8, "--dry-run")
     assert r.returncode == 1
     assert "curriculum.stages[0] (short).global_batch_tokens" in r.stderr and "64 data-parallel ranks" in r.stderr
-    r = longctx("launch", "deepspeed", cfg, "curriculum.stages.1.seq_len=8", "--nodes", 1, "--gpus-per-node", 2,
-                "--dry-run")
+    r = rendered(capsys, "launch", "deepspeed", cfg, "curriculum.stages.1.seq_len=8", "--nodes", 1,
+                 "--gpus-per-node", 2, "--dry-run")
     assert r.returncode == 1 and "curriculum.stages[1] (long).seq_len" in r.stderr
 
 
-def test_render_deepspeed_and_ray_and_write(tmp_path):
+def test_render_deepspeed_and_ray_and_write(tmp_path, capsys):
     cfg = config(tmp_path)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=4\nnode-b slots=4\n")
-    r = longctx("launch", "deepspeed", cfg, "--nodes", 2, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
+    r = rendered(capsys, "launch", "deepspeed", cfg, "--nodes", 2, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"HOSTFILE={hostfile}" in r.stdout and "DS_ENV_FILE" in r.stdout
-    r = longctx("launch", "deepspeed", cfg, "--nodes", 3, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
+    r = rendered(capsys, "launch", "deepspeed", cfg, "--nodes", 3, "--gpus-per-node", 4, "--hostfile", hostfile, "--dry-run")
     assert r.returncode == 1 and "2 hosts" in r.stderr
-    r = longctx("launch", "ray", cfg, "--address", "http://head:8265")
+    r = rendered(capsys, "launch", "ray", cfg, "--address", "http://head:8265")
     assert r.returncode == 0, r.stderr
     written = tmp_path / "c" / "launch" / "ray.sh"
     assert "RAY_ADDRESS=http://head:8265" in written.read_text()

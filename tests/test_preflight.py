@@ -1,7 +1,5 @@
 """Shards, tokenizer and model must belong together: checked before DeepSpeed starts, with the key to fix."""
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -92,10 +90,10 @@ def test_pretrained_model_must_agree_with_the_config_and_tokenizer(tmp_path, sha
                      "model.chunk_size=256")[1], "c.yaml")
 
 
-def test_longctx_run_refuses_before_launching_anything(tmp_path, shards):
+def test_longctx_run_refuses_before_launching_anything(tmp_path, shards, capsys):
+    from tests.shared import longctx_here
     path, _ = config(tmp_path, shards)
-    r = subprocess.run([sys.executable, "-m", "longctx", "run", str(path), "model.vocab_size=150"],
-                       capture_output=True, text=True, timeout=300)
+    r = longctx_here(capsys, "run", path, "model.vocab_size=150")
     assert r.returncode == 1
     assert "model.vocab_size" in r.stderr and "hold token id 195" in r.stderr
     assert "launch:" not in r.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -2,8 +2,6 @@
 naming the file and the command that makes it again (`model.from_pretrained_recipe`)."""
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,10 +43,10 @@ def test_the_base_it_pins_passes(tmp_path, base):
     check_model(config(tmp_path, *base)[1], "c.yaml")
 
 
-def test_a_missing_base_is_refused_by_longctx_run_before_any_data_is_prepared(tmp_path):
+def test_a_missing_base_is_refused_by_longctx_run_before_any_data_is_prepared(tmp_path, capsys):
+    from tests.shared import longctx_here
     path, _ = config(tmp_path, tmp_path / "nowhere", "0" * 64)
-    r = subprocess.run([sys.executable, "-m", "longctx", "run", str(path)], capture_output=True, text=True,
-                       timeout=240)
+    r = longctx_here(capsys, "run", path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{tmp_path / 'nowhere'}/config.json is not there" in r.stderr
     assert f"make it again with `{RECIPE}`" in r.stderr
