@@ -339,3 +339,16 @@ def test_report_opens_with_a_table_per_length_for_each_variant(tmp_path):
     assert "Continued from `models/base` (model.from_pretrained)" in write_report(run, "plan", "models/base").read_text()
     passkey_heatmaps(variants, tmp_path / "p.png", train_length=1024)
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_an_evaluation_without_figures_writes_its_numbers_and_leaves_no_earlier_figure_beside_them(tmp_path):
+    """eval.figures false (a checkpoint's evaluation in a run that draws them only at the end): the JSON is
+    written, and a PNG an earlier attempt drew at the same step is removed, not left beside the new numbers."""
+    model, tok = tiny(3), ByteTokenizer()
+    run_eval("passkey", model, tok, tmp_path, lengths=[256], depths=[0.5], samples=1)
+    assert (tmp_path / "passkey.png").stat().st_size > 0
+    before = (tmp_path / "passkey.json").stat().st_mtime_ns
+    run_eval("passkey", model, tok, tmp_path, lengths=[256], depths=[0.5], samples=1, figures=False)
+    assert not (tmp_path / "passkey.png").exists()
+    assert (tmp_path / "passkey.json").stat().st_mtime_ns >= before and json.loads((tmp_path / "passkey.json")
+                                                                                .read_text())["outputs"]

@@ -46,6 +46,35 @@ print(json.dumps({"seen": [s.hex() for s in seen], "zoo": zoo, "full": full}))
     assert got["full"] == {"same_class": True, "writer": True, "text": True, "dataloader": "StreamingDataLoader"}
 
 
+def test_first_uses_from_two_threads_and_probes_of_absent_names_import_no_zoo():
+    """Two threads asking for modules at once (one of them the cycle's `base.util`) both get them; a probe of a
+    name the package does not define (pickle scans every module for a function's home) imports nothing; a name
+    its __init__ defines (`__version__`) runs it."""
+    got = _run("""
+import json, pickle, sys, threading
+import numpy as np
+from longctx.data.streaming_core import streaming_module
+got, errors = {}, []
+def use(name):
+    try:
+        got[name] = streaming_module(name).__name__
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=use, args=(n,)) for n in ("base.util", "base.dataset", "base.util")]
+for t in threads: t.start()
+for t in threads: t.join()
+import streaming
+probe = hasattr(streaming, "no_such_name")
+pickle.dumps(np.add)                          # pickle.whichmodule looks for np.add in every module
+zoo = sorted(m for m in ("transformers", "torchvision", "streaming.text") if m in sys.modules)
+version = streaming.__version__
+print(json.dumps({"got": sorted(got.values()), "errors": errors, "probe": probe, "zoo": zoo,
+                  "version": bool(version), "full": "streaming.text" in sys.modules}))
+""")
+    assert got == {"got": ["streaming.base.dataset", "streaming.base.util"], "errors": [], "probe": False,
+                   "zoo": [], "version": True, "full": True}
+
+
 def test_a_process_that_imported_streaming_itself_keeps_it():
     got = _run("""
 import json, sys

@@ -89,16 +89,26 @@ def _states(model, tok, row, o) -> dict:
     return evaluate_states(model, row[0], train_length=o["train_length"])
 
 
+def _no_figures(figures: bool, out: Path, *names: str) -> bool:
+    """Whether the figures are not drawn (eval.figures false); then none of an earlier attempt at the same step
+    stays beside the new numbers."""
+    if not figures:
+        for name in names:
+            (out / name).unlink(missing_ok=True)
+    return not figures
+
+
 def _write_passkey(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     (out / "passkey.json").write_text(json.dumps(payload, indent=1))
-    if figures:
-        passkey_heatmaps(results, out / "passkey.png", train_length=next((x for x, _ in marks), None))
+    if _no_figures(figures, out, "passkey.png"):
+        return
+    passkey_heatmaps(results, out / "passkey.png", train_length=next((x for x, _ in marks), None))
 
 
 def _write_niah(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     """niah.json, and per task a heatmap of length x depth (one panel per variant): niah_<task>.png."""
     (out / "niah.json").write_text(json.dumps(payload, indent=1))
-    if not figures:
+    if _no_figures(figures, out, *(f"niah_{task}.png" for task in next(iter(results.values()))["tasks"])):
         return
     for task in next(iter(results.values()))["tasks"]:
         panels = {(task if len(results) == 1 else f"{task}, {name}"): {
@@ -109,7 +119,7 @@ def _write_niah(results: Dict[str, dict], payload, out: Path, marks, figures: bo
 
 def _write_length(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     (out / "loss_vs_position.json").write_text(json.dumps(payload, indent=1))
-    if not figures:
+    if _no_figures(figures, out, "loss_vs_position.png"):
         return
     series = {n: ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["mean_loss"] for b in r["buckets"]])
               for n, r in results.items()}
@@ -125,7 +135,7 @@ def _write_length(results: Dict[str, dict], payload, out: Path, marks, figures: 
 
 def _write_states(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     (out / "state_stats.json").write_text(json.dumps(payload, indent=1))
-    if not figures:
+    if _no_figures(figures, out, "state_stats.png"):
         return
     single, series = len(results) == 1, {}
     for n, r in results.items():
