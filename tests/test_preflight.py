@@ -9,8 +9,6 @@ from longctx.pipeline.config import ConfigError, load_config
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.preflight import preflight
 
-pytestmark = pytest.mark.usefixtures("local_ray")
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
