@@ -81,8 +81,9 @@ def longctx_here(capsys, *args, cwd=None):
         os.chdir(here)
         for logger, kept in filters:
             logger.filters[:] = kept
+        known = {id(logger) for logger in loggers}
         for logger in logging.Logger.manager.loggerDict.values():   # loggers the command created: ours go
-            if isinstance(logger, logging.Logger) and all(logger is not old for old, _ in filters):
+            if isinstance(logger, logging.Logger) and id(logger) not in known:
                 logger.filters[:] = [f for f in logger.filters if type(f).__module__ != "longctx.launch.noise"]
     out = capsys.readouterr()
     return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)

@@ -111,11 +111,7 @@ def test_verbose_keeps_everything():
 
 @pytest.fixture
 def quieted_loggers_put_back():
-    """The loggers as a process that never quieted them has them (a command run earlier in this process, as
-    test_docs runs some, may have), put back afterwards."""
     saved = {name: list(logging.getLogger(name).filters) for name in IN_PROCESS_LOGGERS}
-    for name in IN_PROCESS_LOGGERS:
-        logging.getLogger(name).filters[:] = [f for f in saved[name] if type(f).__name__ != "_DropNoise"]
     yield
     for name, filters in saved.items():
         logging.getLogger(name).filters[:] = filters

@@ -187,19 +187,15 @@ def test_some_documented_commands_are_run():
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("where,argv", RUNNABLE, ids=[where for where, _ in RUNNABLE])
-def test_documented_command_runs_with_plan_or_dry_run(where, argv, monkeypatch, capsys):
-    """In this process, through the entry point `python -m longctx` calls (`launch.cli.main`), from the
-    repository's root as the docs' paths are: none of these modes starts a process, so a subprocess per line
+def test_documented_command_runs_with_plan_or_dry_run(where, argv, capsys):
+    """In this process, through the entry point `python -m longctx` calls (tests/shared.py::longctx_here), from
+    the repository's root as the docs' paths are: none of these modes starts a process, so a subprocess per line
     would add only its ~4 s of imports. The console script itself is tested in tests/test_cli.py."""
-    from longctx.launch.cli import main
-    monkeypatch.chdir(ROOT)
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:          # argparse's errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    assert rc == 0, f"{where}: `longctx {shlex.join(argv)}` exited {rc}:\n{out[-2000:]}{err[-3000:]}"
-    assert out.strip(), f"{where}: `longctx {shlex.join(argv)}` printed nothing"
+    from tests.shared import longctx_here
+    r = longctx_here(capsys, *argv, cwd=ROOT)
+    assert r.returncode == 0, (f"{where}: `longctx {shlex.join(argv)}` exited {r.returncode}:\n"
+                               f"{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    assert r.stdout.strip(), f"{where}: `longctx {shlex.join(argv)}` printed nothing"
 
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

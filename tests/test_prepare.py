@@ -19,7 +19,7 @@ from longctx.data.prepare import prepare
 from longctx.data.splits import SPLITS
 from longctx.data.storage import StorageError
 from tests.s3 import make_bucket
-from tests.shared import plain_streaming_dataset
+from tests.shared import longctx_here, plain_streaming_dataset
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -401,13 +401,7 @@ def test_heldout_split_is_by_content_disjoint_stable_and_never_reaches_a_trainin
 def longctx_prepare(cfg, capsys):
     """`longctx prepare CONFIG` as the command runs it (its exit status, stdout, stderr), in this process: the
     module's Ray is already up."""
-    from types import SimpleNamespace
-
-    from longctx.launch.cli import main
-    capsys.readouterr()
-    rc = main(["prepare", str(cfg)])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+    return longctx_here(capsys, "prepare", cfg)
 
 
 def test_damaged_inputs_keep_what_is_readable_are_reported_and_set_the_exit_status(tmp_path, capsys):

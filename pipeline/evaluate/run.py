@@ -108,9 +108,10 @@ def _write_passkey(results: Dict[str, dict], payload, out: Path, marks, figures:
 def _write_niah(results: Dict[str, dict], payload, out: Path, marks, figures: bool) -> None:
     """niah.json, and per task a heatmap of length x depth (one panel per variant): niah_<task>.png."""
     (out / "niah.json").write_text(json.dumps(payload, indent=1))
-    if _no_figures(figures, out, *(f"niah_{task}.png" for task in next(iter(results.values()))["tasks"])):
+    tasks = next(iter(results.values()))["tasks"]
+    if _no_figures(figures, out, *(f"niah_{task}.png" for task in tasks)):
         return
-    for task in next(iter(results.values()))["tasks"]:
+    for task in tasks:
         panels = {(task if len(results) == 1 else f"{task}, {name}"): {
             "lengths": r["lengths"], "depths": r["depths"], "accuracy": r["per_depth"][task],
             "mean_accuracy": float(np.mean(list(r["per_task"][task].values())))} for name, r in results.items()}
