@@ -106,7 +106,10 @@ def test_resume_never_sets_the_earlier_run_aside_and_auto_then_continues_the_new
     run = tmp / "again"
     shutil.copytree(tmp / "full", run)
     cfg = write_config(tmp, "again")
-    sigkill_mid_stage(run_cmd(cfg, "run.resume=never"), run, ready=lambda: (run / "previous").exists())
+    # ready once the old run's metrics are set aside: previous/<id>/ is made first, then the files move into it
+    # one by one, and until then metrics.jsonl is still the old run's (all 10 steps)
+    sigkill_mid_stage(run_cmd(cfg, "run.resume=never"), run,
+                      ready=lambda: any((run / "previous").glob("*/metrics.jsonl")))
     [old] = (run / "previous").iterdir()
     assert {p.name for p in old.iterdir()} >= {"checkpoints", "metrics.jsonl", "eval", "tensorboard", "report.md",
                                                 "loss.png", "run.json"}
