@@ -12,6 +12,7 @@
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.gpu import offline
+from tests.shared import shared_once
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "tests" / "gpu"
@@ -26,15 +28,23 @@ PHASES = ["env", "correctness", "long", "long_peer", "speed", "model"]
 
 
 @pytest.fixture(scope="module")
-def offline_folder():
-    if offline.check():
-        r = subprocess.run(["bash", str(GPU / "fetch.sh")], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHON": sys.executable})
-        assert r.returncode == 0, ("tests/gpu/fetch.sh could not fill tests/gpu/offline (is PyPI reachable?):\n"
-                                   + r.stdout[-2000:] + r.stderr[-4000:])
+def offline_folder(tmp_path_factory):
+    # One worker fetches while the others wait on shared_once's lock: fetch.sh replaces the folder, so a second
+    # worker's fetch removed it under the rehearsal the first had started (seen in CI: "no vendored mamba_ssm").
+    with shared_once(tmp_path_factory, "gpu-offline") as (_, first):
+        if first and offline.check():
+            fetch(offline.OFFLINE)
     problems = offline.check()
     assert not problems, problems
     return offline.OFFLINE
+
+
+def fetch(dest):
+    r = subprocess.run(["bash", str(GPU / "fetch.sh"), str(dest)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, (f"tests/gpu/fetch.sh could not fill {dest} (is PyPI reachable?):\n"
+                               + r.stdout[-2000:] + r.stderr[-4000:])
+    return r
 
 
 def run_sh(*args, env=None, timeout=900):
@@ -56,6 +66,21 @@ def test_offline_folder_is_complete_small_and_holds_only_the_peers_triton_ssd(of
     assert f"__version__ = {manifest['version']!r}" in stub and "import" not in stub.split('"""')[-1]
     assert len(manifest["sha256"]) == 64 and manifest["sdist"].startswith(f"mamba_ssm-{manifest['version']}")
     assert "tests/gpu/offline/" in (ROOT / ".gitignore").read_text().split()
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_fetch_leaves_the_last_complete_folder_as_it_was(offline_folder, tmp_path):
+    """mamba_ssm 1.0.1 has no Triton SSD: its vendoring fails after the downloads, and the folder a check may be
+    reading stays whole (it was removed first, and left without its peer)."""
+    dest = tmp_path / "offline"
+    shutil.copytree(offline_folder, dest)
+    files = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    r = subprocess.run(["bash", str(GPU / "fetch.sh"), str(dest)], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "PYTHON": sys.executable, "MAMBA_SSM_VERSION": "1.0.1"})
+    assert r.returncode != 0 and "no mamba_ssm.ops.triton.ssd_combined in it" in r.stderr, r.stdout + r.stderr
+    assert offline.check(dest) == []
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
+    assert [p.name for p in tmp_path.iterdir()] == ["offline"]      # nothing of the attempt left beside it
 
 
 @pytest.mark.timeout(120)

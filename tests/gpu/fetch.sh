@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fill tests/gpu/offline/ (git-ignored) on a machine with network, for tests/gpu/run.sh on a GPU machine without.
 #
-#   tests/gpu/fetch.sh [DEST]          (default: tests/gpu/offline; replaces what is there)
+#   tests/gpu/fetch.sh [DEST]          (default: tests/gpu/offline; replaces what is there once the new
+#                                      folder is complete)
 #
 # Downloads with pip, from the package index only:
 #   - mamba_ssm's source distribution (never built: MAMBA_SKIP_CUDA_BUILD=TRUE for the metadata step pip runs);
@@ -33,8 +34,15 @@ done
 
 sdist="$(find "$tmp/sdist" -name 'mamba_ssm-*.tar.gz' | head -n 1)"
 [ -n "$sdist" ] || { echo "fetch.sh: no mamba_ssm sdist was downloaded" >&2; exit 1; }
-rm -rf "$dest"
-mkdir -p "$dest"
-mv "$tmp/wheels" "$dest/wheels"
-"$py" "$here/offline.py" vendor "$sdist" --dest "$dest/peer"
+# The new folder is made beside DEST (one filesystem: the swap is two renames) and replaces it only once it is
+# complete: a failed vendoring (a version without the Triton SSD) leaves the last good folder as it was, and a
+# check already reading DEST loses its files for two renames' time, not for the whole vendoring.
+mkdir -p "$(dirname "$dest")"
+new="$(mktemp -d "${dest%/}.new.XXXXXX")"
+trap 'rm -rf "$tmp" "$new" "$new.old"' EXIT
+mv "$tmp/wheels" "$new/wheels"
+"$py" "$here/offline.py" vendor "$sdist" --dest "$new/peer" | sed "s#$new#$dest#"
+"$py" "$here/offline.py" check --offline "$new" >/dev/null
+if [ -e "$dest" ]; then mv "$dest" "$new.old"; fi
+mv "$new" "$dest"
 "$py" "$here/offline.py" check --offline "$dest"
