@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared import shared_once
+
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("kernels", "data", "pipeline", "launch")
 
@@ -24,8 +26,12 @@ def _run(cmd, **kw):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", out, ROOT])
+    # built once, by the first worker to need it: setuptools builds in the checkout (build/, the egg-info), and two
+    # workers' builds there at once would share those folders
+    with shared_once(tmp_path_factory, "wheel") as (out, first):
+        if first:
+            _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", out,
+                  ROOT])
     return next(out.glob("longctx-*.whl"))
 
 

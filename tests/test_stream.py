@@ -10,33 +10,37 @@ from longctx.data.prepare import prepare
 from longctx.data.splits import split_url
 from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
 from longctx.data.streaming_shm import host_registry_lock
-from tests.shared import plain_streaming_dataset
+from tests.shared import decompress, plain_streaming_dataset, shared_once
 
-pytestmark = pytest.mark.usefixtures("local_ray")
 EOS = 256
 
 
-def _prepared(root, texts):
-    """The train split of `texts` prepared into MDS shards under `root` (no held-out documents)."""
-    with open(root / "docs.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
-                                             chunk_bytes=1500, num_workers=2, heldout_fraction=0)), TokenizerConfig())
+def _prepared(tmp_path_factory, name, texts):
+    """The train split of `texts` prepared into MDS shards (no held-out documents), once for the session's
+    workers, each prepare with a Ray of its own (no Ray idles beside the module's many reading tests), and
+    decompressed: its readers then write nothing there."""
+    with shared_once(tmp_path_factory, name) as (root, first):
+        if first:
+            with open(root / "docs.jsonl", "w") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+            prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                                     chunk_bytes=1500, num_workers=2, heldout_fraction=0)),
+                    TokenizerConfig())
+            decompress(root / "mds")
     return split_url(str(root / "mds"), "train")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     rng = np.random.default_rng(1)
-    return _prepared(tmp_path_factory.mktemp("stream"),
-                     [f"doc{i} " + "x" * int(rng.integers(1, 120)) for i in range(40)])
+    return _prepared(tmp_path_factory, "stream", [f"doc{i} " + "x" * int(rng.integers(1, 120)) for i in range(40)])
 
 
 @pytest.fixture(scope="module")
 def varied_shards(tmp_path_factory):
     """Documents of random letters: a token skipped or repeated anywhere shows (runs of one letter hide it)."""
     rng = np.random.default_rng(2)
-    return _prepared(tmp_path_factory.mktemp("varied"),
+    return _prepared(tmp_path_factory, "varied",
                      ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(5, 90))) for _ in range(40)])
 
 
