@@ -17,7 +17,7 @@ import pytest
 
 from longctx.launch.cli import main, unpack_argv
 from tests.test_launch import config
-from tests.test_slurm import slurm_cluster, wait_state  # noqa: F401  (slurm_cluster: a fixture)
+from tests.test_slurm import slurm_cluster, slurm_daemons, wait_state  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 BLANK = "curriculum.stages.0.mitigations={decay_scale: 0.9}"     # the override of the audit (issue 31, item 7)

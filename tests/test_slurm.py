@@ -20,8 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 
 
+@pytest.fixture
+def slurm_cluster(request):
+    """The test cluster (`slurm_daemons`), for a test that pytest-xdist runs on the one worker that holds it.
+
+    One cluster per machine: tests/conftest.py puts every test using this fixture in the xdist group "slurm". When
+    the group is ignored (pytest-xdist 3.8's loadgroup under pytest 9.2, or `--dist` other than loadgroup), each
+    worker would start the cluster over the others' and leave a slurmctld running: refused before anything
+    starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not request.node.nodeid.endswith("@slurm"):
+        pytest.fail(f"pytest-xdist did not keep the SLURM tests on one worker ({request.node.nodeid} has no @slurm): "
+                    "run with --dist loadgroup (pyproject.toml's default) and pytest < 9.2 (pyproject.toml's "
+                    "dev range), or with -n 0", pytrace=False)
+    request.getfixturevalue("slurm_daemons")
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_daemons():
     """The test cluster, up for the session and stopped after it (cluster.sh stops only the daemons it started).
     It has a config and ports of its own, so SLURM_CONF points every sbatch/scontrol/squeue of the tests, and of
     their jobs (sbatch passes the environment on), at it rather than at a SLURM the machine may run itself."""
