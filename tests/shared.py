@@ -41,6 +41,17 @@ def decompress(mds) -> None:
             source.close()
 
 
+def shards_once(tmp_path_factory, name, make):
+    """Shards made once for the session's workers (`shared_once`): `make(root)` prepares them into root/mds on
+    the first worker to come; they are then decompressed there, as their first reader would leave them, so that
+    the readers of every worker write nothing beside them. Returns root."""
+    with shared_once(tmp_path_factory, name) as (root, first):
+        if first:
+            make(root)
+            decompress(root / "mds")
+    return root
+
+
 def plain_streaming_dataset(**kwargs):
     """A StreamingDataset made directly (reading back what longctx wrote without longctx's reader), registered
     under the host's lock as longctx's readers are: mosaicml-streaming picks its shared-memory number by a scan

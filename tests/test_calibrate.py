@@ -14,7 +14,7 @@ from longctx.pipeline.model import Mamba2LM
 from longctx.pipeline.model.mitigations import LayerMitigations
 from longctx.pipeline.training.loss import lm_loss
 from tests.conftest import rel_err
-from tests.shared import decompress, longctx_here, shared_once
+from tests.shared import longctx_here, shards_once
 from tests.test_evaluate import tiny
 from tests.test_model import small_model
 
@@ -47,14 +47,9 @@ def test_scales_on_a_apply_alike_in_the_parallel_forward_chunked_prefill_and_dec
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    with shared_once(tmp_path_factory, "calibrate") as (root, first):
-        if first:
-            prepare(DataConfig(prepare=PrepareConfig(output=str(root / "mds"), heldout_fraction=0.5, num_workers=1,
-                                                     synthetic=SyntheticConfig(documents=60, min_tokens=200,
-                                                                               max_tokens=900, seed=2))),
-                    TokenizerConfig())
-            decompress(root / "mds")            # its readers then write nothing there
-    return root / "mds"
+    return shards_once(tmp_path_factory, "calibrate", lambda root: prepare(DataConfig(prepare=PrepareConfig(
+        output=str(root / "mds"), heldout_fraction=0.5, num_workers=1,
+        synthetic=SyntheticConfig(documents=60, min_tokens=200, max_tokens=900, seed=2))), TokenizerConfig())) / "mds"
 
 
 @pytest.mark.timeout(300)

@@ -15,7 +15,7 @@ from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.curriculum import learning_rate, plan
 from longctx.pipeline.training.loss import sequence_loss
 from longctx.pipeline.training.trainer import param_groups
-from tests.shared import decompress, shared_once
+from tests.shared import shards_once
 
 MARK = ord("#")          # the one byte whose embedding row is NaN: it appears in a single document
 
@@ -28,17 +28,15 @@ def marked_shards(tmp_path_factory):
 
     from longctx.data.config import DataConfig, PrepareConfig, TokenizerConfig
     from longctx.data.prepare import prepare
-    with shared_once(tmp_path_factory, "nonfinite-data") as (root, make):
-        if make:
-            rng = random.Random(0)
-            with open(root / "docs.jsonl", "w") as f:
-                for i in range(30):
-                    text = "".join(rng.choice("abcdefgh ") for _ in range(50))
-                    f.write(json.dumps({"text": text[:20] + "#" + text[20:] if i == 7 else text}) + "\n")
-            prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
-                                                     heldout_fraction=0)), TokenizerConfig())
-            decompress(root / "mds")
-    return root / "mds"
+    def make(root):
+        rng = random.Random(0)
+        with open(root / "docs.jsonl", "w") as f:
+            for i in range(30):
+                text = "".join(rng.choice("abcdefgh ") for _ in range(50))
+                f.write(json.dumps({"text": text[:20] + "#" + text[20:] if i == 7 else text}) + "\n")
+        prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                                 heldout_fraction=0)), TokenizerConfig())
+    return shards_once(tmp_path_factory, "nonfinite-data", make) / "mds"
 
 
 def _setup(tmp_path, shards, name, global_batch_tokens, mark_value=float("nan"), zero=0):

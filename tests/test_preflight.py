@@ -8,22 +8,19 @@ from longctx.data.prepare import prepare
 from longctx.pipeline.config import ConfigError, load_config
 from longctx.pipeline.model import Mamba2Config, Mamba2LM
 from longctx.pipeline.training.preflight import preflight
-from tests.shared import decompress, shared_once
+from tests.shared import shards_once
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    with shared_once(tmp_path_factory, "preflight") as (root, first):
-        if first:
-            with open(root / "docs.jsonl", "w") as f:
-                for i in range(20):
-                    f.write(json.dumps({"text": f"document {i} with \u00ff bytes " * 20}) + "\n")
-            manifest = prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")],
-                                                                output=str(root / "mds"), num_workers=2,
-                                                                heldout_fraction=0.3)), TokenizerConfig())
-            assert manifest["max_token_id"] == 0xc3         # the largest byte: \u00ff is c3 bf in UTF-8
-            decompress(root / "mds")                        # its readers then write nothing there
-    return root
+    def make(root):
+        with open(root / "docs.jsonl", "w") as f:
+            for i in range(20):
+                f.write(json.dumps({"text": f"document {i} with \u00ff bytes " * 20}) + "\n")
+        manifest = prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                                            num_workers=2, heldout_fraction=0.3)), TokenizerConfig())
+        assert manifest["max_token_id"] == 0xc3         # the largest byte: \u00ff is c3 bf in UTF-8
+    return shards_once(tmp_path_factory, "preflight", make)
 
 
 @pytest.fixture(scope="module")

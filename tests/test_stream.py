@@ -10,24 +10,22 @@ from longctx.data.prepare import prepare
 from longctx.data.splits import split_url
 from longctx.data.stream import IGNORE, Batch, DocumentSource, PackedStream, rank_share
 from longctx.data.streaming_shm import host_registry_lock
-from tests.shared import decompress, plain_streaming_dataset, shared_once
+from tests.shared import plain_streaming_dataset, shards_once
 
 EOS = 256
 
 
 def _prepared(tmp_path_factory, name, texts):
     """The train split of `texts` prepared into MDS shards (no held-out documents), once for the session's
-    workers, each prepare with a Ray of its own (no Ray idles beside the module's many reading tests), and
-    decompressed: its readers then write nothing there."""
-    with shared_once(tmp_path_factory, name) as (root, first):
-        if first:
-            with open(root / "docs.jsonl", "w") as f:
-                f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-            prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
-                                                     chunk_bytes=1500, num_workers=2, heldout_fraction=0)),
-                    TokenizerConfig())
-            decompress(root / "mds")
-    return split_url(str(root / "mds"), "train")
+    workers (`shards_once`), each prepare with a Ray of its own (no Ray idles beside the module's many reading
+    tests)."""
+    def make(root):
+        with open(root / "docs.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        prepare(DataConfig(prepare=PrepareConfig(inputs=[str(root / "docs.jsonl")], output=str(root / "mds"),
+                                                 chunk_bytes=1500, num_workers=2, heldout_fraction=0)),
+                TokenizerConfig())
+    return split_url(str(shards_once(tmp_path_factory, name, make) / "mds"), "train")
 
 
 @pytest.fixture(scope="module")
