@@ -67,24 +67,25 @@ def _register_not_run(package: str) -> None:
                                   "pip install mosaicml-streaming, or install longctx with its dependencies")
     module = importlib.util.module_from_spec(spec)
     its_names = _names_defined(spec.origin)
-    state = {"run": False, "running": False}
+    running = False         # inside the __init__ (under the lock: this thread), a name it asks for runs it not again
 
     def complete(attr: str):
         """A submodule's name imports the submodule (as `from package import submodule` would); the first of the
         names the package's __init__ defines runs it (again after a failure, which is raised each time)."""
+        nonlocal running
         if importlib.util.find_spec(f"{package}.{attr}") is not None:
             return importlib.import_module(f"{package}.{attr}")
         if attr not in its_names:
             raise AttributeError(f"module {package!r} has no attribute {attr!r}")
         with _lock:
-            if not state["run"] and not state["running"]:
-                state["running"] = True
+            # this hook is removed once the __init__ has run: still here, it has not (or it failed)
+            if "__getattr__" in module.__dict__ and not running:
+                running = True
                 try:
                     spec.loader.exec_module(module)
-                    state["run"] = True
                     module.__dict__.pop("__getattr__", None)
                 finally:
-                    state["running"] = False
+                    running = False
         if attr in module.__dict__:
             return module.__dict__[attr]
         raise AttributeError(f"module {package!r} has no attribute {attr!r} (yet: its __init__ is running)")

@@ -57,9 +57,8 @@ def data(tmp_path_factory):
 def test_calibrate_lowers_the_heldout_loss_and_the_scales_load_with_the_model(tmp_path, data, param, key, capsys):
     _sharp(5).save_pretrained(tmp_path / "model")
     out = tmp_path / f"cal-{param}"
-    r = longctx_here(capsys, *["calibrate", str(tmp_path / "model"), "--length", "512", "--data", str(data),
-                                  "--param", param, "--samples", "4", "--batch", "4", "--steps", "8", "--lr", "0.02",
-                                  "--out", str(out)])
+    r = longctx_here(capsys, "calibrate", tmp_path / "model", "--length", "512", "--data", data, "--param", param,
+                     "--samples", "4", "--batch", "4", "--steps", "8", "--lr", "0.02", "--out", out)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rec = json.loads((out / "calibration.json").read_text())
     assert rec["heldout_loss_after"] < rec["heldout_loss_before"]
@@ -150,8 +149,8 @@ def test_calibrate_refuses_a_heldout_split_too_small_to_report_out_of_sample(tmp
 
 def test_calibrate_refuses_bad_arguments_naming_them(tmp_path, data, capsys):
     tiny(5).save_pretrained(tmp_path / "model")
-    r = longctx_here(capsys, *["calibrate", str(tmp_path / "model"), "--length", "256", "--data", str(data),
-                                  "--steps", "0", "--out", str(tmp_path / "x")])
+    r = longctx_here(capsys, "calibrate", tmp_path / "model", "--length", "256", "--data", data, "--steps", "0",
+                     "--out", tmp_path / "x")
     assert r.returncode != 0 and "--steps" in r.stderr
 
 
@@ -159,17 +158,15 @@ def test_variants_run_side_by_side_on_the_same_prompts(tmp_path, capsys):
     tiny(3).save_pretrained(tmp_path / "model")
     tiny(4).save_pretrained(tmp_path / "other")
     common = ["--lengths", "256,512", "--depths", "0,1", "--samples", "1"]
-    r = longctx_here(capsys, *["eval", "passkey", str(tmp_path / "model"), *common, "--out", str(tmp_path / "pk"),
-                                  "--variants", "as is=", "half=decay_scale=0.5,window=64",
-                                  f"other=checkpoint={tmp_path / 'other'}"])
+    r = longctx_here(capsys, "eval", "passkey", tmp_path / "model", *common, "--out", tmp_path / "pk", "--variants",
+                     "as is=", "half=decay_scale=0.5,window=64", f"other=checkpoint={tmp_path / 'other'}")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "pk" / "passkey.json").read_text())["variants"]
     assert list(res) == ["as is", "half", "other"]
     assert (tmp_path / "pk" / "passkey.png").exists()
     table = (tmp_path / "pk" / "table.md").read_text()
     assert "| length | as is | half | other |" in table and table in r.stdout + "\n"
-    alone = longctx_here(capsys, *["eval", "passkey", str(tmp_path / "other"), *common, "--out",
-                                      str(tmp_path / "alone")])
+    alone = longctx_here(capsys, "eval", "passkey", tmp_path / "other", *common, "--out", tmp_path / "alone")
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert res["other"]["outputs"] == json.loads((tmp_path / "alone" / "passkey.json").read_text())["outputs"]
     assert res["half"]["outputs"] != res["as is"]["outputs"]
@@ -183,8 +180,8 @@ def test_variants_run_side_by_side_on_the_same_prompts(tmp_path, capsys):
 def test_variants_that_cannot_run_are_named(tmp_path, variants, message, capsys):
     tiny(3).save_pretrained(tmp_path / "model")
     tiny(3, vocab_size=400).save_pretrained(tmp_path / "big")
-    r = longctx_here(capsys, *["eval", "passkey", str(tmp_path / "model"), "--lengths", "256", "--out",
-                                  str(tmp_path / "pk"), "--variants", *[v.format(big=tmp_path / "big") for v in variants]])
+    r = longctx_here(capsys, "eval", "passkey", tmp_path / "model", "--lengths", "256", "--out", tmp_path / "pk",
+                     "--variants", *[v.format(big=tmp_path / "big") for v in variants])
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
 
 

@@ -33,18 +33,17 @@ def offline_folder(tmp_path_factory):
     # worker's fetch removed it under the rehearsal the first had started (seen in CI: "no vendored mamba_ssm").
     with shared_once(tmp_path_factory, "gpu-offline") as (_, first):
         if first and offline.check():
-            fetch(offline.OFFLINE)
+            r = fetch_sh(offline.OFFLINE)
+            assert r.returncode == 0, ("tests/gpu/fetch.sh could not fill tests/gpu/offline (is PyPI reachable?):\n"
+                                       + r.stdout[-2000:] + r.stderr[-4000:])
     problems = offline.check()
     assert not problems, problems
     return offline.OFFLINE
 
 
-def fetch(dest):
-    r = subprocess.run(["bash", str(GPU / "fetch.sh"), str(dest)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHON": sys.executable})
-    assert r.returncode == 0, (f"tests/gpu/fetch.sh could not fill {dest} (is PyPI reachable?):\n"
-                               + r.stdout[-2000:] + r.stderr[-4000:])
-    return r
+def fetch_sh(dest, env=None, timeout=600):
+    return subprocess.run(["bash", str(GPU / "fetch.sh"), str(dest)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, **(env or {})})
 
 
 def run_sh(*args, env=None, timeout=900):
@@ -75,8 +74,7 @@ def test_a_failed_fetch_leaves_the_last_complete_folder_as_it_was(offline_folder
     dest = tmp_path / "offline"
     shutil.copytree(offline_folder, dest)
     files = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
-    r = subprocess.run(["bash", str(GPU / "fetch.sh"), str(dest)], capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "PYTHON": sys.executable, "MAMBA_SSM_VERSION": "1.0.1"})
+    r = fetch_sh(dest, env={"MAMBA_SSM_VERSION": "1.0.1"}, timeout=240)
     assert r.returncode != 0 and "no mamba_ssm.ops.triton.ssd_combined in it" in r.stderr, r.stdout + r.stderr
     assert offline.check(dest) == []
     assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
